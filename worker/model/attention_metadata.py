@@ -1,0 +1,55 @@
+"""AttentionMetadata: where each sequence of a flattened batch lives in the paged MLA latent cache.
+
+The model runner builds one per step; every attention layer reads it. The cache of one layer is a
+tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] holding `[latent | k_rope]` per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of a variable-length batch of B sequences and T new tokens."""
+
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset of each new token
+    query_start_loc: list[int]  # [B + 1]: offsets of each sequence's new tokens in the flat batch
+    context_lens: list[int]  # [B]: tokens of each sequence already in the cache before this step
+    block_tables: list[list[int]]  # [B][n_blocks]: physical block ids of each sequence, in order
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    def query_len(self, i: int) -> int:
+        return self.query_start_loc[i + 1] - self.query_start_loc[i]
+
+    def seq_len(self, i: int) -> int:
+        """Total tokens of sequence i after this step (cached context + new tokens)."""
+        return self.context_lens[i] + self.query_len(i)
+
+    def cache_slots(self, i: int) -> torch.Tensor:
+        """[seq_len(i)] flat cache slots holding sequence i's whole context, new tokens included."""
+        n = self.seq_len(i)
+        blocks = torch.tensor(self.block_tables[i], dtype=torch.long)
+        offsets = torch.arange(n, dtype=torch.long)
+        return blocks[offsets // self.block_size] * self.block_size + offsets % self.block_size
+
+    @classmethod
+    def contiguous(cls, seq_lens: list[int], context_lens: list[int], block_size: int = 16) -> "AttentionMetadata":
+        """Metadata for sequences laid out in consecutive blocks (offline runs and tests)."""
+        block_tables, slots, starts, next_block = [], [], [0], 0
+        for n_new, n_ctx in zip(seq_lens, context_lens):
+            total = n_ctx + n_new
+            n_blocks = -(-total // block_size)
+            table = list(range(next_block, next_block + n_blocks))
+            next_block += n_blocks
+            block_tables.append(table)
+            for pos in range(n_ctx, total):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            starts.append(starts[-1] + n_new)
+        return cls(torch.tensor(slots, dtype=torch.long), starts, list(context_lens), block_tables, block_size)

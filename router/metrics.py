@@ -1,0 +1,174 @@
+"""RouterMetrics: the router's Prometheus series (prefix ``k2serve_router_``, base units seconds).
+
+The series are declared once, as data, in ``METRICS``; ``RouterMetrics`` builds them into a
+caller-owned ``CollectorRegistry`` (no global registry) and offers one small method per event the
+router code records. Tests, the Grafana dashboard and the alert rules are checked against ``METRICS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest
+
+# LLM-serving buckets (seconds): TTFT 5 ms..60 s, inter-token 1 ms..5 s, end-to-end 50 ms..600 s.
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 60.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+               0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 600.0)
+QUEUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                 30.0, 60.0)
+
+# Numeric encoding of a circuit breaker's state for k2serve_router_circuit_state.
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exposed series family: name as scraped (counters end in _total), type, labels, help."""
+
+    name: str
+    kind: str  # "counter" | "gauge" | "histogram"
+    labels: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] | None = None
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("k2serve_router_requests_total", "counter", ("endpoint", "status", "model"),
+               "HTTP requests finished, by endpoint and HTTP status code."),
+    MetricSpec("k2serve_router_request_duration_seconds", "histogram", ("endpoint", "model"),
+               "End-to-end request latency, arrival to last byte.", E2E_BUCKETS),
+    MetricSpec("k2serve_router_time_to_first_token_seconds", "histogram", ("model",),
+               "Time from request arrival to the first generated token.", TTFT_BUCKETS),
+    MetricSpec("k2serve_router_inter_token_latency_seconds", "histogram", ("model",),
+               "Time between consecutive generated tokens of one request.", ITL_BUCKETS),
+    MetricSpec("k2serve_router_queue_time_seconds", "histogram", ("model",),
+               "Time from request arrival until it is dispatched to a worker group.", QUEUE_BUCKETS),
+    MetricSpec("k2serve_router_prompt_tokens_total", "counter", ("model",),
+               "Prompt tokens of finished requests."),
+    MetricSpec("k2serve_router_cached_prompt_tokens_total", "counter", ("model",),
+               "Prompt tokens served from a worker's prefix cache."),
+    MetricSpec("k2serve_router_generation_tokens_total", "counter", ("model",),
+               "Generated (completion) tokens streamed to clients."),
+    MetricSpec("k2serve_router_requests_in_flight", "gauge", ("endpoint",),
+               "Requests currently being served by this router replica."),
+    MetricSpec("k2serve_router_retries_total", "counter", ("group",),
+               "Requests re-sent to another worker group after a failure of this group."),
+    MetricSpec("k2serve_router_client_disconnects_total", "counter", ("endpoint",),
+               "Requests aborted because the client went away."),
+    MetricSpec("k2serve_router_group_dispatches_total", "counter", ("group",),
+               "Requests dispatched to each worker group by the balancer."),
+    MetricSpec("k2serve_router_group_healthy", "gauge", ("group",),
+               "1 if the worker group is healthy as seen by this router, else 0."),
+    MetricSpec("k2serve_router_healthy_groups", "gauge", (),
+               "Number of worker groups this router currently considers healthy."),
+    MetricSpec("k2serve_router_circuit_state", "gauge", ("group",),
+               "Circuit breaker state per worker group: 0 closed, 1 half-open, 2 open."),
+)
+
+_KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+
+
+def build_metrics(registry: CollectorRegistry, specs: tuple[MetricSpec, ...]) -> dict:
+    """Create one prometheus_client object per spec in ``registry``; returns them by name."""
+    built = {}
+    for spec in specs:
+        kwargs = {"labelnames": spec.labels, "registry": registry}
+        if spec.buckets is not None:
+            kwargs["buckets"] = spec.buckets
+        built[spec.name] = _KINDS[spec.kind](spec.name, spec.help, **kwargs)
+    return built
+
+
+class RouterMetrics:
+    """The router's metrics, registered in ``registry`` and labelled with the served ``model``."""
+
+    def __init__(self, registry: CollectorRegistry, model: str = "kimi-k2"):
+        self.registry = registry
+        self.model = model
+        self._m = build_metrics(registry, METRICS)
+        self._health: dict[str, bool] = {}
+        self._m["k2serve_router_healthy_groups"].set(0)
+
+    def _child(self, name: str, **labels):
+        return self._m[name].labels(**labels)
+
+    # ---- per request -----------------------------------------------------------------------
+    def request_started(self, endpoint: str) -> None:
+        """A request entered the router (increments the in-flight gauge)."""
+        self._child("k2serve_router_requests_in_flight", endpoint=endpoint).inc()
+
+    def request_finished(self, endpoint: str, status: int | str, e2e_s: float) -> None:
+        """A request ended with HTTP ``status`` after ``e2e_s`` seconds (decrements in-flight)."""
+        self._child("k2serve_router_requests_total", endpoint=endpoint, status=str(status),
+                    model=self.model).inc()
+        self._child("k2serve_router_request_duration_seconds", endpoint=endpoint,
+                    model=self.model).observe(e2e_s)
+        self._child("k2serve_router_requests_in_flight", endpoint=endpoint).dec()
+
+    def observe_ttft(self, seconds: float) -> None:
+        """Time to first token of one request."""
+        self._child("k2serve_router_time_to_first_token_seconds", model=self.model).observe(seconds)
+
+    def observe_itl(self, seconds: float) -> None:
+        """Gap before one generated token (every token after the first)."""
+        self._child("k2serve_router_inter_token_latency_seconds", model=self.model).observe(seconds)
+
+    def queue_time(self, seconds: float) -> None:
+        """Time a request waited in the router before being dispatched to a group."""
+        self._child("k2serve_router_queue_time_seconds", model=self.model).observe(seconds)
+
+    def tokens(self, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
+        """Add token counts (prompt at completion; generated as they stream; cached prompt hits)."""
+        for name, value in (("k2serve_router_prompt_tokens_total", prompt),
+                            ("k2serve_router_generation_tokens_total", generated),
+                            ("k2serve_router_cached_prompt_tokens_total", cached)):
+            if value:
+                self._child(name, model=self.model).inc(value)
+
+    def client_disconnect(self, endpoint: str) -> None:
+        """The client went away before the response finished."""
+        self._child("k2serve_router_client_disconnects_total", endpoint=endpoint).inc()
+
+    # ---- per worker group ------------------------------------------------------------------
+    def dispatched(self, group: str) -> None:
+        """The balancer sent a request to ``group``."""
+        self._child("k2serve_router_group_dispatches_total", group=group).inc()
+
+    def retry(self, group: str) -> None:
+        """A request failed on ``group`` and is being re-sent elsewhere."""
+        self._child("k2serve_router_retries_total", group=group).inc()
+
+    def set_group_health(self, group: str, healthy: bool) -> None:
+        """Record ``group``'s health; keeps k2serve_router_healthy_groups equal to the count."""
+        self._health[group] = bool(healthy)
+        self._child("k2serve_router_group_healthy", group=group).set(1 if healthy else 0)
+        self._m["k2serve_router_healthy_groups"].set(sum(self._health.values()))
+
+    def set_circuit_state(self, group: str, state: str) -> None:
+        """Record ``group``'s circuit breaker state: one of ``CIRCUIT_STATES``."""
+        if state not in CIRCUIT_STATES:
+            raise ValueError(f"unknown circuit state {state!r}; expected one of {sorted(CIRCUIT_STATES)}")
+        self._child("k2serve_router_circuit_state", group=group).set(CIRCUIT_STATES[state])
+
+    def remove_group(self, group: str) -> None:
+        """Forget a worker group that no longer exists (drops its per-group series)."""
+        self._health.pop(group, None)
+        self._m["k2serve_router_healthy_groups"].set(sum(self._health.values()))
+        for spec in METRICS:
+            if spec.labels == ("group",):
+                try:
+                    self._m[spec.name].remove(group)
+                except KeyError:
+                    pass
+
+    # ---- exposition ------------------------------------------------------------------------
+    def render(self) -> bytes:
+        """Prometheus text exposition of this registry, for GET /metrics."""
+        return generate_latest(self.registry)
+
+    content_type = CONTENT_TYPE_LATEST

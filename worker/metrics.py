@@ -1,0 +1,182 @@
+"""WorkerMetrics: a worker group's Prometheus series (prefix ``k2serve_worker_``, base units).
+
+Every series carries the ``group`` label. The series are declared once, as data, in ``METRICS``;
+``WorkerMetrics`` builds them into a caller-owned ``CollectorRegistry`` (no global registry) and
+offers one small method per event the engine, scheduler and MoE dispatcher record.
+
+Expert load: ``record_expert_load(layer, tokens_per_expert)`` adds to a counter per (layer, expert)
+and sets the layer's imbalance gauge (max over mean). K2 has 60 MoE layers x 384 experts, so the
+per-expert counter is up to 23,040 series per group: call it with counts summed over many steps
+(e.g. once a second), not on every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+BATCH_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+ALL_TO_ALL_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                      0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+# The two all-to-all exchanges of an expert-parallel MoE layer (DESIGN section 3).
+ALL_TO_ALL_PHASES = ("dispatch", "combine")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exposed series family: name as scraped (counters end in _total), type, labels, help."""
+
+    name: str
+    kind: str  # "counter" | "gauge" | "histogram"
+    labels: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] | None = None
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("k2serve_worker_running_requests", "gauge", ("group",),
+               "Requests in the running batch."),
+    MetricSpec("k2serve_worker_waiting_requests", "gauge", ("group",),
+               "Requests waiting to be scheduled."),
+    MetricSpec("k2serve_worker_kv_cache_usage_ratio", "gauge", ("group",),
+               "Fraction of KV cache blocks in use (0..1)."),
+    MetricSpec("k2serve_worker_prefix_cache_hit_ratio", "gauge", ("group",),
+               "Prefix cache hit rate as reported by the KV cache manager (0..1)."),
+    MetricSpec("k2serve_worker_prefix_cache_queried_tokens_total", "counter", ("group",),
+               "Prompt tokens looked up in the prefix cache."),
+    MetricSpec("k2serve_worker_prefix_cache_hit_tokens_total", "counter", ("group",),
+               "Prompt tokens found in the prefix cache."),
+    MetricSpec("k2serve_worker_preemptions_total", "counter", ("group",),
+               "Running requests preempted to free KV cache blocks."),
+    MetricSpec("k2serve_worker_prompt_tokens_total", "counter", ("group",),
+               "Prompt tokens computed (prefill), excluding prefix-cache hits."),
+    MetricSpec("k2serve_worker_generation_tokens_total", "counter", ("group",),
+               "Tokens sampled (decode)."),
+    MetricSpec("k2serve_worker_step_duration_seconds", "histogram", ("group",),
+               "Wall time of one engine step (schedule, execute, postprocess).", STEP_BUCKETS),
+    MetricSpec("k2serve_worker_batch_size_tokens", "histogram", ("group",),
+               "Tokens computed in one engine step.", BATCH_TOKEN_BUCKETS),
+    MetricSpec("k2serve_worker_expert_tokens_total", "counter", ("group", "layer", "expert"),
+               "Tokens routed to each expert of each MoE layer."),
+    MetricSpec("k2serve_worker_expert_load_imbalance_ratio", "gauge", ("group", "layer"),
+               "Max over mean of tokens per expert in the last recorded window (1 = balanced)."),
+    MetricSpec("k2serve_worker_all_to_all_duration_seconds", "histogram", ("group", "phase"),
+               "Wall time of one MoE all-to-all exchange (phase dispatch or combine).",
+               ALL_TO_ALL_BUCKETS),
+    MetricSpec("k2serve_worker_all_to_all_bytes_total", "counter", ("group", "phase"),
+               "Bytes this rank sent in MoE all-to-all exchanges."),
+)
+
+_KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+
+
+def build_metrics(registry: CollectorRegistry, specs: tuple[MetricSpec, ...]) -> dict:
+    """Create one prometheus_client object per spec in ``registry``; returns them by name."""
+    built = {}
+    for spec in specs:
+        kwargs = {"labelnames": spec.labels, "registry": registry}
+        if spec.buckets is not None:
+            kwargs["buckets"] = spec.buckets
+        built[spec.name] = _KINDS[spec.kind](spec.name, spec.help, **kwargs)
+    return built
+
+
+def load_imbalance(tokens_per_expert: list[int]) -> float:
+    """Max over mean of per-expert token counts; 1.0 when perfectly balanced or empty."""
+    total = sum(tokens_per_expert)
+    if not tokens_per_expert or total == 0:
+        return 1.0
+    return max(tokens_per_expert) * len(tokens_per_expert) / total
+
+
+class WorkerMetrics:
+    """The metrics of worker group ``group``, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry, group: str):
+        self.registry = registry
+        self.group = group
+        self._m = build_metrics(registry, METRICS)
+        # Children bound to our group label, for the group-only series (the hot path).
+        self._g = {s.name: self._m[s.name].labels(group=group) for s in METRICS if s.labels == ("group",)}
+        self._expert_children: dict[int, list] = {}
+
+    # ---- scheduler and KV cache ------------------------------------------------------------
+    def set_queue(self, running: int, waiting: int) -> None:
+        """Current running and waiting request counts."""
+        self._g["k2serve_worker_running_requests"].set(running)
+        self._g["k2serve_worker_waiting_requests"].set(waiting)
+
+    def set_kv_cache_usage(self, fraction: float) -> None:
+        """Fraction (0..1) of KV cache blocks in use."""
+        self._g["k2serve_worker_kv_cache_usage_ratio"].set(fraction)
+
+    def set_prefix_cache_hit_rate(self, fraction: float) -> None:
+        """Hit rate (0..1) as the KV cache manager reports it."""
+        self._g["k2serve_worker_prefix_cache_hit_ratio"].set(fraction)
+
+    def prefix_cache_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
+        """One prefix-cache lookup: ``hit_tokens`` of ``queried_tokens`` prompt tokens were cached."""
+        if hit_tokens > queried_tokens:
+            raise ValueError(f"hit_tokens {hit_tokens} > queried_tokens {queried_tokens}")
+        self._g["k2serve_worker_prefix_cache_queried_tokens_total"].inc(queried_tokens)
+        self._g["k2serve_worker_prefix_cache_hit_tokens_total"].inc(hit_tokens)
+
+    def preempted(self, count: int = 1) -> None:
+        """``count`` running requests were preempted."""
+        self._g["k2serve_worker_preemptions_total"].inc(count)
+
+    # ---- engine step -----------------------------------------------------------------------
+    def step(self, seconds: float, num_tokens: int, prompt_tokens: int = 0,
+             generated_tokens: int = 0) -> None:
+        """One engine step: its wall time, tokens computed, and prefill/decode token split."""
+        self._g["k2serve_worker_step_duration_seconds"].observe(seconds)
+        self._g["k2serve_worker_batch_size_tokens"].observe(num_tokens)
+        if prompt_tokens:
+            self._g["k2serve_worker_prompt_tokens_total"].inc(prompt_tokens)
+        if generated_tokens:
+            self._g["k2serve_worker_generation_tokens_total"].inc(generated_tokens)
+
+    # ---- MoE ---------------------------------------------------------------------------------
+    def record_expert_load(self, layer: int, tokens_per_expert: Iterable[int]) -> None:
+        """Add per-expert token counts of MoE ``layer`` (list, or a tensor with ``tolist``)."""
+        counts = [int(c) for c in (tokens_per_expert.tolist() if hasattr(tokens_per_expert, "tolist")
+                                   else tokens_per_expert)]
+        if any(c < 0 for c in counts):
+            raise ValueError(f"negative token count for layer {layer}: {counts}")
+        children = self._experts(layer, len(counts))
+        for child, count in zip(children, counts):
+            if count:
+                child.inc(count)
+        self._m["k2serve_worker_expert_load_imbalance_ratio"].labels(
+            group=self.group, layer=str(layer)).set(load_imbalance(counts))
+
+    def _experts(self, layer: int, num_experts: int) -> list:
+        children = self._expert_children.get(layer)
+        if children is None or len(children) != num_experts:
+            family = self._m["k2serve_worker_expert_tokens_total"]
+            children = [family.labels(group=self.group, layer=str(layer), expert=str(e))
+                        for e in range(num_experts)]
+            self._expert_children[layer] = children
+        return children
+
+    def all_to_all(self, phase: str, seconds: float, num_bytes: int) -> None:
+        """One all-to-all exchange (``phase`` dispatch or combine): wall time and bytes sent."""
+        if phase not in ALL_TO_ALL_PHASES:
+            raise ValueError(f"unknown all-to-all phase {phase!r}; expected one of {ALL_TO_ALL_PHASES}")
+        self._m["k2serve_worker_all_to_all_duration_seconds"].labels(
+            group=self.group, phase=phase).observe(seconds)
+        self._m["k2serve_worker_all_to_all_bytes_total"].labels(
+            group=self.group, phase=phase).inc(num_bytes)
+
+    # ---- exposition ------------------------------------------------------------------------
+    def render(self) -> bytes:
+        """Prometheus text exposition of this registry, for a /metrics endpoint."""
+        return generate_latest(self.registry)
+
+    content_type = CONTENT_TYPE_LATEST

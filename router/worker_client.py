@@ -1,0 +1,235 @@
+"""WorkerClient: the router's gRPC client for one worker group (k2serve.v1.Worker).
+
+Protobuf objects live only here (and in worker/server.py): callers pass and receive the plain
+dataclasses below. Cancelling the consumer of `generate` (closing the iterator or cancelling its
+task) cancels the gRPC stream, which aborts the request on the worker and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from k2serve.v1 import worker_pb2, worker_pb2_grpc
+
+SERVICE_NAME = "k2serve.v1.Worker"
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
+
+
+@dataclass(frozen=True)
+class GuidedRequest:
+    """A structured-output constraint: kind is json_schema | json_object | regex | tool_call."""
+
+    kind: str
+    json_schema: str = ""       # serialized schema for kind json_schema
+    regex: str = ""             # pattern for kind regex
+    tools: tuple = ()           # OpenAI tool dicts for kind tool_call
+    mode: str = ""              # tool_call: auto | required | named
+    name: str = ""              # tool_call mode named: the function name
+    first_index: int = 0        # tool_call: index of the turn's first call id
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """One generation request as the router builds it; None means the worker's default."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool | None = None
+    logprobs: int | None = None
+    guided: GuidedRequest | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log probability of one generated token and its top alternatives ((token_id, logprob), ...)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """New tokens from the worker, with cumulative counts."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The request ended: finish_reason stop | length | abort."""
+
+    finish_reason: str
+    matched_stop_token_id: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """GetLoad snapshot."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerModelInfo:
+    """GetModelInfo answer."""
+
+    model_name: str
+    context_length: int
+    vocab_size: int
+    stop_token_ids: tuple[int, ...] = ()
+    tokenizer_id: str = ""
+
+
+class WorkerError(Exception):
+    """A worker refused or failed a request; `status` is HTTP-like (400, 429, 503, 500)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "presence_penalty",
+             "frequency_penalty", "repetition_penalty", "seed", "ignore_eos", "logprobs")
+_UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+def request_to_proto(params: GenerateParams) -> worker_pb2.GenerateRequest:
+    """GenerateParams -> GenerateRequest, setting only the sampling fields that are not None."""
+    sampling = worker_pb2.SamplingParams(stop_token_ids=list(params.stop_token_ids))
+    for name in _SAMPLING:
+        value = getattr(params, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    req = worker_pb2.GenerateRequest(request_id=params.request_id,
+                                     prompt_token_ids=list(params.prompt_token_ids), sampling=sampling)
+    if params.guided is not None:
+        req.guided.CopyFrom(_guided_to_proto(params.guided))
+    return req
+
+
+def _guided_to_proto(g: GuidedRequest) -> worker_pb2.GuidedSpec:
+    if g.kind == "json_schema":
+        return worker_pb2.GuidedSpec(json_schema=g.json_schema)
+    if g.kind == "json_object":
+        return worker_pb2.GuidedSpec(json_object=True)
+    if g.kind == "regex":
+        return worker_pb2.GuidedSpec(regex=g.regex)
+    if g.kind == "tool_call":
+        guide = worker_pb2.ToolCallGuide(tools_json=json.dumps(list(g.tools), separators=(",", ":")),
+                                         mode=g.mode, name=g.name, first_index=g.first_index)
+        return worker_pb2.GuidedSpec(tool_call=guide)
+    raise ValueError(f"unknown guided kind {g.kind!r}")
+
+
+def response_from_proto(resp: worker_pb2.GenerateResponse) -> TokenChunk | Finished:
+    """GenerateResponse -> TokenChunk | Finished; an in-stream error raises WorkerError."""
+    kind = resp.WhichOneof("response")
+    if kind == "chunk":
+        c = resp.chunk
+        logprobs = tuple(TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                         for lp in c.logprobs)
+        return TokenChunk(tuple(c.token_ids), logprobs, c.prompt_tokens, c.completion_tokens, c.cached_tokens)
+    if kind == "complete":
+        d = resp.complete
+        stop = d.matched_stop_token_id if d.HasField("matched_stop_token_id") else None
+        return Finished(d.finish_reason, stop, d.prompt_tokens, d.completion_tokens, d.cached_tokens)
+    if kind == "error":
+        raise WorkerError(resp.error.message, resp.error.status or 500)
+    raise WorkerError("worker sent an empty GenerateResponse", 500)
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError) -> WorkerError:
+    status = 503 if exc.code() in _UNAVAILABLE else 500
+    return WorkerError(f"worker {exc.code().name.lower()}: {exc.details()}", status)
+
+
+class WorkerClient:
+    """A gRPC channel (with keepalive) to one worker group; create inside a running event loop."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=list(KEEPALIVE_OPTIONS))
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def generate(self, params: GenerateParams) -> AsyncIterator[TokenChunk | Finished]:
+        """Stream TokenChunks then one Finished; raises WorkerError on an in-stream or transport error."""
+        call = self._stub.Generate(request_to_proto(params), metadata=(("x-request-id", params.request_id),))
+        try:
+            async for resp in call:
+                item = response_from_proto(resp)
+                yield item
+                if isinstance(item, Finished):
+                    return
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from exc
+        finally:
+            call.cancel()  # no-op when the stream already ended; aborts the request otherwise
+
+    async def abort(self, request_id: str, timeout: float = 5.0) -> bool:
+        """Abort a request by id; True if the worker knew it."""
+        resp = await self._unary(self._stub.Abort, worker_pb2.AbortRequest(request_id=request_id), timeout)
+        return resp.aborted
+
+    async def get_load(self, timeout: float = 5.0) -> WorkerLoad:
+        """The worker's current load."""
+        r = await self._unary(self._stub.GetLoad, worker_pb2.GetLoadRequest(), timeout)
+        return WorkerLoad(r.num_running, r.num_waiting, r.kv_cache_usage, r.prefix_cache_hit_rate)
+
+    async def get_model_info(self, timeout: float = 10.0) -> WorkerModelInfo:
+        """Static facts about the served model."""
+        r = await self._unary(self._stub.GetModelInfo, worker_pb2.GetModelInfoRequest(), timeout)
+        return WorkerModelInfo(r.model_name, r.context_length, r.vocab_size, tuple(r.stop_token_ids), r.tokenizer_id)
+
+    async def health(self, timeout: float = 2.0) -> bool:
+        """True when the worker's grpc.health.v1 status is SERVING."""
+        try:
+            r = await self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def _unary(self, method, request, timeout: float):
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from exc

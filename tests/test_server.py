@@ -1,0 +1,154 @@
+"""WorkerServicer over a fake AsyncEngine, driven through the real router WorkerClient (grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+
+from k2serve.v1 import worker_pb2
+from router.worker_client import (Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerClient,
+                                  WorkerError, request_to_proto)
+from worker.server import ModelInfo, guided_kwargs, sampling_kwargs, serve_worker
+
+INFO = ModelInfo("tiny-k2", 4096, 1000, (163585, 163586), "sha256:abc")
+
+
+class Rejected(Exception):
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Out:
+    new_token_ids: list
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)
+
+
+class FakeEngine:
+    """Yields token i at step i; prompt [999] is rejected (429); [500] crashes; records aborts."""
+
+    def __init__(self):
+        self.active: dict[str, int] = {}
+        self.aborted: list[str] = []
+        self.seen: dict[str, dict] = {}
+
+    async def generate(self, rid, prompt, params):
+        if prompt == [999]:
+            raise Rejected("waiting queue is full", 429)
+        if prompt == [500]:
+            raise RuntimeError("boom")
+        self.seen[rid] = params
+        self.active[rid] = len(prompt)
+        try:
+            n = params.get("max_tokens", 3)
+            for i in range(n):
+                await asyncio.sleep(params.get("delay", 0.0) or (0.05 if n > 20 else 0.0))
+                lps = [{"token_id": i, "logprob": -0.5, "top": [(i, -0.5), (7, -1.5)]}] if "logprobs" in params else []
+                last = i == n - 1
+                yield Out([i], len(prompt), i + 1, last, "length" if last else None, lps)
+        finally:
+            self.active.pop(rid, None)
+
+    async def abort(self, rid):
+        self.aborted.append(rid)
+        return self.active.pop(rid, None) is not None
+
+    def get_load(self):
+        return {"num_running": len(self.active), "num_waiting": 0, "kv_cache_usage": 0.1 * len(self.active)}
+
+
+def run(scenario):
+    async def main():
+        engine = FakeEngine()
+        server = await serve_worker(engine, "127.0.0.1", 0, INFO, params_factory=lambda r: sampling_kwargs(r.sampling))
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            return await scenario(engine, client)
+        finally:
+            await client.close()
+            await server.stop(0)
+    return asyncio.run(main())
+
+
+async def collect(client, params):
+    return [item async for item in client.generate(params)]
+
+
+def test_generate_streams_chunks_then_complete():
+    async def scenario(engine, client):
+        items = await collect(client, GenerateParams("r1", (1, 2, 3), max_tokens=3, temperature=0.0, logprobs=2))
+        assert engine.seen["r1"] == {"max_tokens": 3, "temperature": 0.0, "logprobs": 2}
+        return items
+    items = run(scenario)
+    assert [c.token_ids for c in items if isinstance(c, TokenChunk)] == [(0,), (1,), (2,)]
+    assert items[0].logprobs[0].top == ((0, -0.5), (7, -1.5))
+    assert items[-1] == Finished("length", None, 3, 3, 0)
+
+
+def test_unset_sampling_fields_stay_unset():
+    req = request_to_proto(GenerateParams("r", (1,), top_p=None, temperature=0.0))
+    assert sampling_kwargs(req.sampling) == {"temperature": 0.0}
+
+
+def test_guided_tool_call_round_trip():
+    tools = ({"type": "function", "function": {"name": "f", "parameters": {}}},)
+    req = request_to_proto(GenerateParams("r", (1,), guided=GuidedRequest("tool_call", tools=tools, mode="named", name="f")))
+    assert guided_kwargs(req.guided) == {"tool_call": {"tools": list(tools), "mode": "named", "name": "f", "first_index": 0}}
+    req = request_to_proto(GenerateParams("r", (1,), guided=GuidedRequest("json_schema", json_schema='{"type":"object"}')))
+    assert guided_kwargs(req.guided) == {"json_schema": '{"type":"object"}'}
+
+
+@pytest.mark.parametrize("prompt,status", [((999,), 429), ((500,), 500), ((), 400)])
+def test_rejections_are_in_stream_errors_and_server_keeps_serving(prompt, status):
+    async def scenario(engine, client):
+        with pytest.raises(WorkerError) as err:
+            await collect(client, GenerateParams("bad", prompt, max_tokens=2))
+        assert err.value.status == status
+        ok = await collect(client, GenerateParams("good", (1,), max_tokens=2))
+        assert isinstance(ok[-1], Finished)
+    run(scenario)
+
+
+def test_client_cancel_aborts_request_and_frees_it():
+    async def scenario(engine, client):
+        stream = client.generate(GenerateParams("long", (1, 2), max_tokens=1000))
+        first = await stream.__anext__()
+        assert isinstance(first, TokenChunk)
+        assert (await client.get_load()).num_running == 1
+        await stream.aclose()
+        for _ in range(100):
+            if "long" in engine.aborted and not engine.active:
+                break
+            await asyncio.sleep(0.02)
+        assert "long" in engine.aborted and not engine.active
+        assert (await client.get_load()).kv_cache_usage == 0.0
+    run(scenario)
+
+
+def test_abort_model_info_and_health():
+    async def scenario(engine, client):
+        assert await client.health()
+        info = await client.get_model_info()
+        assert (info.model_name, info.context_length, info.stop_token_ids) == ("tiny-k2", 4096, (163585, 163586))
+        assert await client.abort("unknown") is False
+    run(scenario)
+
+
+def test_health_false_when_no_server():
+    async def scenario():
+        client = WorkerClient("127.0.0.1:1")
+        try:
+            assert not await client.health(timeout=0.5)
+            with pytest.raises(WorkerError) as err:
+                await collect(client, GenerateParams("x", (1,)))
+            assert err.value.status == 503
+        finally:
+            await client.close()
+    asyncio.run(scenario())

@@ -10,49 +10,35 @@ import pytest
 from k2serve.v1 import worker_pb2
 from router.worker_client import (Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerClient,
                                   WorkerError, request_to_proto)
-from worker.server import ModelInfo, guided_kwargs, sampling_kwargs, serve_worker
+from worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams, TokenLogprob
+from worker.server import ModelInfo, params_from_request, serve_worker
 
 INFO = ModelInfo("tiny-k2", 4096, 1000, (163585, 163586), "sha256:abc")
 
 
-class Rejected(Exception):
-    def __init__(self, message, status):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class Out:
-    new_token_ids: list
-    num_prompt_tokens: int
-    num_output_tokens: int
-    finished: bool = False
-    finish_reason: str | None = None
-    logprobs: list = field(default_factory=list)
-
-
 class FakeEngine:
     """Yields token i at step i; prompt [999] is rejected (429); [500] crashes; records aborts."""
+
 
     def __init__(self):
         self.active: dict[str, int] = {}
         self.aborted: list[str] = []
         self.seen: dict[str, dict] = {}
 
-    async def generate(self, rid, prompt, params):
+    async def generate(self, rid, prompt, params: SamplingParams):
         if prompt == [999]:
-            raise Rejected("waiting queue is full", 429)
+            raise RequestRejected("waiting queue is full", 429)
         if prompt == [500]:
             raise RuntimeError("boom")
         self.seen[rid] = params
         self.active[rid] = len(prompt)
         try:
-            n = params.get("max_tokens", 3)
+            n = params.max_tokens
             for i in range(n):
-                await asyncio.sleep(params.get("delay", 0.0) or (0.05 if n > 20 else 0.0))
-                lps = [{"token_id": i, "logprob": -0.5, "top": [(i, -0.5), (7, -1.5)]}] if "logprobs" in params else []
+                await asyncio.sleep(0.05 if n > 20 else 0.0)
+                lps = [TokenLogprob(i, -0.5, [(i, -0.5), (7, -1.5)])] if params.logprobs else None
                 last = i == n - 1
-                yield Out([i], len(prompt), i + 1, last, "length" if last else None, lps)
+                yield RequestOutput(rid, [i], lps, len(prompt), i + 1, 0, last, "length" if last else None)
         finally:
             self.active.pop(rid, None)
 
@@ -67,7 +53,7 @@ class FakeEngine:
 def run(scenario):
     async def main():
         engine = FakeEngine()
-        server = await serve_worker(engine, "127.0.0.1", 0, INFO, params_factory=lambda r: sampling_kwargs(r.sampling))
+        server = await serve_worker(engine, "127.0.0.1", 0, INFO)
         client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
         try:
             return await scenario(engine, client)
@@ -84,7 +70,7 @@ async def collect(client, params):
 def test_generate_streams_chunks_then_complete():
     async def scenario(engine, client):
         items = await collect(client, GenerateParams("r1", (1, 2, 3), max_tokens=3, temperature=0.0, logprobs=2))
-        assert engine.seen["r1"] == {"max_tokens": 3, "temperature": 0.0, "logprobs": 2}
+        assert engine.seen["r1"] == SamplingParams(max_tokens=3, temperature=0.0, logprobs=True, top_logprobs=2)
         return items
     items = run(scenario)
     assert [c.token_ids for c in items if isinstance(c, TokenChunk)] == [(0,), (1,), (2,)]
@@ -92,17 +78,21 @@ def test_generate_streams_chunks_then_complete():
     assert items[-1] == Finished("length", None, 3, 3, 0)
 
 
-def test_unset_sampling_fields_stay_unset():
-    req = request_to_proto(GenerateParams("r", (1,), top_p=None, temperature=0.0))
-    assert sampling_kwargs(req.sampling) == {"temperature": 0.0}
+def test_unset_sampling_fields_keep_engine_defaults():
+    params = params_from_request(request_to_proto(GenerateParams("r", (1,), top_p=None, temperature=0.0)))
+    assert params == SamplingParams(temperature=0.0)
 
 
-def test_guided_tool_call_round_trip():
+def test_guided_specs_round_trip():
     tools = ({"type": "function", "function": {"name": "f", "parameters": {}}},)
-    req = request_to_proto(GenerateParams("r", (1,), guided=GuidedRequest("tool_call", tools=tools, mode="named", name="f")))
-    assert guided_kwargs(req.guided) == {"tool_call": {"tools": list(tools), "mode": "named", "name": "f", "first_index": 0}}
-    req = request_to_proto(GenerateParams("r", (1,), guided=GuidedRequest("json_schema", json_schema='{"type":"object"}')))
-    assert guided_kwargs(req.guided) == {"json_schema": '{"type":"object"}'}
+    guided = GuidedRequest("tool_call", tools=tools, mode="named", name="f", first_index=2)
+    params = params_from_request(request_to_proto(GenerateParams("r", (1,), guided=guided)))
+    assert params.guided == GuidedSpec("tool_call", tools=tools, mode="named", name="f", first_index=2)
+    guided = GuidedRequest("json_schema", json_schema='{"type":"object"}')
+    assert params_from_request(request_to_proto(GenerateParams("r", (1,), guided=guided))).guided == \
+        GuidedSpec("json_schema", schema='{"type":"object"}')
+    json_object = params_from_request(request_to_proto(GenerateParams("r", (1,), guided=GuidedRequest("json_object"))))
+    assert json_object.guided == GuidedSpec("json_object")
 
 
 @pytest.mark.parametrize("prompt,status", [((999,), 429), ((500,), 500), ((), 400)])

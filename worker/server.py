@@ -11,12 +11,11 @@ The gRPC port is for workers and routers only: it has no authentication.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -24,13 +23,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
+from worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "k2serve.v1.Worker"
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens",
-                    "presence_penalty", "frequency_penalty", "repetition_penalty", "seed",
-                    "ignore_eos", "logprobs")
 
 
 @dataclass(frozen=True)
@@ -80,106 +77,65 @@ def _tokenizer_id(path: Path) -> str:
     return "sha256:" + hashlib.sha256(model.read_bytes()).hexdigest() if model.exists() else ""
 
 
-class GenerateRejected(Exception):
-    """Bad request parameters found while converting a GenerateRequest (HTTP-like status 400)."""
-
-    status = 400
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens",
+                    "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "ignore_eos")
 
 
 def sampling_kwargs(msg: worker_pb2.SamplingParams) -> dict[str, Any]:
     """The explicitly set sampling fields of a proto message (unset = engine default)."""
     kwargs = {name: getattr(msg, name) for name in _SAMPLING_FIELDS if msg.HasField(name)}
     if msg.stop_token_ids:
-        kwargs["stop_token_ids"] = list(msg.stop_token_ids)
+        kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+    if msg.HasField("logprobs"):  # unset: no logprobs; N: the sampled token's plus the top N
+        kwargs["logprobs"], kwargs["top_logprobs"] = True, msg.logprobs
     return kwargs
 
 
-def guided_kwargs(msg: worker_pb2.GuidedSpec) -> dict[str, Any]:
-    """The guided-decoding constraint as plain keyword arguments for worker.request.GuidedSpec."""
+def guided_from_proto(msg: worker_pb2.GuidedSpec) -> GuidedSpec:
+    """GuidedSpec proto -> worker.request.GuidedSpec."""
     kind = msg.WhichOneof("kind")
+    if kind == "json_schema":
+        return GuidedSpec(kind=kind, schema=msg.json_schema)
+    if kind == "regex":
+        return GuidedSpec(kind=kind, regex=msg.regex)
     if kind == "tool_call":
         tc = msg.tool_call
-        return {"tool_call": {"tools": json.loads(tc.tools_json or "[]"), "mode": tc.mode,
-                              "name": tc.name or None, "first_index": tc.first_index}}
-    return {kind: getattr(msg, kind)} if kind else {}
+        try:
+            tools = tuple(json.loads(tc.tools_json or "[]"))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise RequestRejected(f"tool_call tools_json is not a JSON list: {exc}") from None
+        return GuidedSpec(kind=kind, tools=tools, mode=tc.mode or "auto", name=tc.name or None,
+                          first_index=tc.first_index)
+    return GuidedSpec(kind="json_object")
 
 
-def _build(cls: type, kwargs: dict[str, Any]) -> Any:
-    """Instantiate a dataclass, rejecting fields it does not know with a 400."""
-    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
-    unknown = sorted(set(kwargs) - known) if known is not None else []
-    if unknown:
-        raise GenerateRejected(f"unsupported sampling fields for this worker: {unknown}")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise GenerateRejected(str(exc)) from exc
-
-
-def params_from_request(request: worker_pb2.GenerateRequest) -> Any:
-    """GenerateRequest -> the engine's SamplingParams (with its GuidedSpec when one is set)."""
-    from worker.request import GuidedSpec, SamplingParams
-
+def params_from_request(request: worker_pb2.GenerateRequest) -> SamplingParams:
+    """GenerateRequest -> SamplingParams (with its GuidedSpec when one is set); RequestRejected(400) if bad."""
     kwargs = sampling_kwargs(request.sampling)
     if request.HasField("guided") and request.guided.WhichOneof("kind"):
-        kwargs["guided"] = _build(GuidedSpec, _guided_for(GuidedSpec, guided_kwargs(request.guided)))
-    return _build(SamplingParams, kwargs)
+        kwargs["guided"] = guided_from_proto(request.guided)
+    try:
+        return SamplingParams(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RequestRejected(f"invalid sampling parameters: {exc}") from None
 
 
-def _guided_for(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Flatten the tool_call guide when GuidedSpec takes its fields directly."""
-    tool_call = kwargs.get("tool_call")
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    if tool_call is None or "tool_call" not in names or "tools" in names:
-        return _flatten_tool_call(kwargs) if tool_call is not None else kwargs
-    return kwargs
-
-
-def _flatten_tool_call(kwargs: dict[str, Any]) -> dict[str, Any]:
-    tc = kwargs["tool_call"]
-    return {"tools": tc["tools"], "tool_choice": tc["mode"], "tool_name": tc["name"]}
-
-
-def _attr(obj: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        if isinstance(obj, dict) and name in obj:
-            return obj[name]
-        if hasattr(obj, name):
-            return getattr(obj, name)
-    return default
-
-
-def chunk_from_output(out: Any) -> worker_pb2.GenerateChunk:
+def chunk_from_output(out: RequestOutput) -> worker_pb2.GenerateChunk:
     """RequestOutput -> GenerateChunk (new tokens, logprobs, cumulative counts)."""
-    chunk = worker_pb2.GenerateChunk(
-        token_ids=list(_attr(out, "new_token_ids", "token_ids", default=[])),
-        prompt_tokens=int(_attr(out, "num_prompt_tokens", "prompt_tokens", default=0)),
-        completion_tokens=int(_attr(out, "num_output_tokens", "num_completion_tokens",
-                                    "completion_tokens", default=0)),
-        cached_tokens=int(_attr(out, "num_cached_tokens", "cached_tokens", default=0)))
-    for lp in _attr(out, "logprobs", "new_logprobs", default=None) or []:
-        chunk.logprobs.append(_token_logprob(lp))
+    chunk = worker_pb2.GenerateChunk(token_ids=out.new_token_ids, prompt_tokens=out.prompt_tokens,
+                                     completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens)
+    for lp in out.new_logprobs or ():
+        top = [worker_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top_logprobs]
+        chunk.logprobs.append(worker_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=top))
     return chunk
 
 
-def _token_logprob(lp: Any) -> worker_pb2.TokenLogprob:
-    top = _attr(lp, "top", "top_logprobs", default=[]) or []
-    msg = worker_pb2.TokenLogprob(token_id=int(_attr(lp, "token_id")), logprob=float(_attr(lp, "logprob")))
-    for item in top:
-        tid, val = (item if isinstance(item, (tuple, list)) else (_attr(item, "token_id"), _attr(item, "logprob")))
-        msg.top.append(worker_pb2.TopLogprob(token_id=int(tid), logprob=float(val)))
-    return msg
-
-
-def complete_from_output(out: Any, chunk: worker_pb2.GenerateChunk) -> worker_pb2.GenerateComplete:
+def complete_from_output(out: RequestOutput) -> worker_pb2.GenerateComplete:
     """The last RequestOutput -> GenerateComplete."""
-    done = worker_pb2.GenerateComplete(
-        finish_reason=str(_attr(out, "finish_reason", default="stop") or "stop"),
-        prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
-        cached_tokens=chunk.cached_tokens)
-    stop = _attr(out, "matched_stop_token_id", "stop_token_id", "matched_stop", default=None)
-    if isinstance(stop, int):
-        done.matched_stop_token_id = stop
+    done = worker_pb2.GenerateComplete(finish_reason=out.finish_reason or "stop", prompt_tokens=out.prompt_tokens,
+                                       completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens)
+    if out.stop_token_id is not None:
+        done.matched_stop_token_id = out.stop_token_id
     return done
 
 
@@ -187,14 +143,18 @@ def _error(message: str, status: int) -> worker_pb2.GenerateResponse:
     return worker_pb2.GenerateResponse(error=worker_pb2.GenerateError(message=message, status=status))
 
 
-def _rejection_status(exc: BaseException) -> int | None:
-    """An engine rejection carries an HTTP-like status (`status` / `status_code` / `http_status`)."""
-    status = _attr(exc, "status", "status_code", "http_status", default=None)
-    return int(status) if isinstance(status, int) else None
+def _load_field(load: Any, name: str) -> float:
+    """GetLoad reads the engine's load snapshot (a dataclass or a dict) by field name."""
+    value = load.get(name, 0) if isinstance(load, dict) else getattr(load, name, 0)
+    return value or 0
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Serves Generate / Abort / GetLoad / GetModelInfo from one AsyncEngine."""
+    """Serves Generate / Abort / GetLoad / GetModelInfo from one AsyncEngine.
+
+    `params_factory` turns a GenerateRequest into the engine's parameters (default: SamplingParams);
+    tests pass a simpler one to drive a fake engine.
+    """
 
     def __init__(self, engine: Any, model_info: ModelInfo, params_factory=None):
         self._engine = engine
@@ -203,16 +163,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Generate(self, request, context) -> AsyncIterator[worker_pb2.GenerateResponse]:
         rid = request.request_id
-        if not rid:
-            yield _error("request_id is required", 400)
-            return
-        if not request.prompt_token_ids:
-            yield _error("prompt_token_ids must not be empty", 400)
-            return
         try:
+            if not rid or not request.prompt_token_ids:
+                raise RequestRejected("request_id and a non-empty prompt_token_ids are required")
             params = self._params_factory(request)
-        except GenerateRejected as exc:
-            yield _error(str(exc), exc.status)
+        except RequestRejected as exc:
+            yield _error(exc.message, exc.status)
             return
         async for response in self._stream(rid, list(request.prompt_token_ids), params):
             yield response
@@ -224,7 +180,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 finished = response.WhichOneof("response") != "chunk"
                 yield response
         finally:
-            if not finished:  # cancelled by the client (or failed): free the request's blocks
+            if not finished:  # the client cancelled (or the stream broke): free the request's blocks
                 await self._abort(rid)
 
     async def _engine_responses(self, rid, prompt, params) -> AsyncIterator[worker_pb2.GenerateResponse]:
@@ -233,14 +189,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 chunk = chunk_from_output(out)
                 if chunk.token_ids or chunk.logprobs:
                     yield worker_pb2.GenerateResponse(chunk=chunk)
-                if _attr(out, "finished", default=False):
-                    yield worker_pb2.GenerateResponse(complete=complete_from_output(out, chunk))
+                if out.finished:
+                    yield _final_response(out)
                     return
         except Exception as exc:  # noqa: BLE001 - every failure becomes an in-stream error
-            status = _rejection_status(exc)
-            if status is None:
+            status = getattr(exc, "status", None)
+            if not isinstance(status, int):
                 log.exception("request %s failed", rid)
-            yield _error(str(exc) or type(exc).__name__, status or 500)
+            yield _error(str(exc) or type(exc).__name__, status if isinstance(status, int) else 500)
             return
         yield _error("engine ended the stream without finishing the request", 500)
 
@@ -260,16 +216,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         load = self._engine.get_load()
         load = await load if inspect.isawaitable(load) else load
         return worker_pb2.GetLoadResponse(
-            num_running=int(_attr(load, "num_running", "running", default=0)),
-            num_waiting=int(_attr(load, "num_waiting", "waiting", default=0)),
-            kv_cache_usage=float(_attr(load, "kv_cache_usage", "kv_usage", default=0.0)),
-            prefix_cache_hit_rate=float(_attr(load, "prefix_cache_hit_rate", "cache_hit_rate", default=0.0)))
+            num_running=int(_load_field(load, "num_running")), num_waiting=int(_load_field(load, "num_waiting")),
+            kv_cache_usage=float(_load_field(load, "kv_cache_usage")),
+            prefix_cache_hit_rate=float(_load_field(load, "prefix_cache_hit_rate")))
 
     async def GetModelInfo(self, request, context) -> worker_pb2.GetModelInfoResponse:
         info = self._model_info
         return worker_pb2.GetModelInfoResponse(
             model_name=info.model_name, context_length=info.context_length, vocab_size=info.vocab_size,
             stop_token_ids=list(info.stop_token_ids), tokenizer_id=info.tokenizer_id)
+
+
+def _final_response(out: RequestOutput) -> worker_pb2.GenerateResponse:
+    if out.finish_reason == "error":
+        return _error(out.error or "the engine failed this request", 500)
+    return worker_pb2.GenerateResponse(complete=complete_from_output(out))
 
 
 async def serve_worker(engine: Any, host: str, port: int, model_info: ModelInfo,

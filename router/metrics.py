@@ -84,6 +84,13 @@ def build_metrics(registry: CollectorRegistry, specs: tuple[MetricSpec, ...]) ->
     return built
 
 
+def _circuit_key(state) -> str:
+    value = getattr(state, "value", state)
+    if not isinstance(value, str):
+        value = getattr(state, "name", str(value))
+    return value.lower().replace("-", "_")
+
+
 class RouterMetrics:
     """The router's metrics, registered in ``registry`` and labelled with the served ``model``."""
 
@@ -149,11 +156,15 @@ class RouterMetrics:
         self._child("k2serve_router_group_healthy", group=group).set(1 if healthy else 0)
         self._m["k2serve_router_healthy_groups"].set(sum(self._health.values()))
 
-    def set_circuit_state(self, group: str, state: str) -> None:
-        """Record ``group``'s circuit breaker state: one of ``CIRCUIT_STATES``."""
-        if state not in CIRCUIT_STATES:
+    def set_circuit_state(self, group: str, state) -> None:
+        """Record ``group``'s circuit breaker state: closed, half_open (or half-open) or open.
+
+        ``state`` may be a string or an enum whose ``value`` (or ``name``) is one of those.
+        """
+        key = _circuit_key(state)
+        if key not in CIRCUIT_STATES:
             raise ValueError(f"unknown circuit state {state!r}; expected one of {sorted(CIRCUIT_STATES)}")
-        self._child("k2serve_router_circuit_state", group=group).set(CIRCUIT_STATES[state])
+        self._child("k2serve_router_circuit_state", group=group).set(CIRCUIT_STATES[key])
 
     def remove_group(self, group: str) -> None:
         """Forget a worker group that no longer exists (drops its per-group series)."""

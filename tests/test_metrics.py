@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -133,6 +135,14 @@ def test_circuit_state(router):
     assert scrape(router)[("k2serve_router_circuit_state", (("group", "g0"),))] == 2
     router.set_circuit_state("g0", "half_open")
     assert scrape(router)[("k2serve_router_circuit_state", (("group", "g0"),))] == 1
+    router.set_circuit_state("g0", "half-open")
+    assert scrape(router)[("k2serve_router_circuit_state", (("group", "g0"),))] == 1
+
+    class State(enum.Enum):
+        CLOSED = "closed"
+
+    router.set_circuit_state("g0", State.CLOSED)
+    assert scrape(router)[("k2serve_router_circuit_state", (("group", "g0"),))] == 0
     with pytest.raises(ValueError, match="unknown circuit state"):
         router.set_circuit_state("g0", "ajar")
 

@@ -1,0 +1,29 @@
+"""DeepSeek-V3 MoE block: routed experts (expert parallel, via a dispatcher) plus the shared expert."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from worker.model.config import ModelConfig
+from worker.model.layers.dispatcher import make_dispatcher
+from worker.model.layers.experts import LocalExperts
+from worker.model.layers.mlp import MLP
+from worker.model.layers.router import TopKRouter
+from worker.parallel import ParallelInfo
+
+
+class MoE(nn.Module):
+    """Runs on this rank's token shard [n, H]; the dispatcher moves copies between ranks."""
+
+    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str = "all_to_all"):
+        super().__init__()
+        self.gate = TopKRouter(config)
+        self.experts = LocalExperts(config, info, dtype)
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype)
+        self.dispatcher = make_dispatcher(dispatcher, info)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_ids, topk_weights = self.gate(x)  # [n, k], [n, k] float32
+        routed = self.dispatcher.forward(x, topk_ids, topk_weights, self.experts)
+        return routed + self.shared_experts(x)

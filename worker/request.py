@@ -113,7 +113,7 @@ class SamplingParams:
     logprobs=True returns the sampled token's log probability plus `top_logprobs` alternatives, taken from
     the raw model distribution (log_softmax of the logits before penalties, bias, masks, temperature).
     stop_token_ids add to the model's stop ids (eos, <|im_end|>) unless ignore_eos drops those.
-    max_tokens None means "up to the context length".
+    max_tokens None means the engine default (EngineConfig.default_max_tokens, else up to the context length).
     """
 
     temperature: float = 1.0
@@ -130,7 +130,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
-    max_tokens: int | None = 16
+    max_tokens: int | None = None
     guided: GuidedSpec | None = None
 
     def validate(self, vocab_size: int, max_top_logprobs: int = 20) -> None:

@@ -1,0 +1,169 @@
+"""Engine tests: a fake model whose logits are a function of the cached context (fast, exact), then the
+real tiny K2 checkpoint (batch invariance, prefix caching, preemption), then the AsyncEngine."""
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from worker.config import EngineConfig
+from worker.engine import Engine
+from worker.model_runner import ModelRunner
+from worker.request import RequestRejected, SamplingParams
+from worker.vocab import Vocab
+
+V = 64
+STOP = 63
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    vocab_size: int = V
+    num_hidden_layers: int = 1
+    kv_cache_dim: int = 2
+    max_position_embeddings: int = 512
+
+
+class FakeModel(torch.nn.Module):
+    """Writes (token, position + 1) into the cache; the next token is a hash of the whole cached context.
+
+    It asserts that every context slot holds the right position, so a wrong slot mapping, block table
+    or prefix-cache hit fails loudly instead of silently changing the output.
+    """
+
+    config = FakeConfig()
+
+    def forward(self, input_ids, positions, attn, kv_caches):
+        flat = kv_caches[0].view(-1, 2)  # [num_blocks * block_size, 2]
+        flat[attn.slot_mapping, 0] = input_ids.double()
+        flat[attn.slot_mapping, 1] = positions.double() + 1
+        hidden = []
+        for i in range(attn.num_seqs):
+            ctx = flat[attn.cache_slots(i)]  # [seq_len, 2]
+            n = ctx.shape[0]
+            assert torch.equal(ctx[:, 1], torch.arange(1, n + 1, dtype=ctx.dtype)), "cache layout broken"
+            prefix = torch.cumsum(ctx[:, 0] * torch.arange(1, n + 1, dtype=ctx.dtype), 0)  # [seq_len]
+            hidden.append(prefix[attn.context_lens[i]:])
+        return torch.cat(hidden).unsqueeze(1)  # [T, 1]
+
+    def compute_logits(self, hidden):
+        h = hidden[:, 0].remainder(V - 1)  # [N] never the stop id by itself
+        return -0.25 * (torch.arange(V, dtype=torch.float64) - h.unsqueeze(1)).abs().float()  # [N, V]
+
+
+def fake_reference(prompt, n):
+    """What the fake model generates greedily for `prompt`, computed directly."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(sum(t * (k + 1) for k, t in enumerate(tokens)) % (V - 1))
+    return tokens[len(prompt):]
+
+
+def fake_vocab():
+    return Vocab(tuple(bytes([97 + i % 26]) for i in range(V)), {"[EOS]": STOP}, frozenset({STOP}), (STOP,))
+
+
+def make_fake_engine(num_blocks=256, block_size=4, **cfg):
+    config = EngineConfig(block_size=block_size, **cfg)
+    runner = ModelRunner(FakeModel(), num_blocks, block_size, kv_caches=[torch.zeros(num_blocks, block_size, 2, dtype=torch.float64)])
+    return Engine(config, runner, fake_vocab())
+
+
+def prompts(n, seed=0, lo=3, hi=30):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V - 1, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+GREEDY8 = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def test_fake_engine_batched_matches_reference():
+    engine = make_fake_engine()
+    ps = prompts(16)
+    assert engine.generate(ps, GREEDY8) == [fake_reference(p, 8) for p in ps]
+    assert engine.scheduler.kv_cache.num_free_blocks == 256
+
+
+def test_fake_engine_chunked_prefill_and_preemption_keep_outputs():
+    engine = make_fake_engine(num_blocks=24, max_num_batched_tokens=16, enable_prefix_caching=False)
+    ps = prompts(12, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    assert engine.generate(ps, params) == [fake_reference(p, 20) for p in ps]
+    assert engine.get_load().num_preemptions > 0
+    engine.scheduler.kv_cache.check_invariants()
+
+
+def test_fake_engine_prefix_cache_hit_reported_and_output_identical():
+    engine = make_fake_engine()
+    shared = list(range(1, 41))
+    engine.generate([shared + [5]], GREEDY8)
+    engine.add_request("b", shared + [7, 9], GREEDY8)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[0].cached_tokens == 40 and outs[-1].finished
+    assert [t for o in outs for t in o.new_token_ids] == fake_reference(shared + [7, 9], 8)
+    assert engine.get_load().prefix_cache_hit_rate > 0.4
+
+
+def test_stop_id_ends_request_and_is_reported():
+    engine = make_fake_engine()
+    p = [1, 2, 3]
+    first = fake_reference(p, 1)[0]
+    engine.add_request("s", p, SamplingParams(temperature=0, max_tokens=5, stop_token_ids=(first,)))
+    (out,) = engine.step()
+    assert out.finished and out.finish_reason == "stop" and out.stop_token_id == first and out.new_token_ids == [first]
+
+
+def test_abort_frees_blocks_at_once_and_reports_abort():
+    engine = make_fake_engine()
+    engine.add_request("a", list(range(20)), GREEDY8)
+    engine.step()
+    assert engine.scheduler.kv_cache.num_free_blocks < 256
+    assert engine.abort_request("a")
+    assert engine.scheduler.kv_cache.num_free_blocks == 256
+    (out,) = engine.step()
+    assert out.finished and out.finish_reason == "abort"
+    assert not engine.abort_request("a") and not engine.has_unfinished()
+
+
+def test_invalid_and_too_long_requests_rejected_with_clear_errors():
+    engine = make_fake_engine(max_model_len=32)
+    with pytest.raises(RequestRejected, match="exceeds the context length of 32") as e:
+        engine.add_request("x", [1] * 30, SamplingParams(max_tokens=8))
+    assert e.value.status == 400
+    with pytest.raises(RequestRejected, match="temperature"):
+        engine.add_request("y", [1], SamplingParams(temperature=-1))
+    with pytest.raises(RequestRejected, match="outside the vocabulary"):
+        engine.add_request("z", [V + 3], SamplingParams())
+    with pytest.raises(RequestRejected, match="logit_bias"):
+        engine.add_request("w", [1], SamplingParams(logit_bias={V: 1.0}))
+
+
+def test_default_stop_ids_and_ignore_eos():
+    engine = make_fake_engine()
+    bias = {STOP: 100.0}
+    a = engine.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=4, logit_bias=bias))
+    b = engine.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=4, logit_bias=bias, ignore_eos=True))
+    assert a == [[STOP]] and b == [[STOP] * 4]
+
+
+def test_logprobs_streamed_per_token():
+    engine = make_fake_engine()
+    engine.add_request("l", [4, 5], SamplingParams(temperature=0, max_tokens=3, logprobs=True, top_logprobs=2))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    lps = [lp for o in outs for lp in o.new_logprobs]
+    assert [lp.token_id for lp in lps] == fake_reference([4, 5], 3)
+    assert all(lp.top_logprobs[0][0] == lp.token_id and len(lp.top_logprobs) == 2 for lp in lps)
+
+
+def test_fail_all_ends_every_request_with_error():
+    engine = make_fake_engine()
+    engine.add_request("a", [1, 2], GREEDY8)
+    engine.add_request("b", [3], GREEDY8)
+    outs = engine.fail_all("boom")
+    assert {o.request_id for o in outs} == {"a", "b"} and all(o.finish_reason == "error" and o.error == "boom" for o in outs)
+    assert engine.scheduler.kv_cache.num_free_blocks == 256

@@ -1,0 +1,194 @@
+"""Engine: the step loop of one worker (schedule -> execute -> postprocess), single-threaded.
+
+`add_request` validates and queues; `step` runs one forward pass over everything scheduled and returns
+a RequestOutput for every request that produced tokens or finished; `abort_request` frees a request's
+blocks at once. AsyncEngine (worker/async_engine.py) drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from worker.config import EngineConfig
+from worker.kv_cache import KVCacheManager
+from worker.model_runner import ModelRunner, kv_cache_block_bytes
+from worker.request import Request, RequestOutput, RequestRejected, RequestStatus, SamplingParams, TokenLogprob
+from worker.sampler import Sampler
+from worker.scheduler import Scheduler, StepPlan
+from worker.vocab import Vocab
+
+
+@dataclass
+class StepOutput:
+    """What rank 0 sampled in one step: a token (and optional logprobs) per sampling request."""
+
+    sampled: dict[str, int]
+    logprobs: dict[str, TokenLogprob]
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+
+class Engine:
+    """Continuous-batching engine over a ModelRunner; `vocab` gives stop ids and enables guided output."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner, vocab: Vocab | None = None):
+        self.config = config
+        self.runner = runner
+        self.vocab = vocab
+        self.vocab_size = runner.vocab_size
+        self.max_model_len = config.max_model_len or runner.model.config.max_position_embeddings
+        kv_cache = KVCacheManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, kv_cache, self.max_model_len)
+        self.sampler = Sampler()
+        self.default_stop_ids = frozenset(vocab.stop_token_ids) if vocab else frozenset()
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self._guided = None  # GuidedDecoding, built on the first guided request
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
+        """Load the checkpoint with worker.loader.load_model, size the KV cache and build the engine."""
+        from worker.loader import load_model
+
+        dtype = getattr(torch, config.dtype)
+        model = load_model(model_dir, dtype=dtype, progress=False).to(config.device)
+        num_blocks = config.num_kv_blocks or max(
+            1, config.kv_cache_memory_bytes // kv_cache_block_bytes(model.config, config.block_size, dtype))
+        runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.device)
+        return cls(config, runner, Vocab.from_model_dir(model_dir, model.config.vocab_size))
+
+    # ---- requests ----
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Validate and queue a request; raises RequestRejected (with an HTTP-like status) if refused."""
+        params.validate(self.vocab_size, self.config.max_top_logprobs)
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestRejected(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        request = Request(request_id, prompt_ids, params, self._stop_ids(params),
+                          params.max_tokens or self.config.default_max_tokens)
+        if params.guided is not None:
+            request.guide = self._guided_decoding().new_guide(params.guided)
+        self.scheduler.add(request)
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        ids = frozenset(params.stop_token_ids)
+        return ids if params.ignore_eos else ids | self.default_stop_ids
+
+    def _guided_decoding(self):
+        if self._guided is None:
+            from worker.guided import GuidedDecoding
+
+            if self.vocab is None:
+                raise RequestRejected("structured output needs the checkpoint's vocabulary", status=400)
+            self._guided = GuidedDecoding(self.vocab, self.vocab_size)
+        return self._guided
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a waiting or running request and free its blocks now; False if unknown or finished."""
+        request = self.scheduler.abort(request_id)
+        if request is not None:
+            self._pending.append(request.take_output())
+        return request is not None
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every in-flight request with an error output (after an engine failure)."""
+        outputs = []
+        for request_id in list(self.scheduler.requests):
+            request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ERROR, message)
+            if request is not None:
+                outputs.append(request.take_output())
+        return self._take_pending() + outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def get_load(self) -> EngineLoad:
+        kv = self.scheduler.kv_cache
+        return EngineLoad(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage, kv.hit_rate,
+                          self.scheduler.num_preemptions)
+
+    # ---- the step ----
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, execute (forward + sample), postprocess."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return self._take_pending()
+        step_output = self._execute(plan)
+        return self._postprocess(plan, step_output)
+
+    def _execute(self, plan: StepPlan) -> StepOutput:
+        logits = self.runner.execute(plan)  # [N, vocab] for the sampling sequences
+        if logits is None:
+            return StepOutput({}, {})
+        requests = [self.scheduler.requests[r] for r in plan.sampling_request_ids]
+        guides = [r.guide for r in requests]
+        apply = None
+        if any(g is not None for g in guides):
+            apply = lambda lg: self._guided.apply_masks(lg, guides)  # noqa: E731
+        out = self.sampler(logits, requests, apply)
+        sampled = {r.request_id: t for r, t in zip(requests, out.token_ids)}
+        logprobs = {r.request_id: lp for r, lp in zip(requests, out.logprobs) if lp is not None}
+        return StepOutput(sampled, logprobs)
+
+    def _postprocess(self, plan: StepPlan, step_output: StepOutput) -> list[RequestOutput]:
+        rejected = self._advance_guides(step_output.sampled)
+        done = {r.request_id: r for r in self.scheduler.update(plan, step_output.sampled, step_output.logprobs)}
+        done.update(self._finish_guided(step_output.sampled, rejected))
+        outputs = self._take_pending()
+        for request_id in step_output.sampled:
+            request = self.scheduler.requests.get(request_id) or done.get(request_id)
+            if request is not None:
+                outputs.append(request.take_output())
+        return outputs
+
+    def _advance_guides(self, sampled: dict[str, int]) -> set[str]:
+        """Feed each sampled token to its request's grammar matcher; ids whose token it rejected."""
+        rejected = set()
+        for request_id, token in sampled.items():
+            guide = self.scheduler.requests[request_id].guide
+            if guide is not None and not guide.accept(token):
+                rejected.add(request_id)
+        return rejected
+
+    def _finish_guided(self, sampled: dict[str, int], rejected: set[str]) -> dict[str, Request]:
+        """End requests whose grammar rejected a token (error) or is complete (stop, e.g. ignore_eos)."""
+        done = {}
+        for request_id in sampled:
+            request = self.scheduler.requests.get(request_id)
+            if request is None or request.guide is None:
+                continue
+            if request_id in rejected:
+                done[request_id] = self.scheduler.finish(
+                    request_id, RequestStatus.FINISHED_ERROR, "internal error: the grammar rejected a sampled token")
+            elif request.guide.is_terminated:
+                done[request_id] = self.scheduler.finish(request_id, RequestStatus.FINISHED_STOPPED)
+        return done
+
+    def _take_pending(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        return outputs
+
+    # ---- offline ----
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (batched) and return each one's generated token ids."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{id(self)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].extend(out.new_token_ids)
+        return [results[rid] for rid in ids]

@@ -1,0 +1,81 @@
+"""ModelRunner: turns a StepPlan into one forward pass over the paged latent cache (runs on every rank).
+
+StepPlan (plain lists) -> ForwardBatch (tensors + AttentionMetadata) -> logits of the sequences that
+sample this step (the last token of a completed prefill chunk, or a decode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from worker.model.attention_metadata import AttentionMetadata
+from worker.scheduler import StepPlan
+
+
+@dataclass
+class ForwardBatch:
+    """The tensors of one step: T new tokens of B sequences, N of which sample."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionMetadata
+    sample_rows: torch.Tensor  # [N] int64: rows of the hidden states whose logits are needed
+
+
+def kv_cache_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes over all layers: layers * block_size * (kv_lora_rank + qk_rope_head_dim)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * block_size * config.kv_cache_dim * elem
+
+
+def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> ForwardBatch:
+    """Flatten the plan's sequences into one batch (positions continue from each cached context)."""
+    bs = plan.block_size
+    ids, positions, slots, starts, rows = [], [], [], [0], []
+    for tokens, ctx, table, sample in zip(plan.token_ids, plan.context_lens, plan.block_tables, plan.sample):
+        n = len(tokens)
+        ids.extend(tokens)
+        span = range(ctx, ctx + n)
+        positions.extend(span)
+        slots.extend(table[p // bs] * bs + p % bs for p in span)
+        starts.append(starts[-1] + n)
+        if sample:
+            rows.append(starts[-1] - 1)
+    long = dict(dtype=torch.long, device=device)
+    attn = AttentionMetadata(torch.tensor(slots, **long), starts, list(plan.context_lens),
+                             [list(t) for t in plan.block_tables], bs)
+    return ForwardBatch(torch.tensor(ids, **long), torch.tensor(positions, **long), attn, torch.tensor(rows, **long))
+
+
+class ModelRunner:
+    """Owns the model and its KV caches; `execute(plan)` is the same call on every rank."""
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", kv_caches: list[torch.Tensor] | None = None):
+        self.model = model
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device = torch.device(device)
+        self.kv_caches = kv_caches if kv_caches is not None else self._allocate(num_blocks, block_size, dtype)
+
+    def _allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        from worker.model.deepseek_v3 import allocate_kv_caches
+
+        caches = allocate_kv_caches(self.model.config, num_blocks, block_size, dtype)
+        return [c.to(self.device) for c in caches]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run the plan's tokens through the model; [N, vocab] float32 logits of sampling rows (or None)."""
+        if plan.block_size != self.block_size:
+            raise ValueError(f"plan block_size {plan.block_size} != cache block_size {self.block_size}")
+        batch = build_forward_batch(plan, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # [T, hidden]
+        if batch.sample_rows.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[batch.sample_rows]).float()  # [N, vocab]

@@ -19,23 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 from kernels.block_fp8 import quantize_block_fp8
+from router.tokenizer import K2_PAT_STR
 
 NUM_BASE_RANKS = 1024
-NUM_RESERVED_SPECIAL = 256
+NUM_RESERVED_SPECIAL = 256  # named in tokenizer_config.json; the 2 extra slots are implied
 NUM_SHARDS = 2
-K2_FIRST_SPECIAL_ID = 163584
-
-# K2's pre-tokenizer split pattern (tiktoken/fancy-regex syntax; `regex` needs VERSION1 for `&&`).
-K2_PAT_STR = "|".join([
-    r"""[\p{Han}]+""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
 
 # Named special tokens at K2's offsets from the first special id (K2 id - 163584).
 # Unnamed offsets are `<|reserved_token_{id}|>` with the ABSOLUTE id, as K2's tokenization_kimi.py names them.

@@ -167,3 +167,83 @@ def test_fail_all_ends_every_request_with_error():
     outs = engine.fail_all("boom")
     assert {o.request_id for o in outs} == {"a", "b"} and all(o.finish_reason == "error" and o.error == "boom" for o in outs)
     assert engine.scheduler.kv_cache.num_free_blocks == 256
+
+
+# ---------------------------------------------------------------- AsyncEngine
+
+from worker.async_engine import AsyncEngine  # noqa: E402
+
+
+async def _collect(agen):
+    return [o async for o in agen]
+
+
+def test_async_engine_streams_concurrent_requests_and_rejects_early():
+    aengine = AsyncEngine(make_fake_engine())
+
+    async def main():
+        ps = prompts(6, seed=3)
+        results = await asyncio.gather(*[_collect(aengine.generate(f"q{i}", p, GREEDY8)) for i, p in enumerate(ps)])
+        for p, outs in zip(ps, results):
+            assert [t for o in outs for t in o.new_token_ids] == fake_reference(p, 8)
+            assert outs[-1].finished and outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 8
+        with pytest.raises(RequestRejected, match="top_p"):
+            async for _ in aengine.generate("bad", [1], SamplingParams(top_p=0)):
+                pass
+
+    try:
+        asyncio.run(main())
+        assert aengine.get_load().num_running == 0
+    finally:
+        aengine.shutdown()
+
+
+def test_async_engine_abort_on_consumer_exit_and_by_id():
+    engine = make_fake_engine()
+    aengine = AsyncEngine(engine)
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        async for _ in aengine.generate("c", [1, 2, 3], long):
+            break  # consumer leaves: the request is aborted
+        outs = []
+
+        async def consume():
+            async for o in aengine.generate("d", [4, 5], long):
+                outs.append(o)
+
+        task = asyncio.create_task(consume())
+        while not outs:
+            await asyncio.sleep(0.01)
+        assert aengine.abort("d")
+        await asyncio.wait_for(task, 5)
+        assert outs[-1].finish_reason == "abort"
+        for _ in range(100):
+            if engine.scheduler.kv_cache.num_free_blocks == 256:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+        assert engine.scheduler.kv_cache.num_free_blocks == 256 and not engine.scheduler.requests
+    finally:
+        aengine.shutdown()
+
+
+def test_async_engine_step_failure_ends_requests_with_error():
+    engine = make_fake_engine()
+
+    def broken(plan):
+        raise RuntimeError("device on fire")
+
+    engine.runner.execute = broken
+    aengine = AsyncEngine(engine)
+
+    async def main():
+        return await asyncio.wait_for(_collect(aengine.generate("e", [1, 2], GREEDY8)), 5)
+
+    try:
+        outs = asyncio.run(main())
+        assert outs[-1].finish_reason == "error" and "device on fire" in outs[-1].error
+    finally:
+        aengine.shutdown()

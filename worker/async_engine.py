@@ -1,0 +1,169 @@
+"""AsyncEngine: an asyncio front for Engine, stepping it on a background thread while there is work.
+
+Only the engine thread touches the Engine: submissions and aborts travel to it through a command queue,
+outputs come back to each stream's event loop with call_soon_threadsafe. If a step raises, every
+in-flight request ends with an error output instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from worker.engine import Engine, EngineLoad
+from worker.request import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            pass
+
+
+class AsyncEngine:
+    """`generate` streams RequestOutputs; `abort` ends a request; `get_load` is a snapshot of the last step."""
+
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.5):
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._load = engine.get_load()
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping.clear()
+            self._thread = threading.Thread(target=self._run, name="k2serve-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the thread; requests still in flight end with an error output."""
+        self._stopping.set()
+        self._commands.put(None)  # wake it
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- API ----
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until it finishes.
+
+        Raises RequestRejected (HTTP-like status) before yielding anything if the engine refuses it.
+        Leaving the iteration early (break, cancellation) aborts the request and frees its blocks.
+        """
+        self.start()
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        accepted = loop.create_future()
+        self._commands.put(("add", request_id, list(prompt_ids), params, stream, accepted))
+        finished = False
+        try:
+            try:
+                await accepted
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                finished = True  # rejected: nothing to abort (and the id may belong to another request)
+                raise
+            while not finished:
+                out: RequestOutput = await stream.queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request (thread-safe, returns at once); False if no stream with that id is open."""
+        with self._lock:
+            known = request_id in self._streams
+        self._commands.put(("abort", request_id))
+        return known
+
+    def get_load(self) -> EngineLoad:
+        return self._load
+
+    # ---- engine thread ----
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._drain_commands(block=not self.engine.has_unfinished())
+            if self._stopping.is_set():
+                break
+            if self.engine.has_unfinished():
+                self._dispatch(self._safe_step())
+            self._load = self.engine.get_load()
+        self._dispatch(self.engine.fail_all("the engine is shutting down"))
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            self.engine.abort_request(command[1])
+            return
+        _, request_id, prompt_ids, params, stream, accepted = command
+        try:
+            self.engine.add_request(request_id, prompt_ids, params)
+        except Exception as exc:  # noqa: BLE001 - rejections and bad input go back to the caller
+            stream.loop.call_soon_threadsafe(_set_exception, accepted, exc)
+            return
+        with self._lock:
+            self._streams[request_id] = stream
+        stream.loop.call_soon_threadsafe(_set_result, accepted)
+
+    def _safe_step(self) -> list[RequestOutput]:
+        try:
+            return self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+            log.exception("engine step failed; failing all in-flight requests")
+            return self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put(out)
+
+
+def _set_result(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,76 @@
+"""IncrementalDetokenizer never emits part of a UTF-8 character, whatever the token boundaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.tiny import make_tiny_model
+from router.detokenizer import IncrementalDetokenizer
+from router.tokenizer import K2Tokenizer
+
+TEXT = "aé你😀b👩‍💻ß€"
+
+
+class ChunkTokenizer:
+    """Token i is the i-th byte chunk given; ids >= 100 are specials (101 is a kept tool marker)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return {100: b"[EOS]", 101: b"<|tool_call_begin|>"}.get(token_id) or self.chunks[token_id]
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id == 100
+
+
+def stream(detok: IncrementalDetokenizer, batches: list[list[int]]) -> list[str]:
+    return [detok.push(batch) for batch in batches] + [detok.flush()]
+
+
+def assert_whole_characters(deltas: list[str], expected: str) -> None:
+    assert "".join(deltas) == expected
+    assert all("\ufffd" not in d for d in deltas)
+
+
+@pytest.mark.parametrize("cut", range(1, len(TEXT.encode())))
+def test_every_two_way_split(cut):
+    data = TEXT.encode()
+    tok = ChunkTokenizer([data[:cut], data[cut:]])
+    deltas = stream(IncrementalDetokenizer(tok), [[0], [1]])
+    assert_whole_characters(deltas, TEXT)
+    assert deltas[0] == data[:cut].decode("utf-8", errors="ignore")  # emits what is complete, at once
+
+
+def test_byte_at_a_time():
+    data = TEXT.encode()
+    tok = ChunkTokenizer([bytes([b]) for b in data])
+    deltas = stream(IncrementalDetokenizer(tok), [[i] for i in range(len(data))])
+    assert_whole_characters(deltas, TEXT)
+
+
+def test_flush_replaces_incomplete_tail():
+    tok = ChunkTokenizer(["é".encode()[:1], "😀".encode()[:3]])
+    detok = IncrementalDetokenizer(tok)
+    assert detok.push([0]) == ""
+    assert detok.push([1]) == "\ufffd"  # é's lead byte was invalidated by a new lead byte
+    assert detok.flush() == "\ufffd"
+    assert detok.flush() == ""
+
+
+def test_skip_special_tokens_keeps_tool_markers():
+    tok = ChunkTokenizer([b"hi"])
+    assert "".join(stream(IncrementalDetokenizer(tok, skip_special_tokens=True), [[0, 100], [101]])) == \
+        "hi<|tool_call_begin|>"
+    assert "".join(stream(IncrementalDetokenizer(tok), [[0, 100]])) == "hi[EOS]"
+
+
+def test_real_tokenizer_token_by_token(tmp_path):
+    tok = K2Tokenizer.from_dir(make_tiny_model(tmp_path / "m"))
+    text = "今天天气很好 😀🎉 naïve café ✅ 👩‍💻 done"
+    ids = tok.encode(text)
+    assert any(not tok.token_bytes(i).decode("utf-8", errors="ignore") for i in ids)  # some tokens split chars
+    deltas = stream(IncrementalDetokenizer(tok), [[i] for i in ids + [tok.im_end_id]])
+    assert_whole_characters(deltas, text + "<|im_end|>")
+    skipped = stream(IncrementalDetokenizer(tok, skip_special_tokens=True), [ids[:3], ids[3:] + [tok.im_end_id]])
+    assert_whole_characters(skipped, text)

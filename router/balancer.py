@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 from router.errors import APIError
 
@@ -128,6 +128,7 @@ class BackendSpec:
 
     name: str
     address: str = ""
+    client: Any = None  # the caller's handle for the group (e.g. a WorkerClient), carried along
 
 
 @dataclass
@@ -137,6 +138,7 @@ class Backend:
     name: str
     address: str
     breaker: CircuitBreaker
+    client: Any = None
     in_flight: int = 0
     num_running: int = 0
     num_waiting: int = 0
@@ -289,10 +291,10 @@ class Balancer:
                 self._policy.remove(name)
         for name, spec in wanted.items():
             if name in self._backends:
-                self._backends[name].address = spec.address
+                self._backends[name].address, self._backends[name].client = spec.address, spec.client
             else:
                 breaker = CircuitBreaker(self.config.failure_threshold, self.config.cooldown_s, self._clock)
-                self._backends[name] = Backend(name, spec.address, breaker)
+                self._backends[name] = Backend(name, spec.address, breaker, spec.client)
 
     def pick(self, prompt_ids: Sequence[int], exclude: Iterable[str | Backend] = ()) -> Backend | None:
         """The group for a request with these prompt token ids; None when no group can take it."""

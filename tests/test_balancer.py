@@ -145,9 +145,11 @@ def test_set_backends_keeps_state_of_existing_groups():
     balancer, _ = make_balancer()
     g0 = send(balancer, [1])
     balancer.set_health("g1", False)
-    balancer.set_backends([BackendSpec("g0", "10.0.0.1:50051"), "g1", "g5"])
+    client = object()
+    balancer.set_backends([BackendSpec("g0", "10.0.0.1:50051", client), "g1", "g5"])
     assert [b.name for b in balancer.backends] == ["g0", "g1", "g5"]
     assert balancer.get("g0") is g0 and g0.in_flight == 1 and g0.address == "10.0.0.1:50051"
+    assert g0.client is client
     assert balancer.get("g1").healthy is False and balancer.get("g2") is None
 
 

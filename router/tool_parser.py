@@ -131,9 +131,12 @@ def lex(text: str) -> list[Segment]:
 
 def _marker_prefix_len(text: str) -> int:
     """Length of the longest suffix of `text` that could be the start of a marker."""
-    for k in range(min(len(text), _MAX_MARKER_LEN - 1), 0, -1):
-        if text[-k:] in _PROPER_PREFIXES:
-            return k
+    start = max(0, len(text) - _MAX_MARKER_LEN + 1)
+    pos = text.find("<", start)
+    while pos != -1:  # every marker starts with "<": only those positions can start one
+        if text[pos:] in _PROPER_PREFIXES:
+            return len(text) - pos
+        pos = text.find("<", pos + 1)
     return 0
 
 
@@ -178,7 +181,8 @@ class _MarkerGuard:
         for piece in text.split(">")[:-1]:
             out.append(piece)
             self._remember(piece)
-            if not any((self._tail + ">").endswith(m) for m in MARKER_STRINGS):
+            completes = self._tail.endswith("|") and any((self._tail + ">").endswith(m) for m in MARKER_STRINGS)
+            if not completes:
                 out.append(">")
                 self._remember(">")
         last = text.rpartition(">")[2]

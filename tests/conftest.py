@@ -22,3 +22,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from cluster.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "k2-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (8 logical CPUs so several ranks and groups fit)."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray
+    ray.shutdown()

@@ -21,6 +21,7 @@ class ParallelInfo:
     rank: int = 0
     world_size: int = 1
     group: Any = None  # torch.distributed ProcessGroup for tensor collectives (None: default group)
+    control_group: Any = None  # gloo group for control messages (step plans), also on GPU
 
     @property
     def tp_rank(self) -> int:

@@ -1,0 +1,131 @@
+"""WorkerGroup: start, watch and stop one model replica spread over the ranks of a Ray placement group.
+
+Start: a placement group (cluster/placement.py), one RankActor per rank, rendezvous at rank 0's
+address on a free port, torch.distributed (NCCL on GPU, gloo on CPU) plus a gloo control group,
+every rank loads its shard, ranks > 0 enter their follow loop, rank 0 builds the engine.
+Health: a dead actor, a follower whose loop ended, or a ping that times out marks the group unhealthy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.placement import placement_bundles
+from cluster.rank_actor import RankActor
+from worker.config import EngineConfig
+from worker.rank_worker import RankSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One worker group: a model replica over `tp` ranks (attention tp = expert ep = world size)."""
+
+    name: str
+    model_dir: str
+    tp: int = 2
+    ep: int = 2
+    device: str = "cpu"
+    ranks_per_node: int = 8
+    cpus_per_rank: float = 1.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    dispatcher: str = "all_to_all"
+    collective_timeout_s: float = 30.0
+    start_timeout_s: float = 300.0
+
+    def __post_init__(self):
+        if self.tp != self.ep:
+            raise ValueError(
+                f"group {self.name!r}: tp={self.tp} and ep={self.ep} must be equal (every rank holds heads "
+                f"and experts; data-parallel attention is not supported yet)"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp
+
+
+class WorkerGroup:
+    def __init__(self, spec: GroupSpec):
+        self.spec = spec
+        self.actors: list = []
+        self.follower_refs: list = []
+        self.pg = None
+        self.grpc_port: int | None = None
+        self.grpc_host: str | None = None
+
+    def start(self) -> "WorkerGroup":
+        """Place, start and connect every rank; rank 0 ends up holding the engine."""
+        spec, t0 = self.spec, time.monotonic()
+        placement = placement_bundles(spec.world_size, spec.device, spec.ranks_per_node, spec.cpus_per_rank)
+        self.pg = placement_group(placement.bundles, strategy=placement.strategy, name=f"k2serve-{spec.name}")
+        ray.get(self.pg.ready(), timeout=spec.start_timeout_s)
+        self.actors = [self._make_actor(r, placement) for r in range(spec.world_size)]
+        master = ray.get(self.actors[0].node_ip.remote())
+        port = ray.get(self.actors[0].free_port.remote())
+        ray.get([a.join.remote(master, port) for a in self.actors], timeout=spec.start_timeout_s)
+        ray.get([a.load.remote() for a in self.actors], timeout=spec.start_timeout_s)
+        self.follower_refs = [a.follow.remote() for a in self.actors[1:]]
+        ray.get(self.driver.build_engine.remote())
+        log.info("group %s: %d ranks up in %.1fs", spec.name, spec.world_size, time.monotonic() - t0)
+        return self
+
+    def _make_actor(self, rank: int, placement):
+        spec = self.spec
+        rank_spec = RankSpec(
+            rank, spec.world_size, spec.model_dir, spec.engine,
+            "nccl" if spec.device == "cuda" else "gloo", spec.collective_timeout_s, spec.dispatcher,
+        )
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=placement.bundle_of(rank))
+        actor_cls = ray.remote(RankActor).options(
+            scheduling_strategy=strategy, max_concurrency=4, name=None,
+            **placement.rank_resources(spec.device, spec.cpus_per_rank),
+        )
+        return actor_cls.remote(rank_spec)
+
+    @property
+    def driver(self):
+        return self.actors[0]
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None) -> str:
+        """Start rank 0's gRPC server; returns its address host:port."""
+        self.grpc_host = ray.get(self.driver.node_ip.remote()) if host == "0.0.0.0" else host
+        self.grpc_port = ray.get(self.driver.serve.remote(host, port, model_name))
+        return self.address
+
+    @property
+    def address(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+    def is_healthy(self, timeout_s: float = 2.0) -> bool:
+        """False when a rank died, a follower loop ended, or a rank does not answer within timeout_s."""
+        if not self.actors:
+            return False
+        done, _ = ray.wait(self.follower_refs, timeout=0, num_returns=len(self.follower_refs)) if self.follower_refs else ([], [])
+        if done:
+            return False
+        try:
+            ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)
+        except Exception:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Stop serving, release followers and kill every actor and the placement group (idempotent)."""
+        if self.actors:
+            try:
+                ray.get(self.driver.stop.remote(), timeout=10)
+            except Exception as e:  # a dead rank 0 cannot stop gracefully
+                log.warning("group %s: graceful stop failed: %s", self.spec.name, e)
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.actors, self.follower_refs, self.pg = [], [], None

@@ -1,0 +1,103 @@
+"""RankActor: a Ray actor hosting one RankWorker (threaded, so health pings answer while it works)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import ray
+
+from worker.distributed import free_port
+from worker.rank_worker import RankSpec, RankWorker
+
+log = logging.getLogger(__name__)
+
+
+class RankActor:
+    def __init__(self, spec: RankSpec):
+        self.worker = RankWorker(spec)
+        self.engine = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving = None
+
+    def ping(self) -> int:
+        return self.worker.spec.rank
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def free_port(self) -> int:
+        return free_port(self.node_ip())
+
+    def join(self, master_addr: str, master_port: int) -> None:
+        self.worker.join(master_addr, master_port)
+
+    def load(self) -> int:
+        return self.worker.load()
+
+    def parameter_names(self) -> list[str]:
+        return self.worker.parameter_names()
+
+    def follow(self) -> int:
+        return self.worker.follow()
+
+    def execute_plans(self, plans: list) -> list:
+        """Rank 0, for tests and tools: run plans through the group and return their logits."""
+        from worker.plan_channel import BroadcastingRunner, PlanChannel
+
+        runner = BroadcastingRunner(self.worker.runner, PlanChannel(self.worker.info))
+        return [runner.execute(plan) for plan in plans]
+
+    def build_engine(self) -> None:
+        self.engine = self.worker.build_engine()
+
+    def generate(self, prompts: list[list[int]], params) -> list[list[int]]:
+        """Rank 0: offline generation through the whole group."""
+        return self.engine.generate(prompts, params)
+
+    def serve(self, host: str, port: int, model_name: str | None = None) -> int:
+        """Rank 0: start the AsyncEngine and the gRPC server on a loop thread; returns the bound port."""
+        from worker.async_engine import AsyncEngine
+        from worker.server import ModelInfo, serve_worker
+
+        ready = threading.Event()
+        result: dict = {}
+
+        async def main():
+            engine = AsyncEngine(self.engine)
+            engine.start()
+            info = ModelInfo.from_model_dir(self.worker.spec.model_dir, model_name)
+            server = await serve_worker(engine, host, port, info)
+            result.update(port=server.k2serve_port, server=server, engine=engine)
+            ready.set()
+            await server.wait_for_termination()
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._loop.run_until_complete(main())
+            except Exception as e:  # reported through `ready`
+                result["error"] = e
+                ready.set()
+
+        threading.Thread(target=run, name="grpc-loop", daemon=True).start()
+        ready.wait()
+        if "error" in result:
+            raise result["error"]
+        self._serving = result
+        return result["port"]
+
+    def stop(self) -> None:
+        """Rank 0: stop serving and release the followers (they return from follow())."""
+        if self._serving and self._loop:
+            fut = asyncio.run_coroutine_threadsafe(self._serving["server"].stop(2.0), self._loop)
+            fut.result(timeout=10)
+            self._serving["engine"].shutdown()
+        if self.worker.info.is_driver and not self.worker.info.is_single:
+            from worker.plan_channel import PlanChannel
+
+            PlanChannel(self.worker.info).send(None)

@@ -1,0 +1,54 @@
+"""How rank 0's step plans reach the other ranks of a group: one broadcast per step, no Ray calls.
+
+Rank 0 wraps its ModelRunner in a BroadcastingRunner: `execute(plan)` first broadcasts the plan over
+the gloo control group, then runs its own shard. Every other rank runs `follow(runner, channel)`,
+which executes each plan it receives until rank 0 sends None (shutdown).
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from worker.parallel import ParallelInfo
+
+
+class PlanChannel:
+    def __init__(self, info: ParallelInfo):
+        self.info = info
+
+    def send(self, plan) -> None:
+        """Rank 0: broadcast a StepPlan (or None to stop the followers)."""
+        if not self.info.is_single:
+            dist.broadcast_object_list([plan], src=0, group=self.info.control_group)
+
+    def recv(self):
+        """Other ranks: block until rank 0 broadcasts the next plan."""
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.info.control_group)
+        return box[0]
+
+
+class BroadcastingRunner:
+    """Rank 0's ModelRunner: each plan goes to every rank, then runs here; logits come back here."""
+
+    def __init__(self, runner, channel: PlanChannel):
+        self.runner, self.channel = runner, channel
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def execute(self, plan):
+        self.channel.send(plan)
+        return self.runner.execute(plan)
+
+    def stop_followers(self) -> None:
+        self.channel.send(None)
+
+
+def follow(runner, channel: PlanChannel) -> int:
+    """Execute rank 0's plans until it sends None; returns the number of steps run."""
+    steps = 0
+    while (plan := channel.recv()) is not None:
+        runner.execute(plan)
+        steps += 1
+    return steps

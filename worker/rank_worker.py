@@ -1,0 +1,90 @@
+"""RankWorker: one rank of a worker group, independent of how it was started (Ray or a test).
+
+Every rank joins the group's torch.distributed world, loads only its shard of the model (its heads,
+its vocab slice, its experts) and allocates the same number of latent-cache blocks. Rank 0 builds
+the Engine over a BroadcastingRunner, so each step's plan reaches the others by one broadcast; the
+other ranks run `follow()` until rank 0 shuts them down.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from worker.config import EngineConfig
+from worker.distributed import destroy_distributed, init_distributed
+from worker.loader import load_model
+from worker.model_runner import ModelRunner, kv_cache_block_bytes
+from worker.parallel import ParallelInfo
+from worker.plan_channel import BroadcastingRunner, PlanChannel, follow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a rank needs to know to start."""
+
+    rank: int
+    world_size: int
+    model_dir: str
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    backend: str = "gloo"  # "nccl" on GPU
+    collective_timeout_s: float = 30.0
+    dispatcher: str = "all_to_all"
+
+
+def num_kv_blocks(engine: EngineConfig, model_config, dtype: torch.dtype) -> int:
+    """Blocks of latent cache per rank; identical on every rank of a group."""
+    if engine.num_kv_blocks:
+        return engine.num_kv_blocks
+    return max(1, engine.kv_cache_memory_bytes // kv_cache_block_bytes(model_config, engine.block_size, dtype))
+
+
+class RankWorker:
+    def __init__(self, spec: RankSpec):
+        self.spec = spec
+        self.info = ParallelInfo(spec.rank, spec.world_size)
+        self.runner: ModelRunner | None = None
+
+    def join(self, master_addr: str, master_port: int) -> None:
+        self.info = init_distributed(
+            self.spec.rank, self.spec.world_size, master_addr, master_port,
+            self.spec.backend, self.spec.collective_timeout_s,
+        )
+
+    def load(self) -> int:
+        """Load this rank's shard; returns the number of parameter elements it holds."""
+        dtype = getattr(torch, self.spec.engine.dtype)
+        model = load_model(self.spec.model_dir, dtype, self.info, self.spec.dispatcher, progress=self.info.is_driver)
+        model = model.to(self.spec.engine.device)
+        blocks = num_kv_blocks(self.spec.engine, model.config, dtype)
+        self.runner = ModelRunner(model, blocks, self.spec.engine.block_size, dtype, self.spec.engine.device)
+        return self.num_parameters()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.runner.model.parameters())
+
+    def parameter_names(self) -> list[str]:
+        return [n for n, _ in self.runner.model.named_parameters()]
+
+    def build_engine(self):
+        """Rank 0: the Engine whose runner broadcasts every plan to the group."""
+        from worker.engine import Engine
+        from worker.vocab import Vocab
+
+        if not self.info.is_driver:
+            raise RuntimeError(f"only rank 0 runs the engine, this is rank {self.info.rank}")
+        runner = BroadcastingRunner(self.runner, PlanChannel(self.info))
+        vocab = Vocab.from_model_dir(Path(self.spec.model_dir), self.runner.model.config.vocab_size)
+        return Engine(self.spec.engine, runner, vocab)
+
+    def follow(self) -> int:
+        """Ranks > 0: execute rank 0's plans until it stops the group."""
+        return follow(self.runner, PlanChannel(self.info))
+
+    def close(self) -> None:
+        destroy_distributed()

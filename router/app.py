@@ -1,0 +1,130 @@
+"""create_app: the router's FastAPI application (OpenAI + Anthropic APIs, probes, auth, limits).
+
+State lives on `app.state.ctx` (a RouterContext); there are no module-level globals. The gRPC port
+of the workers is for workers and routers only; clients reach the model through this app.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.config import RouterConfig
+from router.errors import APIError, error_body, validation_message
+from router.generation import Backend, RoundRobin, RouterContext
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
+def _default_detokenizer(tokenizer):
+    from router.detokenizer import IncrementalDetokenizer
+
+    # Skipping special tokens drops [EOS] / <|im_end|> but keeps K2's tool-call markers (special: false).
+    return IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+
+
+def create_app(config: RouterConfig, backends: Sequence[Backend] | Any, tokenizer: Any, template: Any,
+               detokenizer_factory=None, metrics: Any = None) -> FastAPI:
+    """Build the router app.
+
+    `backends`: a list of worker backends (WorkerClient or fakes; round-robin) or any object with
+    `pick(prompt_ids) -> backend` and `backends` (e.g. the balancer). `tokenizer`: K2Tokenizer;
+    `template`: ChatTemplate; `detokenizer_factory(tokenizer)` defaults to IncrementalDetokenizer.
+    """
+    from router.anthropic_api import routes as anthropic_routes
+    from router.openai_api import routes as openai_routes
+
+    picker = backends if hasattr(backends, "pick") else RoundRobin(list(backends))
+    app = FastAPI(title="k2serve router", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = RouterContext(config=config, picker=picker, tokenizer=tokenizer, template=template,
+                                  detokenizer_factory=detokenizer_factory or _default_detokenizer, metrics=metrics)
+    _install_auth(app, config)
+    _install_error_handlers(app)
+    app.include_router(openai_routes)
+    app.include_router(anthropic_routes)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
+    if metrics is not None and hasattr(metrics, "render"):
+        app.add_api_route("/metrics", _metrics_endpoint(metrics), methods=["GET"])
+    return app
+
+
+async def health() -> dict:
+    """Liveness: the router process is up."""
+    return {"status": "ok"}
+
+
+async def ready(request: Request):
+    """Readiness: at least one worker answers its health check and the model info is known."""
+    ctx: RouterContext = request.app.state.ctx
+    healthy = [await b.health() for b in ctx.picker.backends]
+    if any(healthy):
+        try:
+            await ctx.ensure_model_info()
+        except APIError:
+            healthy = []
+    status = 200 if any(healthy) else 503
+    return JSONResponse({"ready": status == 200, "healthy_workers": sum(healthy), "workers": len(healthy)},
+                        status_code=status)
+
+
+def _metrics_endpoint(metrics):
+    from fastapi.responses import Response
+
+    async def endpoint() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+    return endpoint
+
+
+def presented_key(request: Request) -> str | None:
+    """The API key a client sent: `Authorization: Bearer KEY` or Anthropic's `x-api-key`."""
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def _install_auth(app: FastAPI, config: RouterConfig) -> None:
+    if not config.api_key:
+        return
+    expected = config.api_key.encode()
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if request.url.path not in OPEN_PATHS:
+            key = presented_key(request)
+            if key is None or not hmac.compare_digest(key.encode(), expected):
+                err = APIError(401, "Invalid or missing API key", code="invalid_api_key")
+                return JSONResponse(error_body(request.url.path, err), status_code=401)
+        return await call_next(request)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(error_body(request.url.path, exc), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        err = APIError(400, validation_message(exc.errors()))
+        return JSONResponse(error_body(request.url.path, err), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        err = APIError(exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(request.url.path, err), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        err = APIError(500, "internal server error")
+        return JSONResponse(error_body(request.url.path, err), status_code=500)

@@ -1,0 +1,57 @@
+"""RouterConfig: the router's settings (HTTP bind, security, limits, generation defaults).
+
+Environment variables are read only here (`RouterConfig.from_env`): K2SERVE_API_KEY.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_KEY_ENV = "K2SERVE_API_KEY"
+
+
+class RouterConfig(BaseModel):
+    """Frozen router configuration; cluster/config.py composes it from the cluster YAML."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one)")
+    api_key: str | None = Field(None, description="Required bearer / x-api-key on every endpoint "
+                                "but /health and /ready; None disables auth")
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="Largest accepted request body (413 above)")
+    model_name: str | None = Field(None, description="Served model id; None uses the worker's model name")
+    guided_tool_calls: bool = Field(True, description="With tools and tool_choice auto, constrain the "
+                                    "tool-call section (triggered structure) on the worker")
+    default_temperature: float = Field(0.6, ge=0, description="Used when a request sets none "
+                                       "(K2 recommends 0.6; generation_config.json overrides)")
+    default_top_p: float | None = Field(None, gt=0, le=1, description="Used when a request sets none")
+    anthropic_temperature_scale: float = Field(0.6, gt=0, description="Anthropic API: real temperature "
+                                               "= request temperature x this (as Moonshot's API does)")
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request)")
+    max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request")
+    max_top_logprobs: int = Field(20, ge=0, description="Largest top_logprobs")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "RouterConfig":
+        """Build from keyword settings, taking api_key from K2SERVE_API_KEY when not given."""
+        if overrides.get("api_key") is None and os.environ.get(API_KEY_ENV):
+            overrides["api_key"] = os.environ[API_KEY_ENV]
+        return cls(**overrides)
+
+    def with_generation_config(self, model_dir: str | Path) -> "RouterConfig":
+        """Take default temperature / top_p from the checkpoint's generation_config.json, if present."""
+        path = Path(model_dir) / "generation_config.json"
+        if not path.exists():
+            return self
+        gen = json.loads(path.read_text())
+        updates = {}
+        if isinstance(gen.get("temperature"), (int, float)):
+            updates["default_temperature"] = float(gen["temperature"])
+        if isinstance(gen.get("top_p"), (int, float)) and 0 < gen["top_p"] <= 1:
+            updates["default_top_p"] = float(gen["top_p"])
+        return self.model_copy(update=updates)

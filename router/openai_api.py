@@ -1,0 +1,431 @@
+"""OpenAI-compatible endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Sequence
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from router.errors import APIError, openai_error_body
+from router.generation import (ChoiceResult, ChoiceSpec, DoneEvent, Event, RouterContext, TextEvent, ToolEvent,
+                               Usage, collect_choice, run_choice, sum_usage)
+from router.protocol import ChatCompletionRequest, CompletionRequest, read_request
+from router.tool_ids import next_tool_call_index, normalize_tool_call_ids
+from router.worker_client import GenerateParams, GuidedRequest, TokenLogprob
+
+routes = APIRouter()
+
+
+def request_id(request: Request) -> str:
+    """The client's x-request-id (sanitized) or a fresh one."""
+    rid = request.headers.get("x-request-id", "")
+    return rid[:128] if rid and rid.isprintable() else uuid.uuid4().hex
+
+
+def sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage_json(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+# ---------------------------------------------------------------- shared request building
+
+
+def check_schema(schema: Any, param: str) -> None:
+    """400 unless `schema` is a valid JSON schema object."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise APIError(400, f"{param} must be a JSON schema object", param=param)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise APIError(400, f"{param} is not a valid JSON schema: {exc.message}", param=param) from None
+
+
+def sampling_params(ctx: RouterContext, req, rid: str, prompt_ids: Sequence[int], max_tokens: int,
+                    index: int, guided: GuidedRequest | None = None, logprobs: int | None = None,
+                    temperature: float | None = None) -> GenerateParams:
+    """GenerateParams for choice `index` of a request (seed + index keeps n choices distinct)."""
+    cfg = ctx.config
+    temperature = temperature if temperature is not None else cfg.default_temperature
+    return GenerateParams(
+        request_id=rid if index == 0 else f"{rid}-{index}", prompt_token_ids=tuple(prompt_ids),
+        temperature=temperature,
+        top_p=req.top_p if req.top_p is not None else cfg.default_top_p,
+        top_k=getattr(req, "top_k", None), min_p=getattr(req, "min_p", None), max_tokens=max_tokens,
+        min_tokens=getattr(req, "min_tokens", None), presence_penalty=getattr(req, "presence_penalty", None),
+        frequency_penalty=getattr(req, "frequency_penalty", None),
+        repetition_penalty=getattr(req, "repetition_penalty", None),
+        seed=req.seed + index if getattr(req, "seed", None) is not None else None,
+        logprobs=logprobs, guided=guided)
+
+
+def check_common(ctx: RouterContext, n: int, stops: Sequence[str], top_logprobs: int | None) -> None:
+    cfg = ctx.config
+    if n > cfg.max_n:
+        raise APIError(400, f"n must be at most {cfg.max_n}, got {n}", param="n")
+    if len(stops) > cfg.max_stop_strings:
+        raise APIError(400, f"at most {cfg.max_stop_strings} stop strings are supported", param="stop")
+    if top_logprobs is not None and top_logprobs > cfg.max_top_logprobs:
+        raise APIError(400, f"top_logprobs must be at most {cfg.max_top_logprobs}", param="top_logprobs")
+
+
+async def primed(stream: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """Start a choice now so that a worker refusal becomes the HTTP status, not an in-stream error."""
+    first = await stream.__anext__()
+
+    async def rest() -> AsyncIterator[Event]:
+        yield first
+        async for event in stream:
+            yield event
+    return rest()
+
+
+async def prime_all(streams: list[AsyncIterator[Event]]) -> list[AsyncIterator[Event]]:
+    """Prime every choice; when one fails, close the others (cancelling their worker requests)."""
+    done: list[AsyncIterator[Event]] = []
+    try:
+        for stream in streams:
+            done.append(await primed(stream))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        raise
+    return done
+
+
+async def merge_choices(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
+    """Interleave n choice streams as (index, event); cancelling the consumer cancels them all."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Event]) -> None:
+        try:
+            async for event in stream:
+                await queue.put((i, event, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, None, exc))
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, event, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if event is None:
+                remaining -= 1
+            else:
+                yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect_all(streams: list[AsyncIterator[Event]]) -> list[ChoiceResult]:
+    tasks = [asyncio.create_task(collect_choice(s)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def logprob_entry(tokenizer, lp: TokenLogprob) -> dict:
+    """One chat-completions logprobs.content entry."""
+    def one(token_id: int, logprob: float) -> dict:
+        raw = tokenizer.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+    entry = one(lp.token_id, lp.logprob)
+    entry["top_logprobs"] = [one(t, v) for t, v in lp.top]
+    return entry
+
+
+def streaming_response(body: AsyncIterator[str], rid: str) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"x-request-id": rid, "cache-control": "no-cache"})
+
+
+async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An error after the stream began becomes an OpenAI error event (the status line was sent)."""
+    try:
+        async for chunk in events:
+            yield chunk
+    except APIError as exc:
+        yield sse(openai_error_body(exc))
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict]:
+    """Request messages -> template messages (developer -> system; tool names filled from their call)."""
+    names: dict[str, str] = {}
+    out = []
+    for m in req.messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [_history_call(c) for c in m.tool_calls]
+            names.update({c.id: c.function.name for c in m.tool_calls})
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise APIError(400, "a tool message needs tool_call_id", param="messages")
+            msg["tool_call_id"] = m.tool_call_id
+            msg.setdefault("name", names.get(m.tool_call_id, "tool"))
+        out.append(msg)
+    return out
+
+
+def _history_call(call) -> dict:
+    args = call.function.arguments
+    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": args}}
+
+
+def chat_tools(req: ChatCompletionRequest) -> list[dict] | None:
+    if not req.tools:
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    for i, tool in enumerate(tools):
+        check_schema(tool["function"].get("parameters", {"type": "object"}), f"tools[{i}].function.parameters")
+    return tools
+
+
+def chat_guided(ctx: RouterContext, req: ChatCompletionRequest, tools, first_index: int) -> GuidedRequest | None:
+    """The worker-side constraint: forced/triggered tool calls or a response_format."""
+    choice = req.tool_choice or ("auto" if tools else "none")
+    if choice != "none" and not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    fmt = req.response_format
+    wants_format = fmt is not None and fmt.type != "text"
+    if tools and choice != "none":
+        if isinstance(choice, str) and choice == "auto":
+            return GuidedRequest("tool_call", tools=tuple(tools), mode="auto", first_index=first_index) \
+                if ctx.config.guided_tool_calls and not wants_format else None
+        if wants_format:
+            raise APIError(400, "response_format cannot be combined with a forced tool_choice", param="response_format")
+        return _forced_tool_guide(choice, tools, first_index)
+    return _format_guide(fmt) if wants_format else None
+
+
+def _forced_tool_guide(choice, tools, first_index: int) -> GuidedRequest:
+    if choice == "required":
+        return GuidedRequest("tool_call", tools=tuple(tools), mode="required", first_index=first_index)
+    names = [t["function"]["name"] for t in tools]
+    if choice.function.name not in names:
+        raise APIError(400, f"tool_choice names `{choice.function.name}`, which is not among the tools {names}",
+                       param="tool_choice")
+    return GuidedRequest("tool_call", tools=tuple(tools), mode="named", name=choice.function.name,
+                         first_index=first_index)
+
+
+def _format_guide(fmt) -> GuidedRequest:
+    if fmt.type == "json_object":
+        return GuidedRequest("json_object")
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+    check_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
+    return GuidedRequest("json_schema", json_schema=json.dumps(fmt.json_schema.schema_))
+
+
+async def prepare_chat(ctx: RouterContext, req: ChatCompletionRequest, rid: str):
+    """Validate, render and tokenize; returns (GenerateParams per choice, ChoiceSpec)."""
+    await ctx.check_model(req.model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+    check_common(ctx, req.n, req.stop_list(), req.top_logprobs)
+    tools = chat_tools(req)
+    messages = normalize_tool_call_ids(chat_messages(req))
+    guided = chat_guided(ctx, req, tools, next_tool_call_index(messages))
+    prompt = ctx.render_prompt(messages, tools)
+    max_tokens = ctx.max_tokens_for(len(prompt), req.max_completion_tokens or req.max_tokens)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = [sampling_params(ctx, req, rid, prompt, max_tokens, i, guided, logprobs, req.temperature)
+              for i in range(req.n)]
+    choice = req.tool_choice or "auto"
+    spec = ChoiceSpec(stop_strings=req.stop_list(), parse_tools=bool(tools), emit_tool_calls=choice != "none",
+                      max_tool_calls=1 if req.parallel_tool_calls is False else None,
+                      tool_names=[t["function"]["name"] for t in tools or ()])
+    return params, spec
+
+
+def choice_streams(ctx: RouterContext, params: list[GenerateParams], spec: ChoiceSpec) -> list[AsyncIterator[Event]]:
+    return [run_choice(ctx.picker.pick(p.prompt_token_ids), p, ctx.tokenizer, spec, ctx.detokenizer_factory)
+            for p in params]
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    """OpenAI chat completions (streaming and not)."""
+    ctx: RouterContext = request.app.state.ctx
+    req = await read_request(request, ChatCompletionRequest, ctx.config.max_body_bytes)
+    rid = request_id(request)
+    params, spec = await prepare_chat(ctx, req, rid)
+    meta = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": ctx.model_name}
+    streams = choice_streams(ctx, params, spec)
+    if req.stream:
+        streams = await prime_all(streams)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = chat_stream(ctx, streams, meta, req.logprobs, include_usage)
+        return streaming_response(sse_with_errors(body), rid)
+    results = await collect_all(streams)
+    return JSONResponse(chat_response(ctx, results, meta, req.logprobs), headers={"x-request-id": rid})
+
+
+def chat_response(ctx: RouterContext, results: list[ChoiceResult], meta: dict, logprobs: bool) -> dict:
+    choices = []
+    for i, r in enumerate(results):
+        message: dict[str, Any] = {"role": "assistant", "content": r.text if (r.text or not r.tool_calls) else None}
+        if r.tool_calls:
+            message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                      "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                     for c in r.tool_calls]
+        lps = {"content": [logprob_entry(ctx.tokenizer, lp) for lp in r.logprobs]} if logprobs else None
+        choices.append({"index": i, "message": message, "logprobs": lps, "finish_reason": r.finish_reason})
+    return {**meta, "object": "chat.completion", "choices": choices,
+            "usage": usage_json(sum_usage([r.usage for r in results]))}
+
+
+async def chat_stream(ctx: RouterContext, streams, meta: dict, logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list, usage: Usage | None = None) -> str:
+        payload = {**meta, "object": "chat.completion.chunk", "choices": choices}
+        if include_usage:
+            payload["usage"] = usage_json(usage) if usage is not None else None
+        return sse(payload)
+
+    for i in range(len(streams)):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    usages: list[Usage] = []
+    async for i, event in merge_choices(streams):
+        if isinstance(event, DoneEvent):
+            usages.append(event.usage)
+            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}])
+        else:
+            yield chunk([_chat_delta(ctx, i, event, logprobs)])
+    if include_usage:
+        yield chunk([], sum_usage(usages))
+    yield "data: [DONE]\n\n"
+
+
+def _chat_delta(ctx: RouterContext, i: int, event: TextEvent | ToolEvent, logprobs: bool) -> dict:
+    if isinstance(event, ToolEvent):
+        d = event.delta
+        call: dict[str, Any] = {"index": d.index, "function": {"arguments": d.arguments}}
+        if d.id is not None:
+            call.update(id=d.id, type="function")
+            call["function"]["name"] = d.name
+        return {"index": i, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+    lps = {"content": [logprob_entry(ctx.tokenizer, lp) for lp in event.logprobs]} if logprobs else None
+    return {"index": i, "delta": {"content": event.text}, "logprobs": lps, "finish_reason": None}
+
+
+# ---------------------------------------------------------------- completions
+
+
+def completion_prompts(ctx: RouterContext, prompt) -> list[list[int]]:
+    """prompt (text, texts, ids or list of ids) -> token id lists; text never becomes control tokens."""
+    if isinstance(prompt, str):
+        prompts = [ctx.tokenizer.encode(prompt)]
+    elif all(isinstance(p, str) for p in prompt):
+        prompts = [ctx.tokenizer.encode(p) for p in prompt]
+    elif all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(p) for p in prompt]
+    vocab = ctx.model_info.vocab_size
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    return prompts
+
+
+@routes.post("/v1/completions")
+async def completions(request: Request):
+    """OpenAI (legacy) text completions."""
+    ctx: RouterContext = request.app.state.ctx
+    req = await read_request(request, CompletionRequest, ctx.config.max_body_bytes)
+    rid = request_id(request)
+    await ctx.check_model(req.model)
+    if req.echo:
+        raise APIError(400, "echo is not supported", param="echo")
+    check_common(ctx, req.n, req.stop_list(), req.logprobs)
+    prompts = completion_prompts(ctx, req.prompt)
+    params = []
+    for k, prompt in enumerate(prompts):
+        max_tokens = ctx.max_tokens_for(len(prompt), req.max_tokens)
+        params += [sampling_params(ctx, req, rid, prompt, max_tokens, k * req.n + i, None, req.logprobs,
+                                   req.temperature) for i in range(req.n)]
+    spec = ChoiceSpec(stop_strings=req.stop_list())
+    meta = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": ctx.model_name}
+    streams = choice_streams(ctx, params, spec)
+    want_lps = req.logprobs is not None
+    if req.stream:
+        streams = await prime_all(streams)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return streaming_response(sse_with_errors(completion_stream(ctx, streams, meta, want_lps, include_usage)), rid)
+    results = await collect_all(streams)
+    choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
+                "logprobs": completion_logprobs(ctx, r.logprobs) if want_lps else None} for i, r in enumerate(results)]
+    return JSONResponse({**meta, "choices": choices, "usage": usage_json(sum_usage([r.usage for r in results]))},
+                        headers={"x-request-id": rid})
+
+
+def completion_logprobs(ctx: RouterContext, lps: Sequence[TokenLogprob], offset: int = 0) -> dict:
+    """The legacy completions logprobs object."""
+    def text(t: int) -> str:
+        return ctx.tokenizer.token_bytes(t).decode("utf-8", errors="replace")
+    tokens = [text(lp.token_id) for lp in lps]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{text(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+async def completion_stream(ctx: RouterContext, streams, meta: dict, want_lps: bool,
+                            include_usage: bool) -> AsyncIterator[str]:
+    usages: list[Usage] = []
+    async for i, event in merge_choices(streams):
+        if isinstance(event, DoneEvent):
+            usages.append(event.usage)
+            choice = {"index": i, "text": "", "logprobs": None, "finish_reason": event.finish_reason}
+        else:
+            lps = completion_logprobs(ctx, event.logprobs) if want_lps else None
+            choice = {"index": i, "text": event.text, "logprobs": lps, "finish_reason": None}
+        yield sse({**meta, "choices": [choice]})
+    if include_usage:
+        yield sse({**meta, "choices": [], "usage": usage_json(sum_usage(usages))})
+    yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------- models
+
+
+@routes.get("/v1/models")
+async def list_models(request: Request):
+    """The one served model."""
+    ctx: RouterContext = request.app.state.ctx
+    info = await ctx.ensure_model_info()
+    return {"object": "list", "data": [{"id": ctx.model_name, "object": "model", "created": 0,
+                                        "owned_by": "k2serve", "max_model_len": info.context_length}]}

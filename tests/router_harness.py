@@ -1,0 +1,124 @@
+"""Test helpers for the router tests: a scripted fake worker backend and a uvicorn server thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import httpx
+import uvicorn
+
+from router.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError, WorkerModelInfo
+
+TOOL_CALL_TEXT = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:{idx}"
+                  "<|tool_call_argument_begin|>{{\"city\": \"Beijing\"}}<|tool_call_end|><|tool_calls_section_end|>")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ScriptedBackend:
+    """A fake worker: `script(params, prompt_text)` returns the text to 'generate' (or a WorkerError).
+
+    The text is encoded with control tokens allowed (so tool-call markers become marker tokens), streamed
+    one token per chunk, then <|im_end|> ends it with finish "stop" (or max_tokens ends it: "length").
+    """
+
+    tokenizer: object
+    script: Callable[[GenerateParams, str], str | WorkerError]
+    context_length: int = 4096
+    delay: float = 0.0
+    calls: list[GenerateParams] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    active: set[str] = field(default_factory=set)
+    cancelled: list[str] = field(default_factory=list)
+    healthy: bool = True
+
+    async def generate(self, params: GenerateParams):
+        prompt = self.tokenizer.decode(params.prompt_token_ids)
+        self.calls.append(params)
+        self.prompts.append(prompt)
+        result = self.script(params, prompt)
+        if isinstance(result, WorkerError):
+            raise result
+        ids = self.tokenizer.encode_with_special(result) + [self.tokenizer.im_end_id]
+        limit = params.max_tokens or len(ids)
+        self.active.add(params.request_id)
+        finished = False
+        try:
+            for n, token in enumerate(ids[:limit], start=1):
+                await asyncio.sleep(self.delay)
+                lps = (TokenLogprob(token, -0.25, tuple((token, -0.25) for _ in range(params.logprobs))),) \
+                    if params.logprobs is not None else ()
+                yield TokenChunk((token,), lps, len(params.prompt_token_ids), n, 0)
+            stopped = limit >= len(ids)
+            finished = True
+            yield Finished("stop" if stopped else "length", self.tokenizer.im_end_id if stopped else None,
+                           len(params.prompt_token_ids), min(limit, len(ids)), 0)
+        finally:
+            if not finished:
+                self.cancelled.append(params.request_id)
+            self.active.discard(params.request_id)
+
+    async def get_load(self):
+        return None
+
+    async def get_model_info(self) -> WorkerModelInfo:
+        return WorkerModelInfo("kimi-k2-tiny", self.context_length, 1280,
+                               (self.tokenizer.eos_id, self.tokenizer.im_end_id), "")
+
+    async def health(self) -> bool:
+        return self.healthy
+
+
+class ServerThread:
+    """Runs an ASGI app on uvicorn in a background thread at http://127.0.0.1:PORT."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/health", timeout=1)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise RuntimeError(f"router did not start on {self.url}")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def tiny_model_dir(tmp_path_factory):
+    """One tiny K2-format checkpoint per test session, shared by the router/server test modules."""
+    from cluster.tiny import make_tiny_model
+
+    path = tmp_path_factory.getbasetemp() / "router-tiny-k2"
+    if not (path / "chat_template.jinja").exists():
+        make_tiny_model(path, seed=0)
+    return path

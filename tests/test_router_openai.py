@@ -1,0 +1,209 @@
+"""OpenAI API of the router, on uvicorn, driven by the official openai SDK, against a scripted fake worker."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from router.app import create_app
+from router.chat_template import ChatTemplate
+from router.config import RouterConfig
+from router.tokenizer import K2Tokenizer
+from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread, tiny_model_dir, wait_until
+
+MODEL = "kimi-k2-tiny"
+SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get weather information",
+    "parameters": {"type": "object", "required": ["city"],
+                   "properties": {"city": {"type": "string", "description": "City name"}}}}}
+
+
+def script(params, prompt: str) -> str:
+    """Deterministic 'model': tool calls when guided to, echoes of the tool result after one."""
+    if "LONG" in prompt:
+        return "word " * 500
+    if "STOPME" in prompt:
+        return "alpha beta STOP gamma"
+    if params.guided is not None and params.guided.kind == "tool_call" and params.guided.mode != "auto":
+        return "Let me check." + TOOL_CALL_TEXT.format(idx=params.guided.first_index)
+    if "## Return of functions.get_weather:0" in prompt and prompt.endswith("<|im_middle|>"):
+        return "It is sunny in Beijing."
+    if params.guided is not None and params.guided.kind in ("json_object", "json_schema"):
+        return '{"answer": 42}'
+    return "Hello! I am Kimi."
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    path = tiny_model_dir(tmp_path_factory)
+    tokenizer = K2Tokenizer.from_dir(path)
+    backend = ScriptedBackend(tokenizer, script)
+    config = RouterConfig(model_name=MODEL).with_generation_config(path)
+    app = create_app(config, [backend], tokenizer, ChatTemplate.from_dir(path))
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        yield backend, client, server
+
+
+def test_model_card_chat_example(stack):
+    backend, client, _ = stack
+    resp = client.chat.completions.create(
+        model=MODEL, temperature=0.6, max_tokens=256,
+        messages=[{"role": "system", "content": SYSTEM},
+                  {"role": "user", "content": [{"type": "text", "text": "Please give a brief self-introduction."}]}])
+    assert resp.choices[0].message.content == "Hello! I am Kimi."
+    assert resp.choices[0].finish_reason == "stop"
+    params = backend.calls[-1]
+    assert (params.temperature, params.max_tokens) == (pytest.approx(0.6), 256)
+    assert backend.prompts[-1] == (f"<|im_system|>system<|im_middle|>{SYSTEM}<|im_end|><|im_user|>user<|im_middle|>"
+                                   "Please give a brief self-introduction.<|im_end|><|im_assistant|>assistant<|im_middle|>")
+    assert resp.usage.prompt_tokens == len(params.prompt_token_ids) and resp.usage.completion_tokens > 0
+
+
+def test_default_temperature_comes_from_generation_config(stack):
+    backend, client, _ = stack
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    assert backend.calls[-1].temperature == pytest.approx(0.6)
+    assert backend.calls[-1].guided is None
+
+
+def test_model_card_tool_call_loop(stack):
+    backend, client, _ = stack
+    messages = [{"role": "user", "content": "What's the weather like in Beijing today? Use the tool to check."}]
+    finish_reason, turn = None, 0
+    while finish_reason is None or finish_reason == "tool_calls":
+        choice = client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0.6, tools=[WEATHER_TOOL],
+            tool_choice="required" if turn == 0 else "auto").choices[0]
+        finish_reason = choice.finish_reason
+        if turn == 0:
+            assert finish_reason == "tool_calls"
+            guided = backend.calls[-1].guided
+            assert (guided.kind, guided.mode, guided.first_index) == ("tool_call", "required", 0)
+            call = choice.message.tool_calls[0]
+            assert (call.id, call.function.name, json.loads(call.function.arguments)) == \
+                ("functions.get_weather:0", "get_weather", {"city": "Beijing"})
+            assert choice.message.content == "Let me check."
+        messages.append(choice.message)
+        for call in choice.message.tool_calls or []:
+            messages.append({"role": "tool", "tool_call_id": call.id, "name": call.function.name,
+                             "content": json.dumps({"weather": "Sunny"})})
+        turn += 1
+        assert turn < 4
+    assert choice.message.content == "It is sunny in Beijing." and finish_reason == "stop"
+    assert backend.calls[-1].guided.mode == "auto"  # triggered structure on by default
+    assert ('<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:0\n{"weather": "Sunny"}'
+            '<|im_end|><|im_assistant|>assistant<|im_middle|>') in backend.prompts[-1]
+    assert backend.prompts[-1].startswith("<|im_system|>tool_declare<|im_middle|>[")
+
+
+def test_history_ids_are_normalized_and_named_choice(stack):
+    backend, client, _ = stack
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_abc", "content": "rainy"},
+                {"role": "user", "content": "again"}]
+    resp = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                          tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert "functions.get_weather:0" in backend.prompts[-1] and "call_abc" not in backend.prompts[-1]
+    guided = backend.calls[-1].guided
+    assert (guided.mode, guided.name, guided.first_index) == ("named", "get_weather", 1)
+    assert resp.choices[0].message.tool_calls[0].id == "functions.get_weather:1"
+
+
+def test_streaming_tool_calls_and_usage(stack):
+    backend, client, _ = stack
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "weather in Beijing?"}], tools=[WEATHER_TOOL],
+        tool_choice="required", stream=True, stream_options={"include_usage": True})
+    content, args, ids, finish, usage = "", "", [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                ids += [call.id] if call.id else []
+                args += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert (content, ids, json.loads(args), finish) == ("Let me check.", ["functions.get_weather:0"],
+                                                         {"city": "Beijing"}, "tool_calls")
+    assert usage.completion_tokens > 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_tool_choice_none_drops_markers(stack):
+    backend, client, _ = stack
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          tools=[WEATHER_TOOL], tool_choice="none")
+    assert backend.calls[-1].guided is None
+    assert resp.choices[0].message.tool_calls is None and "<|" not in (resp.choices[0].message.content or "")
+
+
+def test_stop_strings_truncate_and_cancel(stack):
+    backend, client, _ = stack
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "STOPME"}], stop=["STOP"])
+    assert resp.choices[0].message.content == "alpha beta " and resp.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "STOPME"}],
+                                            stop="STOP", stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "alpha beta "
+
+
+def test_n_seed_logprobs_and_response_format(stack):
+    backend, client, _ = stack
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2, seed=7,
+                                          logprobs=True, top_logprobs=2, max_completion_tokens=3,
+                                          response_format={"type": "json_object"}, presence_penalty=0.5)
+    assert len(resp.choices) == 2 and {c.finish_reason for c in resp.choices} == {"length"}
+    assert sorted(p.seed for p in backend.calls[-2:]) == [7, 8]
+    assert backend.calls[-1].max_tokens == 3 and backend.calls[-1].presence_penalty == 0.5
+    assert backend.calls[-1].guided.kind == "json_object" and backend.calls[-1].logprobs == 2
+    lp = resp.choices[0].logprobs.content
+    assert len(lp) == 3 and lp[0].logprob == -0.25 and len(lp[0].top_logprobs) == 2
+    assert resp.usage.completion_tokens == 6
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}],
+                                          response_format={"type": "json_schema",
+                                                           "json_schema": {"name": "a", "schema": schema}})
+    assert json.loads(backend.calls[-1].guided.json_schema) == schema
+    assert json.loads(resp.choices[0].message.content) == {"answer": 42}
+
+
+def test_completions_and_models(stack):
+    backend, client, _ = stack
+    resp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, logprobs=1)
+    assert resp.choices[0].finish_reason == "length" and len(resp.choices[0].logprobs.tokens) == 4
+    assert "<|im_" not in backend.prompts[-1]
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=[1, 2, 3], max_tokens=50, stream=True) if c.choices)
+    assert text == "Hello! I am Kimi."
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_client_disconnect_cancels_worker_request(stack):
+    backend, _, server = stack
+    backend.delay = 0.01
+    try:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=10, json={
+                "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "LONG"}]}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            next(lines)
+            rid = backend.calls[-1].request_id
+            assert rid in backend.active
+    finally:
+        backend.delay = 0.0
+    assert wait_until(lambda: rid not in backend.active)
+    assert rid in backend.cancelled
+
+
+def test_request_id_header_travels(stack):
+    backend, _, server = stack
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"x-request-id": "abc-123"},
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
+    assert backend.calls[-1].request_id == "abc-123" and r.json()["id"] == "chatcmpl-abc-123"

@@ -178,8 +178,6 @@ class RouterMetrics:
                     pass
 
     # ---- exposition ------------------------------------------------------------------------
-    def render(self) -> bytes:
-        """Prometheus text exposition of this registry, for GET /metrics."""
-        return generate_latest(self.registry)
-
-    content_type = CONTENT_TYPE_LATEST
+    def render(self) -> tuple[bytes, str]:
+        """Prometheus text exposition of this registry and its content type, for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -19,14 +19,14 @@ ALL_SPECS = router_metrics.METRICS + worker_metrics.METRICS
 def scrape(metrics) -> dict[tuple[str, tuple], float]:
     """Parse the exposition text into {(sample name, sorted labels): value}."""
     samples = {}
-    for family in text_string_to_metric_families(metrics.render().decode()):
+    for family in text_string_to_metric_families(metrics.render()[0].decode()):
         for s in family.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return samples
 
 
 def families(metrics) -> dict[str, str]:
-    return {f.name: f.type for f in text_string_to_metric_families(metrics.render().decode())}
+    return {f.name: f.type for f in text_string_to_metric_families(metrics.render()[0].decode())}
 
 
 def family_name(spec) -> str:
@@ -227,6 +227,7 @@ def test_all_to_all(worker):
         worker.all_to_all("scatter", 0.1, 1)
 
 
-def test_render_content_type(router, worker):
-    assert router.content_type.startswith("text/plain")
-    assert worker.render().startswith(b"# HELP")
+def test_render_returns_body_and_content_type(router, worker):
+    for metrics in (router, worker):
+        body, content_type = metrics.render()
+        assert body.startswith(b"# HELP") and content_type.startswith("text/plain")

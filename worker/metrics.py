@@ -175,8 +175,6 @@ class WorkerMetrics:
             group=self.group, phase=phase).inc(num_bytes)
 
     # ---- exposition ------------------------------------------------------------------------
-    def render(self) -> bytes:
-        """Prometheus text exposition of this registry, for a /metrics endpoint."""
-        return generate_latest(self.registry)
-
-    content_type = CONTENT_TYPE_LATEST
+    def render(self) -> tuple[bytes, str]:
+        """Prometheus text exposition of this registry and its content type, for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -247,3 +247,37 @@ def test_fuzz_markers_and_text_never_crash_or_leak(pieces, seed):
         deltas, result = stream(chunks)
         assert result == whole
         assert reconstruct(deltas) == (whole.content, whole.tool_calls)
+
+
+_TEXT = st.text(alphabet=st.sampled_from(list("ab {}[]\":,<>|\n\t_-.é中")), max_size=30)
+_NAME = st.text(alphabet=st.sampled_from(list("abxyz09_-")), min_size=1, max_size=8)
+_SPACE = st.sampled_from(["", " ", "\n", " \n\t"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(content=_TEXT, calls=st.lists(st.tuples(_NAME, _TEXT, _SPACE), max_size=4), space=_SPACE,
+       end=st.booleans(), seed=st.integers(0, 2**16))
+def test_round_trip_of_well_formed_output(content, calls, space, end, seed):
+    """Any content plus calls rendered in K2's format parse back to exactly that, in any chunking."""
+    body = "".join(f"{ws}{CB}{ws}functions.{name}:{k}{ws}{AB}{ws}{args}{ws}{CE}"
+                   for k, (name, args, ws) in enumerate(calls))
+    text = content + (SB + body + space + (SE if end else "") if calls else "")
+    whole = parse_tool_calls(text)
+    assert whole.content == content
+    assert whole.tool_calls == [ToolCall(f"functions.{n}:{k}", n, a.strip(), k) for k, (n, a, _) in enumerate(calls)]
+    assert finish_reason(whole) == ("tool_calls" if calls else "stop")
+    for chunks in (tokens(text), random_chunks(text, seed)):
+        deltas, result = stream(chunks)
+        assert result == whole and reconstruct(deltas) == (whole.content, whole.tool_calls)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pieces=st.lists(st.sampled_from(list(MARKER_STRINGS) + [
+    "<|tool_call", "<|tool_calls_section", "_end|>", "_begin|>", "s_section_end|>", "|>", "<|", "f:0", " "]),
+    max_size=25))
+def test_fuzz_joins_around_dropped_markers_never_spell_a_marker(pieces):
+    text = "".join(pieces)
+    whole = parse_tool_calls(text)
+    assert_no_markers(whole)
+    deltas, result = stream(chars(text))
+    assert result == whole

@@ -1,0 +1,50 @@
+"""`k2serve`: the command line. Each subcommand lives in its own module exposing register(subparsers)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+
+def register_make_tiny_model(subparsers: Any) -> None:
+    p = subparsers.add_parser("make-tiny-model", help="write a tiny checkpoint in Kimi K2's exact format")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_make_tiny_model)
+
+
+def run_make_tiny_model(args: argparse.Namespace) -> int:
+    from cluster.tiny import make_tiny_model
+
+    print(make_tiny_model(args.dir, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cluster import bench_cli, generate_cli, plan_cli
+
+    parser = argparse.ArgumentParser(prog="k2serve", description="Serve Kimi K2 on a cluster.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING: quiet)")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register_make_tiny_model(subparsers)
+    for module in (generate_cli, plan_cli, bench_cli):
+        module.register(subparsers)
+    for name in ("serve_cli", "config_cli", "status_cli"):
+        try:
+            __import__(f"cluster.{name}", fromlist=["register"]).register(subparsers)
+        except ModuleNotFoundError as e:
+            if e.name != f"cluster.{name}":
+                raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format='{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}')
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,8 +25,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Placeholders live in Supplementary Private Use Area-B; caller text in that range is itself protected.
 _PLACEHOLDER_BASE = 0x100000
-_PLACEHOLDER_LIMIT = 0x10FFFD
-_PLACEHOLDER_CLASS = "[\U00100000-\U0010FFFD]"
+_PLACEHOLDER_LIMIT = 0x10FFFF
+_PLACEHOLDER_RE = re.compile("[\U00100000-\U0010FFFF]")
+_PLACEHOLDER_SPLIT = re.compile("([\U00100000-\U0010FFFF])")
 
 
 class ChatTemplateError(ValueError):
@@ -101,19 +102,25 @@ class _Protector:
     """Swaps control-token text in caller strings for placeholders, then encodes the rendered prompt."""
 
     def __init__(self, special_pattern: re.Pattern[str]) -> None:
-        self._find = re.compile(f"{special_pattern.pattern}|{_PLACEHOLDER_CLASS}")
+        self._special = special_pattern
         self._placeholder_of: dict[str, str] = {}
         self._original_of: dict[str, str] = {}
 
     def protect(self, value: Any) -> Any:
-        """A deep copy of `value` with every protected substring of every string replaced by its placeholder."""
+        """A deep copy of `value` with control-token texts and private-use characters of every string replaced."""
         if isinstance(value, str):
-            return self._find.sub(lambda m: self._placeholder(m.group(0)), value)
+            return self._protect_str(value)
         if isinstance(value, dict):
             return {self.protect(k): self.protect(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.protect(v) for v in value]
         return value
+
+    def _protect_str(self, text: str) -> str:
+        # Private-use characters first: the placeholders introduced next must not be re-read as caller text.
+        if _PLACEHOLDER_RE.search(text):
+            text = _PLACEHOLDER_RE.sub(lambda m: self._placeholder(m.group(0)), text)
+        return self._special.sub(lambda m: self._placeholder(m.group(0)), text)
 
     def _placeholder(self, original: str) -> str:
         if original not in self._placeholder_of:
@@ -129,20 +136,19 @@ class _Protector:
         special_ids = tokenizer.special_tokens
         ids: list[int] = []
         text: list[str] = []
-        last = 0
-        for match in self._find.finditer(rendered):
-            text.append(rendered[last:match.start()])
-            last = match.end()
-            found = match.group(0)
-            if found in self._original_of:
-                text.append(self._original_of[found])
-            elif found in special_ids:
-                ids += tokenizer.encode("".join(text)) if text else []
+        # The capturing split puts single private-use characters at odd indices.
+        for k, piece in enumerate(_PLACEHOLDER_SPLIT.split(rendered)):
+            if k % 2:
+                text.append(self._original_of.get(piece, piece))
+                continue
+            last = 0
+            for match in tokenizer.special_pattern.finditer(piece):
+                text.append(piece[last:match.start()])
+                last = match.end()
+                ids += tokenizer.encode("".join(text))
                 text = []
-                ids.append(special_ids[found])
-            else:  # a private-use character the template emitted itself: ordinary text
-                text.append(found)
-        text.append(rendered[last:])
+                ids.append(special_ids[match.group(0)])
+            text.append(piece[last:])
         ids += tokenizer.encode("".join(text))
         return ids
 

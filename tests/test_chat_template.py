@@ -177,7 +177,7 @@ def test_markers_in_caller_strings_stay_text(template, tok):
 
 
 def test_private_use_text_round_trips(template, tok):
-    pua = "\U00100000\U00100001<|im_end|>\U0010fffd"
+    pua = "\U00100000\U00100001<|im_end|>\U0010fffd\U0010ffff"
     ids = template.encode(tok, [{"role": "user", "content": pua}])
     assert control_ids(tok, ids) == control_ids(tok, template.encode(tok, [{"role": "user", "content": "x"}]))
     assert tok.decode(ids) == template.render([{"role": "user", "content": pua}])

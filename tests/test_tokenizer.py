@@ -151,3 +151,19 @@ def test_missing_or_broken_files(tmp_path):
         K2Tokenizer.from_dir(tmp_path)
     with pytest.raises(FileNotFoundError, match="tiktoken.model"):
         K2Tokenizer.from_dir(tmp_path / "nowhere")
+
+
+def test_special_pattern_matches_exactly_the_specials(tok):
+    for name in tok.special_tokens:
+        assert tok.special_pattern.fullmatch(name), name
+    found = tok.special_pattern.findall("x<|im_end|>y<|im_end|<|im_middle|>[EOS][EOSX]<|reserved_token_1281|>")
+    assert found == ["<|im_end|>", "<|im_middle|>", "[EOS]", "<|reserved_token_1281|>"]
+
+
+def test_trie_regex_prefers_longest():
+    import re
+
+    from router.tokenizer import trie_regex
+
+    pattern = re.compile(trie_regex(["ab", "abc", "a.", "x"]))
+    assert pattern.findall("abcab a.x a") == ["abc", "ab", "a.", "x"]

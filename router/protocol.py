@@ -209,6 +209,8 @@ class MessagesRequest(_Request):
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
+    service_tier: str | None = None          # accepted and ignored
+    cache_control: dict[str, Any] | None = None  # accepted and ignored (the prefix cache is automatic)
 
     def system_text(self) -> str | None:
         if isinstance(self.system, list):

@@ -1,0 +1,148 @@
+"""Bad input gets the documented status in each API's own error format, and the router keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from router.app import create_app
+from router.chat_template import ChatTemplate
+from router.config import RouterConfig
+from router.tokenizer import K2Tokenizer
+from router.worker_client import WorkerError
+from router_harness import ScriptedBackend, ServerThread, tiny_model_dir
+
+MODEL = "kimi-k2-tiny"
+KEY = "sk-secret"
+CHAT = "/v1/chat/completions"
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+def script(params, prompt: str):
+    if "OVERLOAD" in prompt:
+        return WorkerError("waiting queue is full", 429)
+    if "CRASH" in prompt:
+        return WorkerError("engine failed", 500)
+    return "ok"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tiny_model_dir(tmp_path_factory)
+    tokenizer = K2Tokenizer.from_dir(path)
+    backend = ScriptedBackend(tokenizer, script, context_length=256)
+    config = RouterConfig(model_name=MODEL, api_key=KEY, max_body_bytes=20_000)
+    with ServerThread(create_app(config, [backend], tokenizer, ChatTemplate.from_dir(path))) as srv:
+        yield srv
+
+
+def post(server, path, body=None, content=None, key=KEY, headers=None):
+    h = {"authorization": f"Bearer {key}"} if key else {}
+    h.update(headers or {})
+    return httpx.post(server.url + path, json=body, content=content, headers=h, timeout=10)
+
+
+def openai_error(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["type"]
+    return err
+
+
+def anthropic_error(r, status, kind):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == kind
+    return body["error"]
+
+
+CHAT_CASES = [
+    ("invalid json", None, b"{not json", 400),
+    ("not an object", [1, 2], None, 400),
+    ("wrong type", {"model": MODEL, "messages": "hi"}, None, 400),
+    ("missing messages", {"model": MODEL}, None, 400),
+    ("empty messages", {"model": MODEL, "messages": []}, None, 400),
+    ("bad role", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, None, 400),
+    ("unknown model", {"model": "gpt-4", "messages": MSGS}, None, 404),
+    ("max_tokens 0", {"model": MODEL, "messages": MSGS, "max_tokens": 0}, None, 400),
+    ("max_tokens negative", {"model": MODEL, "messages": MSGS, "max_completion_tokens": -5}, None, 400),
+    ("over context", {"model": MODEL, "messages": MSGS, "max_tokens": 250}, None, 400),
+    ("temperature", {"model": MODEL, "messages": MSGS, "temperature": 9}, None, 400),
+    ("unsupported parameter", {"model": MODEL, "messages": MSGS, "functions": []}, None, 400),
+    ("image part", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, None, 400),
+    ("malformed tool schema", {"model": MODEL, "messages": MSGS, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": 12}}}]}, None, 400),
+    ("bad tool name", {"model": MODEL, "messages": MSGS, "tools": [{"type": "function", "function": {
+        "name": "no spaces allowed"}}]}, None, 400),
+    ("named tool not declared", {"model": MODEL, "messages": MSGS, "tools": [{"type": "function", "function": {
+        "name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}, None, 400),
+    ("tool_choice without tools", {"model": MODEL, "messages": MSGS, "tool_choice": "required"}, None, 400),
+    ("bad json_schema", {"model": MODEL, "messages": MSGS, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, None, 400),
+    ("n too large", {"model": MODEL, "messages": MSGS, "n": 1000}, None, 400),
+    ("top_logprobs without logprobs", {"model": MODEL, "messages": MSGS, "top_logprobs": 2}, None, 400),
+    ("tool message without id", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, None, 400),
+    ("worker overloaded", {"model": MODEL, "messages": [{"role": "user", "content": "OVERLOAD"}]}, None, 429),
+    ("worker overloaded stream", {"model": MODEL, "stream": True,
+                                  "messages": [{"role": "user", "content": "OVERLOAD"}]}, None, 429),
+    ("worker failure", {"model": MODEL, "messages": [{"role": "user", "content": "CRASH"}]}, None, 500),
+]
+
+
+@pytest.mark.parametrize("name,body,content,status", CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
+def test_chat_bad_input(server, name, body, content, status):
+    openai_error(post(server, CHAT, body, content), status)
+    assert post(server, CHAT, {"model": MODEL, "messages": MSGS}).status_code == 200  # still serving
+
+
+def test_completions_bad_input(server):
+    openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": ""}), 400)
+    openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": [10**9]}), 400)
+    openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}), 400)
+    openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}), 400)
+
+
+def test_body_size_limit(server):
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 30_000}]}
+    openai_error(post(server, CHAT, big), 413)
+    anthropic_error(post(server, "/v1/messages", {**big, "max_tokens": 5}), 413, "request_too_large")
+
+
+def test_api_key(server):
+    err = openai_error(post(server, CHAT, {"model": MODEL, "messages": MSGS}, key="wrong"), 401)
+    assert err["code"] == "invalid_api_key"
+    openai_error(post(server, CHAT, {"model": MODEL, "messages": MSGS}, key=None), 401)
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    assert httpx.get(server.url + "/v1/models", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/ready").status_code == 200
+    anthropic_error(post(server, "/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": MSGS}, key=None),
+                    401, "authentication_error")
+    ok = post(server, "/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": MSGS}, key=None,
+              headers={"x-api-key": KEY})
+    assert ok.status_code == 200
+
+
+ANTHROPIC_CASES = [
+    ("missing max_tokens", {"model": MODEL, "messages": MSGS}, 400, "invalid_request_error"),
+    ("max_tokens 0", {"model": MODEL, "max_tokens": 0, "messages": MSGS}, 400, "invalid_request_error"),
+    ("unknown model", {"model": "claude-x", "max_tokens": 5, "messages": MSGS}, 404, "not_found_error"),
+    ("bad block", {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "video"}]}]}, 400, "invalid_request_error"),
+    ("bad tool schema", {"model": MODEL, "max_tokens": 5, "messages": MSGS, "tools": [
+        {"name": "f", "input_schema": {"type": 3}}]}, 400, "invalid_request_error"),
+    ("over context", {"model": MODEL, "max_tokens": 10_000, "messages": MSGS}, 400, "invalid_request_error"),
+    ("overloaded", {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "OVERLOAD"}]},
+     429, "rate_limit_error"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,kind", ANTHROPIC_CASES, ids=[c[0] for c in ANTHROPIC_CASES])
+def test_anthropic_bad_input(server, name, body, status, kind):
+    anthropic_error(post(server, "/v1/messages", body), status, kind)
+
+
+def test_unknown_path_is_404_in_format(server):
+    r = httpx.get(server.url + "/v1/nothing", headers={"authorization": f"Bearer {KEY}"})
+    openai_error(r, 404)

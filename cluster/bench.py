@@ -72,6 +72,7 @@ class BenchConfig:
     timeout_s: float = 600.0
     api_key: str | None = None
     ignore_eos: bool = False  # vLLM/SGLang extension: always generate max_tokens
+    force_min_tokens: bool = False  # send min_tokens = max_tokens (vLLM extension; k2serve's router accepts it)
     temperature: float = 0.0
 
     def __post_init__(self) -> None:
@@ -167,6 +168,8 @@ def request_body(cfg: BenchConfig, spec: RequestSpec) -> dict[str, Any]:
     }
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    if cfg.force_min_tokens:
+        body["min_tokens"] = spec.max_tokens
     if cfg.endpoint == "chat":
         body["messages"] = spec.messages
     else:

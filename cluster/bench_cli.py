@@ -34,6 +34,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--api-key", default=None)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM/SGLang extension)")
+    p.add_argument("--min-tokens", action="store_true", help="send min_tokens = max_tokens (fixed output length)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--sweep", help="comma-separated concurrencies, e.g. 1,2,4,8 (one run each)")
     p.add_argument("--output", help="write the report (and per-request results) as JSON")
@@ -53,7 +54,8 @@ def config_from_args(args: argparse.Namespace, concurrency: int | None) -> Bench
         prompts=prompts, seed=args.seed,
         slo_ttft_s=None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1e3,
         slo_tpot_s=None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1e3,
-        timeout_s=args.timeout, api_key=args.api_key, ignore_eos=args.ignore_eos, temperature=args.temperature,
+        timeout_s=args.timeout, api_key=args.api_key, ignore_eos=args.ignore_eos,
+        force_min_tokens=args.min_tokens, temperature=args.temperature,
     )
 
 

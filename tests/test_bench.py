@@ -210,3 +210,14 @@ def test_cli_counts_connection_failures(capsys):
                  "--output-len", "2"])
     assert code == 1
     assert "connect: 2" in capsys.readouterr().out
+
+
+def test_request_body_asks_for_usage_and_fixed_lengths():
+    from cluster.bench import request_body
+
+    cfg = BenchConfig(model="m", force_min_tokens=True, ignore_eos=True)
+    spec = make_requests(cfg)[0]
+    body = request_body(cfg, spec)
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    assert body["min_tokens"] == body["max_tokens"] == spec.max_tokens and body["ignore_eos"] is True
+    assert "min_tokens" not in request_body(BenchConfig(model="m"), spec)

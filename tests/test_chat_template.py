@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.tiny import K2_CHAT_TEMPLATE, make_tiny_model
+from cluster.tiny import K2_CHAT_TEMPLATE
 from router.chat_template import ChatTemplate, ChatTemplateError
 from router.tokenizer import K2Tokenizer
 
@@ -50,8 +50,8 @@ DEFAULT_SYSTEM = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("chat") / "m")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir  # conftest's session checkpoint (make_tiny_model, seed 0)
 
 
 @pytest.fixture(scope="module")

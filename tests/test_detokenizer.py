@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.tiny import make_tiny_model
 from router.detokenizer import IncrementalDetokenizer
 from router.tokenizer import K2Tokenizer
 
@@ -65,8 +64,8 @@ def test_skip_special_tokens_keeps_tool_markers():
     assert "".join(stream(IncrementalDetokenizer(tok), [[0, 100]])) == "hi[EOS]"
 
 
-def test_real_tokenizer_token_by_token(tmp_path):
-    tok = K2Tokenizer.from_dir(make_tiny_model(tmp_path / "m"))
+def test_real_tokenizer_token_by_token(tiny_model_dir):
+    tok = K2Tokenizer.from_dir(tiny_model_dir)
     text = "今天天气很好 😀🎉 naïve café ✅ 👩‍💻 done"
     ids = tok.encode(text)
     assert any(not tok.token_bytes(i).decode("utf-8", errors="ignore") for i in ids)  # some tokens split chars

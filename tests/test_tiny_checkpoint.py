@@ -21,8 +21,8 @@ FP8 = torch.float8_e4m3fn
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+def tiny_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir  # conftest's session checkpoint: make_tiny_model(..., seed=0)
 
 
 def load_all(path: Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tiny import K2_SPECIAL_OFFSETS, K2_NON_SPECIAL_MARKERS, make_tiny_model
+from cluster.tiny import K2_NON_SPECIAL_MARKERS, K2_SPECIAL_OFFSETS
 from router.tokenizer import K2Tokenizer
 
 K2_NUM_BASE = 163584
@@ -24,8 +24,8 @@ SAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> K2Tokenizer:
-    return K2Tokenizer.from_dir(make_tiny_model(tmp_path_factory.mktemp("tok") / "m"))
+def tok(tiny_model_dir) -> K2Tokenizer:
+    return K2Tokenizer.from_dir(tiny_model_dir)  # conftest's session checkpoint (make_tiny_model, seed 0)
 
 
 @pytest.mark.parametrize("text", SAMPLES)

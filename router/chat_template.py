@@ -79,7 +79,7 @@ class ChatTemplate:
     ) -> str:
         """Render messages (OpenAI-shaped dicts) and tools to the prompt text, as HF's apply_chat_template does."""
         variables = {**self.token_names, **extra}
-        variables.update(messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt)
+        variables.update(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
         try:
             return self._compiled.render(**variables)  # type: ignore[attr-defined]
         except jinja2.TemplateError as exc:

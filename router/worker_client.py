@@ -179,16 +179,25 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> WorkerError:
 
 
 class WorkerClient:
-    """A gRPC channel (with keepalive) to one worker group; create inside a running event loop."""
+    """A gRPC channel (with keepalive) to one worker group.
+
+    The channel opens on first use, inside the event loop that uses it (grpc.aio channels belong to
+    one loop), so a client may be built before the router's server loop starts.
+    """
 
     def __init__(self, address: str):
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=list(KEEPALIVE_OPTIONS))
-        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._channel: grpc.aio.Channel | None = None
+
+    def _open(self) -> None:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=list(KEEPALIVE_OPTIONS))
+            self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+            self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def generate(self, params: GenerateParams) -> AsyncIterator[TokenChunk | Finished]:
         """Stream TokenChunks then one Finished; raises WorkerError on an in-stream or transport error."""
+        self._open()
         call = self._stub.Generate(request_to_proto(params), metadata=(("x-request-id", params.request_id),))
         try:
             async for resp in call:
@@ -203,21 +212,22 @@ class WorkerClient:
 
     async def abort(self, request_id: str, timeout: float = 5.0) -> bool:
         """Abort a request by id; True if the worker knew it."""
-        resp = await self._unary(self._stub.Abort, worker_pb2.AbortRequest(request_id=request_id), timeout)
+        resp = await self._unary("Abort", worker_pb2.AbortRequest(request_id=request_id), timeout)
         return resp.aborted
 
     async def get_load(self, timeout: float = 5.0) -> WorkerLoad:
         """The worker's current load."""
-        r = await self._unary(self._stub.GetLoad, worker_pb2.GetLoadRequest(), timeout)
+        r = await self._unary("GetLoad", worker_pb2.GetLoadRequest(), timeout)
         return WorkerLoad(r.num_running, r.num_waiting, r.kv_cache_usage, r.prefix_cache_hit_rate)
 
     async def get_model_info(self, timeout: float = 10.0) -> WorkerModelInfo:
         """Static facts about the served model."""
-        r = await self._unary(self._stub.GetModelInfo, worker_pb2.GetModelInfoRequest(), timeout)
+        r = await self._unary("GetModelInfo", worker_pb2.GetModelInfoRequest(), timeout)
         return WorkerModelInfo(r.model_name, r.context_length, r.vocab_size, tuple(r.stop_token_ids), r.tokenizer_id)
 
     async def health(self, timeout: float = 2.0) -> bool:
         """True when the worker's grpc.health.v1 status is SERVING."""
+        self._open()
         try:
             r = await self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
         except grpc.aio.AioRpcError:
@@ -226,10 +236,13 @@ class WorkerClient:
 
     async def close(self) -> None:
         """Close the channel."""
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
 
-    async def _unary(self, method, request, timeout: float):
+    async def _unary(self, name: str, request, timeout: float):
+        self._open()
         try:
-            return await method(request, timeout=timeout)
+            return await getattr(self._stub, name)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc) from exc

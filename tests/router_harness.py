@@ -122,3 +122,35 @@ def tiny_model_dir(tmp_path_factory):
     if not (path / "chat_template.jinja").exists():
         make_tiny_model(path, seed=0)
     return path
+
+
+class WorkerThread:
+    """A real worker: AsyncEngine on the tiny checkpoint behind serve_worker, on its own event loop thread."""
+
+    def __init__(self, model_dir, max_model_len: int = 1024, num_kv_blocks: int = 128):
+        from worker.async_engine import AsyncEngine
+        from worker.config import EngineConfig
+        from worker.engine import Engine
+        from worker.server import ModelInfo
+
+        config = EngineConfig(max_model_len=max_model_len, num_kv_blocks=num_kv_blocks, max_num_seqs=8)
+        self.engine = AsyncEngine(Engine.from_model_dir(model_dir, config))
+        self.info = ModelInfo.from_model_dir(model_dir, model_name="kimi-k2-tiny", context_length=max_model_len)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "WorkerThread":
+        from worker.server import serve_worker
+
+        self.thread.start()
+        future = asyncio.run_coroutine_threadsafe(
+            serve_worker(self.engine, "127.0.0.1", 0, self.info), self.loop)
+        self.server = future.result(timeout=30)
+        self.address = f"127.0.0.1:{self.server.k2serve_port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.engine.shutdown()

@@ -142,3 +142,73 @@ def test_health_false_when_no_server():
         finally:
             await client.close()
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- the real engine on the tiny checkpoint
+
+from router_harness import WorkerThread, tiny_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def real_worker(tmp_path_factory):
+    with WorkerThread(tiny_model_dir(tmp_path_factory)) as worker:
+        yield worker
+
+
+def with_client(worker, scenario):
+    async def main():
+        client = WorkerClient(worker.address)
+        try:
+            return await scenario(client)
+        finally:
+            await client.close()
+    return asyncio.run(main())
+
+
+def test_real_engine_greedy_is_deterministic_with_logprobs(real_worker):
+    async def scenario(client):
+        runs = []
+        for rid in ("g1", "g2"):
+            items = await collect(client, GenerateParams(rid, (5, 6, 7, 8), max_tokens=6, temperature=0.0, logprobs=3))
+            runs.append(items)
+        return runs
+    a, b = with_client(real_worker, scenario)
+    ids = lambda items: [t for c in items if isinstance(c, TokenChunk) for t in c.token_ids]
+    assert ids(a) == ids(b) and len(ids(a)) <= 6
+    assert a[-1].finish_reason in ("stop", "length") and a[-1].prompt_tokens == 4
+    lps = [lp for c in a if isinstance(c, TokenChunk) for lp in c.logprobs]
+    assert len(lps) == len(ids(a)) and all(len(lp.top) == 3 for lp in lps)
+
+
+def test_real_engine_rejects_bad_params_in_stream(real_worker):
+    async def scenario(client):
+        with pytest.raises(WorkerError) as err:
+            await collect(client, GenerateParams("bad", (1, 2), max_tokens=4, top_p=5.0))
+        assert err.value.status == 400 and "top_p" in err.value.message
+        with pytest.raises(WorkerError) as err:
+            await collect(client, GenerateParams("big", (10**6,), max_tokens=4))
+        assert err.value.status == 400
+        assert isinstance((await collect(client, GenerateParams("ok", (1, 2), max_tokens=2)))[-1], Finished)
+    with_client(real_worker, scenario)
+
+
+def test_real_engine_cancel_frees_kv_cache(real_worker):
+    async def scenario(client):
+        stream = client.generate(GenerateParams("long", tuple(range(1, 40)), max_tokens=500, ignore_eos=True))
+        await stream.__anext__()
+        load = await client.get_load()
+        assert load.num_running == 1 and load.kv_cache_usage > 0
+        await stream.aclose()
+        for _ in range(200):
+            load = await client.get_load()
+            if load.num_running == 0 and load.kv_cache_usage == 0.0:
+                break
+            await asyncio.sleep(0.05)
+        assert (load.num_running, load.num_waiting, load.kv_cache_usage) == (0, 0, 0.0)
+    with_client(real_worker, scenario)
+
+
+def test_real_model_info(real_worker):
+    info = with_client(real_worker, lambda client: client.get_model_info())
+    assert info.context_length == 1024 and info.vocab_size == 1280
+    assert set(info.stop_token_ids) == {1025, 1026} and info.tokenizer_id.startswith("sha256:")

@@ -41,12 +41,16 @@ class ModelInfo:
     tokenizer_id: str = ""
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, model_name: str | None = None) -> "ModelInfo":
-        """Read config.json, generation_config.json and tiktoken.model of a K2-format checkpoint."""
+    def from_model_dir(cls, path: str | Path, model_name: str | None = None,
+                       context_length: int | None = None) -> "ModelInfo":
+        """Read config.json, generation_config.json and tiktoken.model of a K2-format checkpoint.
+
+        `context_length` overrides max_position_embeddings (pass the engine's max_model_len).
+        """
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         return cls(model_name=model_name or path.name,
-                   context_length=int(config.get("max_position_embeddings", 0)),
+                   context_length=int(context_length or config.get("max_position_embeddings", 0)),
                    vocab_size=int(config.get("vocab_size", 0)),
                    stop_token_ids=_stop_ids(path, config),
                    tokenizer_id=_tokenizer_id(path))

@@ -25,8 +25,8 @@ def ray_init_kwargs(num_cpus: int | None = None, address: str | None = None) -> 
                   runtime_env={"env_vars": {"PYTHONPATH": str(repo_root()), **RAY_LOCAL_ENV}})
     if address:
         kwargs["address"] = address
-    else:
-        kwargs["num_cpus"] = num_cpus
+    else:  # a local cluster stays on loopback
+        kwargs.update(num_cpus=num_cpus, _node_ip_address="127.0.0.1")
     return kwargs
 
 

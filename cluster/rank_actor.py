@@ -94,8 +94,11 @@ class RankActor:
     def stop(self) -> None:
         """Rank 0: stop serving and release the followers (they return from follow())."""
         if self._serving and self._loop:
-            fut = asyncio.run_coroutine_threadsafe(self._serving["server"].stop(2.0), self._loop)
-            fut.result(timeout=10)
+            fut = asyncio.run_coroutine_threadsafe(self._serving["server"].stop(1.0), self._loop)
+            try:
+                fut.result(timeout=5)
+            except Exception as e:  # stopping anyway: the actor is killed next
+                log.warning("gRPC server did not stop cleanly: %r", e)
             self._serving["engine"].shutdown()
         if self.worker.info.is_driver and not self.worker.info.is_single:
             from worker.plan_channel import PlanChannel

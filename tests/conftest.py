@@ -29,7 +29,8 @@ def ray_session():
     """One local Ray for the whole test session (8 logical CPUs so several ranks and groups fit)."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    from cluster.environment import ray_init_kwargs
+
+    ray.init(**ray_init_kwargs(num_cpus=8))
     yield ray
     ray.shutdown()

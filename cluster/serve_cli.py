@@ -1,0 +1,97 @@
+"""`k2serve serve`: the main job. Ray, the worker groups (via the controller) and the router, in one command.
+
+With no config: the tiny K2-format model (generated on first use), a local Ray, one CPU group with
+TP=EP=2, and the router on http://127.0.0.1:8000. Ctrl-C or SIGTERM drains in-flight requests (for at
+most controller.drain_timeout_s) and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="start Ray, the worker groups and the router (the main job)")
+    p.add_argument("--config", help="cluster config YAML (default: the embedded tiny-model setup)")
+    p.add_argument("--address", help="join this Ray cluster ('auto' or host:port) instead of starting one")
+    p.add_argument("--host", help="router bind address (overrides router.host)")
+    p.add_argument("--port", type=int, help="router port (overrides router.port)")
+    p.set_defaults(func=run)
+    return p
+
+
+def load_config(args):
+    from cluster.config import ClusterConfig
+
+    config = ClusterConfig.from_file(args.config) if args.config else ClusterConfig()
+    router = dict(config.router)
+    router.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    ray = config.ray.model_copy(update={"address": args.address}) if args.address else config.ray
+    return config.model_copy(update={"router": router, "ray": ray})
+
+
+def ensure_model(config) -> Path:
+    """The configured checkpoint, or the tiny model generated once under K2SERVE_HOME."""
+    from cluster.environment import default_home
+    from cluster.tiny import make_tiny_model
+
+    if config.model.path:
+        return Path(config.model.path)
+    path = default_home() / "tiny-k2"
+    if not (path / "config.json").exists():
+        print(f"generating the tiny K2-format model in {path}", file=sys.stderr, flush=True)
+        make_tiny_model(path, seed=0)
+    return path
+
+
+async def serve_router(make_app, host: str, port: int, drain_s: float) -> None:
+    """Build the app inside the running loop (its gRPC channels bind to it) and serve until a signal."""
+    import uvicorn
+
+    app = make_app()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=drain_s, lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        print(f"k2serve ready: http://{host}:{port}  (OpenAI /v1/chat/completions, Anthropic /v1/messages, "
+              f"/metrics)", flush=True)
+    await task
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.controller import Controller
+    from cluster.discovery import DiscoveryServer
+    from cluster.environment import ray_init_kwargs
+    from cluster.router_service import build_router_app
+
+    config = load_config(args)
+    model_dir = ensure_model(config)
+    ray.init(**ray_init_kwargs(config.ray.num_cpus, config.ray.address))
+    controller = discovery = None
+    try:
+        print(f"starting {len(config.groups)} worker group(s)...", file=sys.stderr, flush=True)
+        controller = Controller(config, model_dir.resolve()).start()
+        router = config.router_config()
+        discovery = DiscoveryServer(controller, router.host, config.controller.discovery_port).start()
+        addresses = [e.address for e in controller.endpoints()]
+        make_app = lambda: build_router_app(config, model_dir, addresses)  # noqa: E731
+        asyncio.run(serve_router(make_app, router.host, router.port, config.controller.drain_timeout_s))
+    finally:
+        print("stopping...", file=sys.stderr, flush=True)
+        if discovery is not None:
+            discovery.stop()
+        if controller is not None:
+            controller.stop()
+        ray.shutdown()
+    return 0

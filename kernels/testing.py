@@ -50,3 +50,26 @@ def random_routing(num_tokens: int, top_k: int, num_ids: int, seed: int = 0, dev
     ids = torch.rand(num_tokens, num_ids, generator=gen).argsort(dim=1)[:, :top_k]
     weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
     return ids.to(device), weights.to(device)
+
+
+def random_fp8_weight(n: int, k: int, device, seed: int = 0, block=DEFAULT_BLOCK):
+    """A random block-FP8 weight built directly on `device` (fast at K2 sizes): e4m3 [n, k] spanning the
+    format's range and scales [ceil(n/bn), ceil(k/bk)] around (3 / 448) * k^-0.5 (std about k^-0.5)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = (torch.randn(n, k, device=device, generator=gen) * (448 / 3)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    grid = (-(-n // block[0]), -(-k // block[1]))
+    scale = (0.5 + torch.rand(grid, device=device, generator=gen)) * (3 / 448) * k**-0.5
+    return q, scale.float()
+
+
+def random_fp8_experts(num_experts: int, hidden: int, inter: int, device, seed: int = 0, block=DEFAULT_BLOCK):
+    """`random_fp8_weight` for every expert, in the fused layout (gate and up scale grids stacked)."""
+    parts = [[random_fp8_weight(rows, cols, device, seed * 7919 + 3 * e + i, block)
+              for i, (rows, cols) in enumerate(((inter, hidden), (inter, hidden), (hidden, inter)))]
+             for e in range(num_experts)]
+    return MoeWeights(
+        torch.stack([torch.cat([g[0], u[0]]) for g, u, _ in parts]),
+        torch.stack([torch.cat([g[1], u[1]]) for g, u, _ in parts]),
+        torch.stack([d[0] for _, _, d in parts]),
+        torch.stack([d[1] for _, _, d in parts]),
+    )

@@ -1,0 +1,39 @@
+"""benchmarks/gpu_kernels.py: argument parsing, the no-CUDA message, and a CPU smoke run of the whole script."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
+
+from benchmarks import gpu_kernels  # noqa: E402
+
+
+def test_help_and_dry_run(capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu_kernels.main(["--help"])
+    assert exc.value.code == 0
+    assert gpu_kernels.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "fused_moe T=4096" in out and "fp8_gemm+fp8_linear gate_up N=4096 K=7168 T=1" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
+def test_without_cuda_it_says_so_and_fails(capsys):
+    assert gpu_kernels.main([]) == 1
+    assert "CUDA is required" in capsys.readouterr().out
+
+
+def test_cpu_smoke_run_checks_times_and_appends(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# previous runs\n")
+    assert gpu_kernels.main(["--cpu-smoke", "--results", str(results)]) == 0
+    text = results.read_text()
+    assert text.startswith("# previous runs\n") and "CPU (Triton interpreter smoke run)" in text
+    for name in ("fp8_quant", "fp8_gemm", "fused_moe"):
+        assert f"correctness {name}: ok" in text
+    for kernel in ("| fp8_quant |", "| fp8_gemm |", "| fp8_linear |", "| fused_moe |"):
+        assert kernel in text

@@ -114,16 +114,6 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
-def tiny_model_dir(tmp_path_factory):
-    """One tiny K2-format checkpoint per test session, shared by the router/server test modules."""
-    from cluster.tiny import make_tiny_model
-
-    path = tmp_path_factory.getbasetemp() / "router-tiny-k2"
-    if not (path / "chat_template.jinja").exists():
-        make_tiny_model(path, seed=0)
-    return path
-
-
 class WorkerThread:
     """A real worker: AsyncEngine on the tiny checkpoint behind serve_worker, on its own event loop thread."""
 

@@ -10,7 +10,7 @@ from router.app import create_app
 from router.chat_template import ChatTemplate
 from router.config import RouterConfig
 from router.tokenizer import K2Tokenizer
-from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread, tiny_model_dir
+from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread
 
 MODEL = "kimi-k2-tiny"
 WEATHER = {"name": "get_weather", "description": "Get weather information",
@@ -28,8 +28,8 @@ def script(params, prompt: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    path = tiny_model_dir(tmp_path_factory)
+def stack(tiny_model_dir):
+    path = tiny_model_dir
     tokenizer = K2Tokenizer.from_dir(path)
     backend = ScriptedBackend(tokenizer, script)
     app = create_app(RouterConfig(model_name=MODEL, api_key="sk-test"), [backend], tokenizer, ChatTemplate.from_dir(path))
@@ -110,3 +110,41 @@ def test_api_key_required_in_anthropic_format(stack):
     with pytest.raises(anthropic.AuthenticationError) as err:
         bad.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "x"}])
     assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "authentication_error"
+
+
+# ---------------------------------------------------------------- real worker (gRPC + AsyncEngine, tiny checkpoint)
+
+from router.worker_client import WorkerClient  # noqa: E402
+from router_harness import WorkerThread  # noqa: E402
+
+ENUM_WEATHER = {**WEATHER, "input_schema": {"type": "object", "required": ["city"],
+                                            "properties": {"city": {"enum": ["Beijing", "Shanghai"]}}}}
+
+
+@pytest.fixture(scope="module")
+def real(tiny_model_dir):
+    with WorkerThread(tiny_model_dir) as worker:
+        app = create_app(RouterConfig(), [WorkerClient(worker.address)], K2Tokenizer.from_dir(tiny_model_dir),
+                         ChatTemplate.from_dir(tiny_model_dir))
+        with ServerThread(app) as server:
+            yield anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+
+
+def test_real_message_and_stream(real):
+    msg = real.messages.create(model="kimi-k2-tiny", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert msg.stop_reason in ("end_turn", "max_tokens") and 0 < msg.usage.output_tokens <= 8
+    with real.messages.stream(model="kimi-k2-tiny", max_tokens=8, messages=[{"role": "user", "content": "hi"}]) as s:
+        final = s.get_final_message()
+    assert final.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_real_tool_use_round_trip(real):
+    messages = [{"role": "user", "content": "Weather in Beijing?"}]
+    msg = real.messages.create(model="kimi-k2-tiny", max_tokens=48, tools=[ENUM_WEATHER],
+                               tool_choice={"type": "tool", "name": "get_weather"}, messages=messages)
+    [use] = [b for b in msg.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.input["city"] in ("Beijing", "Shanghai")
+    messages += [{"role": "assistant", "content": msg.content},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Sunny"}]}]
+    final = real.messages.create(model="kimi-k2-tiny", max_tokens=8, tools=[ENUM_WEATHER], messages=messages)
+    assert final.stop_reason in ("end_turn", "max_tokens", "tool_use")

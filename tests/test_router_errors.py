@@ -10,7 +10,7 @@ from router.chat_template import ChatTemplate
 from router.config import RouterConfig
 from router.tokenizer import K2Tokenizer
 from router.worker_client import WorkerError
-from router_harness import ScriptedBackend, ServerThread, tiny_model_dir
+from router_harness import ScriptedBackend, ServerThread
 
 MODEL = "kimi-k2-tiny"
 KEY = "sk-secret"
@@ -27,8 +27,8 @@ def script(params, prompt: str):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = tiny_model_dir(tmp_path_factory)
+def server(tiny_model_dir):
+    path = tiny_model_dir
     tokenizer = K2Tokenizer.from_dir(path)
     backend = ScriptedBackend(tokenizer, script, context_length=256)
     config = RouterConfig(model_name=MODEL, api_key=KEY, max_body_bytes=20_000)

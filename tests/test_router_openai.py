@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -12,7 +13,7 @@ from router.app import create_app
 from router.chat_template import ChatTemplate
 from router.config import RouterConfig
 from router.tokenizer import K2Tokenizer
-from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread, tiny_model_dir, wait_until
+from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread, wait_until
 
 MODEL = "kimi-k2-tiny"
 SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
@@ -38,8 +39,8 @@ def script(params, prompt: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    path = tiny_model_dir(tmp_path_factory)
+def stack(tiny_model_dir):
+    path = tiny_model_dir
     tokenizer = K2Tokenizer.from_dir(path)
     backend = ScriptedBackend(tokenizer, script)
     config = RouterConfig(model_name=MODEL).with_generation_config(path)
@@ -207,3 +208,77 @@ def test_request_id_header_travels(stack):
                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
     assert backend.calls[-1].request_id == "abc-123" and r.json()["id"] == "chatcmpl-abc-123"
+
+
+# ---------------------------------------------------------------- real worker (gRPC + AsyncEngine, tiny checkpoint)
+
+from router.worker_client import WorkerClient  # noqa: E402
+from router_harness import WorkerThread  # noqa: E402
+
+ENUM_WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get weather information",
+    "parameters": {"type": "object", "required": ["city"],
+                   "properties": {"city": {"type": "string", "enum": ["Beijing", "Shanghai"]}}}}}
+
+
+@pytest.fixture(scope="module")
+def real(tiny_model_dir):
+    with WorkerThread(tiny_model_dir) as worker:
+        config = RouterConfig().with_generation_config(tiny_model_dir)
+        app = create_app(config, [WorkerClient(worker.address)], K2Tokenizer.from_dir(tiny_model_dir),
+                         ChatTemplate.from_dir(tiny_model_dir))
+        with ServerThread(app) as server:
+            yield worker, server, openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+
+
+def test_real_model_card_chat(real):
+    _, _, client = real
+    resp = client.chat.completions.create(
+        model="kimi-k2-tiny", temperature=0.6, max_tokens=16,
+        messages=[{"role": "system", "content": SYSTEM},
+                  {"role": "user", "content": [{"type": "text", "text": "Please give a brief self-introduction."}]}])
+    choice = resp.choices[0]
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    assert "<|im_end|>" not in choice.message.content and 0 < resp.usage.completion_tokens <= 16
+
+
+def test_real_tool_call_loop(real):
+    _, _, client = real
+    messages = [{"role": "user", "content": "What's the weather like in Beijing today? Use the tool to check."}]
+    first = client.chat.completions.create(model="kimi-k2-tiny", messages=messages, temperature=0.6, max_tokens=48,
+                                           tools=[ENUM_WEATHER_TOOL], tool_choice="required").choices[0]
+    calls = first.message.tool_calls
+    assert calls and calls[0].id == "functions.get_weather:0" and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments)["city"] in ("Beijing", "Shanghai")  # schema-valid despite random weights
+    messages.append(first.message)
+    for call in calls:
+        messages.append({"role": "tool", "tool_call_id": call.id, "name": call.function.name,
+                         "content": json.dumps({"weather": "Sunny"})})
+    second = client.chat.completions.create(model="kimi-k2-tiny", messages=messages, temperature=0.6, max_tokens=8,
+                                            tools=[ENUM_WEATHER_TOOL]).choices[0]
+    assert second.finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_real_streaming_with_usage(real):
+    _, _, client = real
+    chunks = list(client.chat.completions.create(model="kimi-k2-tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and 0 < chunks[-1].usage.completion_tokens <= 8
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_real_disconnect_frees_worker_kv(real):
+    worker, server, _ = real
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=30, json={
+            "model": "kimi-k2-tiny", "prompt": "tell me a long story", "max_tokens": 400, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+
+    async def load():
+        client = WorkerClient(worker.address)
+        try:
+            return await client.get_load()
+        finally:
+            await client.close()
+    assert wait_until(lambda: asyncio.run(load()).kv_cache_usage == 0.0 and asyncio.run(load()).num_running == 0,
+                      timeout=15)

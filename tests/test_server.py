@@ -146,12 +146,12 @@ def test_health_false_when_no_server():
 
 # ---------------------------------------------------------------- the real engine on the tiny checkpoint
 
-from router_harness import WorkerThread, tiny_model_dir  # noqa: E402
+from router_harness import WorkerThread  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def real_worker(tmp_path_factory):
-    with WorkerThread(tiny_model_dir(tmp_path_factory)) as worker:
+def real_worker(tiny_model_dir):
+    with WorkerThread(tiny_model_dir) as worker:
         yield worker
 
 

@@ -131,11 +131,12 @@ async def messages(request: Request):
     req = await read_request(request, MessagesRequest, ctx.config.max_body_bytes)
     rid = request_id(request)
     params, spec = await prepare(ctx, req, rid)
-    stream = run_choice(ctx.picker.pick(params.prompt_token_ids), params, ctx.tokenizer, spec, ctx.detokenizer_factory)
+    stream = run_choice(ctx.picker.pick(params.prompt_token_ids), params, ctx.tokenizer, spec,
+                        ctx.detokenizer_factory, ctx.metrics)
     msg_id = f"msg_{rid}"
     if req.stream:
         [stream] = await prime_all([stream])
-        return StreamingResponse(stream_events(ctx, stream, msg_id), media_type="text/event-stream",
+        return StreamingResponse(stream_events(ctx, stream, msg_id, len(params.prompt_token_ids)), media_type="text/event-stream",
                                  headers={"x-request-id": rid, "cache-control": "no-cache"})
     r = await collect_choice(stream)
     content: list[dict] = [{"type": "text", "text": r.text}] if r.text else []
@@ -155,10 +156,10 @@ def event(kind: str, payload: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload}, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(ctx: RouterContext, stream, msg_id: str) -> AsyncIterator[str]:
+async def stream_events(ctx: RouterContext, stream, msg_id: str, num_prompt: int) -> AsyncIterator[str]:
     """message_start, ping, content blocks (text_delta / input_json_delta), message_delta, message_stop."""
     start = {"id": msg_id, "type": "message", "role": "assistant", "model": ctx.model_name, "content": [],
-             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": num_prompt, "output_tokens": 0}}
     yield event("message_start", {"message": start})
     yield event("ping", {})
     blocks = _BlockWriter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
@@ -47,6 +48,8 @@ def create_app(config: RouterConfig, backends: Sequence[Backend] | Any, tokenize
     app.state.ctx = RouterContext(config=config, picker=picker, tokenizer=tokenizer, template=template,
                                   detokenizer_factory=detokenizer_factory or _default_detokenizer, metrics=metrics)
     _install_auth(app, config)
+    if metrics is not None:
+        _install_request_metrics(app, metrics)
     _install_error_handlers(app)
     app.include_router(openai_routes)
     app.include_router(anthropic_routes)
@@ -106,6 +109,25 @@ def _install_auth(app: FastAPI, config: RouterConfig) -> None:
                 err = APIError(401, "Invalid or missing API key", code="invalid_api_key")
                 return JSONResponse(error_body(request.url.path, err), status_code=401)
         return await call_next(request)
+
+
+def _install_request_metrics(app: FastAPI, metrics) -> None:
+    """Count API requests by endpoint and status (duration: until the response starts for streams)."""
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        path = request.url.path
+        if not path.startswith("/v1/"):
+            return await call_next(request)
+        start = time.monotonic()
+        metrics.request_started(path)
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.request_finished(path, status, time.monotonic() - start)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -9,6 +9,7 @@ tool calls. Events out: TextEvent (content text + the logprobs of the tokens beh
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, Sequence
 
@@ -116,9 +117,37 @@ class _State:
     engine_reason: str = "stop"
 
 
+class _TokenTimer:
+    """Feeds RouterMetrics (when present): time to first token, inter-token gaps, token counts."""
+
+    def __init__(self, metrics: Any):
+        self.metrics = metrics
+        self.last = time.monotonic()
+        self.first = True
+
+    def chunk(self, num_tokens: int) -> None:
+        if self.metrics is None or not num_tokens:
+            return
+        now = time.monotonic()
+        if self.first:
+            self.metrics.observe_ttft(now - self.last)
+        else:
+            self.metrics.observe_itl((now - self.last) / num_tokens)
+        self.first, self.last = False, now
+        self.metrics.tokens(generated=num_tokens)
+
+    def done(self, usage: Usage) -> None:
+        if self.metrics is not None:
+            self.metrics.tokens(prompt=usage.prompt_tokens, cached=usage.cached_tokens)
+
+
 async def run_choice(backend: Backend, params: GenerateParams, tokenizer: Any, spec: ChoiceSpec,
-                     detokenizer_factory) -> AsyncIterator[Event]:
-    """Stream one choice's events; raises APIError when the worker refuses or fails the request."""
+                     detokenizer_factory, metrics: Any = None) -> AsyncIterator[Event]:
+    """Stream one choice's events; raises APIError when the worker refuses or fails the request.
+
+    `metrics` (a RouterMetrics, optional) receives TTFT, inter-token latency and token counts.
+    """
+    timer = _TokenTimer(metrics)
     detok = detokenizer_factory(tokenizer)
     stops = StopStringMatcher(spec.stop_strings)
     parser = StreamingToolParser(spec.tool_names) if spec.parse_tools else None
@@ -131,6 +160,7 @@ async def run_choice(backend: Backend, params: GenerateParams, tokenizer: Any, s
                 state.usage = Usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
                 break
             state.usage = Usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
+            timer.chunk(len(item.token_ids))
             text = stops.push(detok.push(list(item.token_ids)))
             for event in _text_events(text, item.logprobs, parser, spec):
                 yield event
@@ -140,6 +170,7 @@ async def run_choice(backend: Backend, params: GenerateParams, tokenizer: Any, s
         raise APIError(exc.status, exc.message) from exc
     finally:
         await stream.aclose()
+    timer.done(state.usage)
     for event in _final_events(detok, stops, parser, spec, state):
         yield event
 

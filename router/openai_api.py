@@ -267,8 +267,8 @@ async def prepare_chat(ctx: RouterContext, req: ChatCompletionRequest, rid: str)
 
 
 def choice_streams(ctx: RouterContext, params: list[GenerateParams], spec: ChoiceSpec) -> list[AsyncIterator[Event]]:
-    return [run_choice(ctx.picker.pick(p.prompt_token_ids), p, ctx.tokenizer, spec, ctx.detokenizer_factory)
-            for p in params]
+    return [run_choice(ctx.picker.pick(p.prompt_token_ids), p, ctx.tokenizer, spec, ctx.detokenizer_factory,
+                       ctx.metrics) for p in params]
 
 
 @routes.post("/v1/chat/completions")

@@ -9,9 +9,12 @@ import httpx
 import openai
 import pytest
 
+from prometheus_client import CollectorRegistry
+
 from router.app import create_app
 from router.chat_template import ChatTemplate
 from router.config import RouterConfig
+from router.metrics import RouterMetrics
 from router.tokenizer import K2Tokenizer
 from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread, wait_until
 
@@ -44,7 +47,8 @@ def stack(tiny_model_dir):
     tokenizer = K2Tokenizer.from_dir(path)
     backend = ScriptedBackend(tokenizer, script)
     config = RouterConfig(model_name=MODEL).with_generation_config(path)
-    app = create_app(config, [backend], tokenizer, ChatTemplate.from_dir(path))
+    metrics = RouterMetrics(CollectorRegistry(), model=MODEL)
+    app = create_app(config, [backend], tokenizer, ChatTemplate.from_dir(path), metrics=metrics)
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         yield backend, client, server
@@ -208,6 +212,14 @@ def test_request_id_header_travels(stack):
                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
     assert backend.calls[-1].request_id == "abc-123" and r.json()["id"] == "chatcmpl-abc-123"
+
+
+def test_metrics_count_requests_and_tokens(stack):
+    backend, client, server = stack
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    text = httpx.get(server.url + "/metrics").text
+    assert 'k2serve_router_requests_total{endpoint="/v1/chat/completions",model="kimi-k2-tiny",status="200"}' in text
+    assert "k2serve_router_generation_tokens_total" in text and "k2serve_router_time_to_first_token_seconds" in text
 
 
 # ---------------------------------------------------------------- real worker (gRPC + AsyncEngine, tiny checkpoint)

@@ -247,3 +247,68 @@ def test_async_engine_step_failure_ends_requests_with_error():
         assert outs[-1].finish_reason == "error" and "device on fire" in outs[-1].error
     finally:
         aengine.shutdown()
+
+
+# ---------------------------------------------------------------- the real tiny K2 checkpoint
+
+from cluster.tiny import make_tiny_model  # noqa: E402
+from worker.loader import load_model  # noqa: E402
+
+REAL_GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, vocab) of a tiny K2 checkpoint, loaded once; engines share the weights, not the cache."""
+    model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny_engine"), seed=0)
+    model = load_model(model_dir, dtype=torch.float32, progress=False)
+    return model, Vocab.from_model_dir(model_dir, model.config.vocab_size)
+
+
+def real_engine(tiny, num_blocks=256, **cfg):
+    model, vocab = tiny
+    config = EngineConfig(max_model_len=256, **cfg)
+    return Engine(config, ModelRunner(model, num_blocks, config.block_size), vocab)
+
+
+@pytest.fixture(scope="module")
+def real_prompts():
+    g = torch.Generator().manual_seed(7)
+    lens = [3, 5, 8, 11, 13, 16, 17, 20, 23, 26, 29, 31, 33, 36, 38, 40]
+    return [torch.randint(0, 1024, (n,), generator=g).tolist() for n in lens]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny, real_prompts):
+    """Each prompt's greedy output when it runs by itself."""
+    engine = real_engine(tiny, enable_prefix_caching=False)
+    return [engine.generate([p], REAL_GREEDY)[0] for p in real_prompts]
+
+
+def test_batch_invariance_16_requests_match_running_alone(tiny, real_prompts, alone):
+    engine = real_engine(tiny)
+    assert engine.generate(real_prompts, REAL_GREEDY) == alone
+    assert len({tuple(a) for a in alone}) > 8  # the prompts really produce different outputs
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_output(tiny, real_prompts, alone):
+    engine = real_engine(tiny, block_size=16)
+    base = real_prompts[-1]  # 40 tokens: 2 full blocks of 16
+    engine.generate([base], REAL_GREEDY)
+    variant = base[:32] + [5, 6, 7]
+    engine.add_request("v", variant, REAL_GREEDY)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[0].cached_tokens == 32 and outs[-1].cached_tokens == 32
+    fresh = real_engine(tiny, enable_prefix_caching=False).generate([variant], REAL_GREEDY)[0]
+    assert [t for o in outs for t in o.new_token_ids] == fresh
+    assert engine.generate([base], REAL_GREEDY)[0] == alone[-1]  # a full hit still recomputes the last token
+
+
+def test_preemption_and_chunked_prefill_under_a_small_cache_keep_output(tiny, real_prompts, alone):
+    engine = real_engine(tiny, num_blocks=10, block_size=4, max_num_batched_tokens=12)
+    picked = list(range(0, 8))  # prompts of 3..20 tokens: at most 7 blocks each, 10 blocks in all
+    assert engine.generate([real_prompts[i] for i in picked], REAL_GREEDY) == [alone[i] for i in picked]
+    assert engine.get_load().num_preemptions > 0
+    assert engine.scheduler.kv_cache.num_free_blocks == 10

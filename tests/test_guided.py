@@ -156,17 +156,16 @@ def test_grammars_compiled_once_per_spec_and_bad_specs_rejected(guided):
 
 
 def test_engine_with_tiny_model_json_and_tool_call(model_dir, vocab):
-    engine = Engine.from_model_dir(model_dir, EngineConfig(num_kv_blocks=128, max_model_len=512))
-    schema = SCHEMAS[0]
-    json_params = SamplingParams(temperature=0.8, seed=1, max_tokens=200,
-                                 guided=GuidedSpec("json_schema", schema=schema))
-    tool_params = SamplingParams(temperature=0.8, seed=2, max_tokens=200,
-                                 logit_bias={vocab.id_of("<|tool_calls_section_end|>"): 5.0},
-                                 guided=GuidedSpec("tool_call", tools=TOOLS, mode="required", first_index=0))
+    engine = Engine.from_model_dir(model_dir, EngineConfig(num_kv_blocks=64, max_model_len=256))
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "c": {"enum": ["ab", "cd"]}},
+              "required": ["ok", "c"]}
+    json_params = SamplingParams(temperature=0.8, seed=1, max_tokens=60, guided=GuidedSpec("json_schema", schema=schema))
+    tool_params = SamplingParams(temperature=0.8, seed=2, max_tokens=60,
+                                 guided=GuidedSpec("tool_call", tools=TOOLS, mode="named", name="get-time.v2"))
     prompt = [vocab.id_of("<|im_user|>"), 100, 200, 300, vocab.id_of("<|im_middle|>")]
     json_out, tool_out, free = engine.generate([prompt, prompt, prompt],
                                                [json_params, tool_params, SamplingParams(temperature=0, max_tokens=5)])
     assert json_out[-1] in vocab.stop_token_ids
     jsonschema.validate(json.loads(decode(vocab, json_out[:-1])), schema)
-    parse_tool_calls(vocab, tool_out, TOOLS)
+    assert [c[0] for c in parse_tool_calls(vocab, tool_out, TOOLS)] == ["get-time.v2"]
     assert len(free) <= 5

@@ -42,6 +42,9 @@ class RankActor:
     def parameter_names(self) -> list[str]:
         return self.worker.parameter_names()
 
+    def num_parameters(self) -> int:
+        return self.worker.num_parameters()
+
     def follow(self) -> int:
         return self.worker.follow()
 
@@ -70,7 +73,7 @@ class RankActor:
         async def main():
             engine = AsyncEngine(self.engine)
             engine.start()
-            info = ModelInfo.from_model_dir(self.worker.spec.model_dir, model_name)
+            info = ModelInfo.from_model_dir(self.worker.spec.model_dir, model_name, self.engine.max_model_len)
             server = await serve_worker(engine, host, port, info)
             result.update(port=server.k2serve_port, server=server, engine=engine)
             ready.set()

@@ -262,8 +262,12 @@ def _norm_weight(gen: torch.Generator, size: int) -> torch.Tensor:
 
 
 def _fp8_linear(gen: torch.Generator, name: str, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
-    """A block-FP8 projection: e4m3 `weight` [out, in] and float32 `weight_scale_inv` [ceil(out/128), ceil(in/128)]."""
-    dense = torch.randn(out_features, in_features, generator=gen) * 0.02  # [out, in]
+    """A block-FP8 projection: e4m3 `weight` [out, in] and float32 `weight_scale_inv` [ceil(out/128), ceil(in/128)].
+
+    std = in_features ** -0.5 keeps unit-RMS inputs at unit RMS: attention is sharp enough for RoPE and
+    masking errors to show in the logits, and every sublayer moves the residual stream measurably.
+    """
+    dense = torch.randn(out_features, in_features, generator=gen) * in_features ** -0.5  # [out, in]
     weight, scale_inv = quantize_block_fp8(dense)
     return {f"{name}.weight": weight, f"{name}.weight_scale_inv": scale_inv}
 

@@ -121,7 +121,8 @@ def test_partial_blocks_dequantize_sanely(tensors):
     name = "model.layers.0.mlp.gate_proj"  # [320, 192]: a 64-row and a 64-column partial block
     w = dequantize_block_fp8(tensors[name + ".weight"], tensors[name + ".weight_scale_inv"])
     assert tuple(w.shape) == (320, 192)
-    assert 0.01 < w[256:, 128:].std().item() < 0.04  # the partial corner block carries real weights
+    corner = w[256:, 128:].std().item() * 192 ** 0.5  # init std is in_features ** -0.5
+    assert 0.8 < corner < 1.2  # the partial corner block carries real weights
 
 
 def test_unquantized_tensors(tensors):

@@ -201,3 +201,13 @@ def test_bpe_merges_are_reachable_and_match_tiktoken():
     python_ids = [i for p in pieces for i in enc._encode_single_piece(p.encode())]
     assert enc.encode_ordinary(TRAINING_CORPUS) == python_ids
     assert len(python_ids) < len(TRAINING_CORPUS.encode()) / 3  # merges compress the training text
+
+
+def test_config_overrides_shape_the_weights(tmp_path):
+    path = make_tiny_model(tmp_path / "v3", seed=2, config_overrides=dict(
+        n_group=4, topk_group=2, first_k_dense_replace=2, routed_scaling_factor=2.5))
+    config = json.loads((path / "config.json").read_text())
+    assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (4, 2, 2.5)
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.mlp.gate_proj.weight" in index and "model.layers.1.mlp.gate.weight" not in index
+    assert "model.layers.2.mlp.experts.15.down_proj.weight_scale_inv" in index

@@ -167,3 +167,7 @@ def test_trie_regex_prefers_longest():
 
     pattern = re.compile(trie_regex(["ab", "abc", "a.", "x"]))
     assert pattern.findall("abcab a.x a") == ["abc", "ab", "a.", "x"]
+
+
+def test_lone_surrogates_do_not_crash(tok):
+    assert tok.decode(tok.encode("a\ud800b")) == "a\ufffdb"

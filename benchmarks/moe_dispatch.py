@@ -1,0 +1,450 @@
+"""MoE dispatch benchmark (issue 4): the all-to-all dispatcher against the all-gather baseline.
+
+Not a test: run it by hand; it prints three plain-text tables.
+
+  1. Bytes per MoE layer, computed from the routing of the timing runs (not measured).
+  2. Median ms per MoE layer on gloo: W ranks spawned on this box (torch.multiprocessing + gloo on
+     127.0.0.1, no Ray), the real `MoE` layer at the tiny config with random weights, at a few token
+     counts per rank. Before timing, both dispatchers must agree with each other and with one process
+     holding every expert.
+  3. Kimi K2 shapes (hidden 7168, top-8 of 384 experts, 60 MoE layers), computed: bytes per decode
+     token per layer and over all MoE layers, on 8 ranks, then the same for wider expert parallelism.
+
+What "bytes moved" means: every byte that leaves the rank holding it for another rank, counted once at
+its sender and summed over all ranks. Bytes a rank keeps (copies routed to its own experts, its own
+chunk of a reduce-scatter) cost nothing. This is the logical traffic of each collective (ring
+all-gather and reduce-scatter move exactly this much); per-message headers and padding are ignored.
+
+  all-to-all (worker/model/layers/dispatcher.py AllToAllDispatcher), R = token copies whose expert
+  lives on another rank:
+      counts   = W * (W - 1) * 8                      per-destination int64 counts, once per layer
+      dispatch = R * (row_bytes + 8)                  hidden row + its int64 expert id
+      combine  = R * H * 2                            expert outputs back, bf16
+    row_bytes = H * 2 for a bf16 payload; H + ceil(H / 128) * 4 for an FP8 payload (e4m3 + one fp32
+    scale per 128 channels, K2's activation quantization).
+  all-gather (AllGatherDispatcher), T = W * n tokens in the step (n per rank):
+      all-gather     = (W - 1) * T * (H * 2 + k * 8 + k * 4)   hidden row, int64 ids, fp32 weights
+      reduce-scatter = (W - 1) * T * H * 2                      [T, H] bf16 partial sums
+  Under uniform routing a copy leaves its rank with probability (W - 1) / W, so a decode token costs
+  the all-to-all 2 * k * (W - 1) / W * H * 2 payload bytes per layer (200,704 for K2 on 8 ranks) and
+  the all-gather 2 * (W - 1) * H * 2 (also 200,704): equal at W = k, and the all-gather grows with W.
+
+    python benchmarks/moe_dispatch.py [--quick] [--world 2 4] [--tokens 1 8 64 256] [--dtype bf16|fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import statistics
+import tempfile
+import time
+import warnings
+import zlib
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+import torch
+
+BF16_BYTES = 2
+FP32_BYTES = 4
+INT64_BYTES = 8
+FP8_SCALE_GROUP = 128  # K2's dynamic activation quantization: one fp32 scale per 128 channels
+DISPATCHER_NAMES = ("all_to_all", "all_gather")
+
+
+# ---------------------------------------------------------------- bytes (pure, computed)
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """Element sizes on the wire; defaults are what the dispatchers send today (bf16 model, int64 ids)."""
+
+    hidden_size: int
+    act_bytes: int = BF16_BYTES  # hidden states, expert outputs, partial sums
+    fp8_dispatch: bool = False  # dispatch payload as e4m3 + fp32 per-128 scales (combine stays act_bytes)
+    id_bytes: int = INT64_BYTES
+    weight_bytes: int = FP32_BYTES
+    count_bytes: int = INT64_BYTES
+
+    @property
+    def dispatch_row_bytes(self) -> int:
+        """One token copy's hidden state as dispatched: H * act_bytes, or H + ceil(H/128) * 4 in FP8."""
+        if self.fp8_dispatch:
+            return self.hidden_size + math.ceil(self.hidden_size / FP8_SCALE_GROUP) * FP32_BYTES
+        return self.hidden_size * self.act_bytes
+
+    @property
+    def combine_row_bytes(self) -> int:
+        """One expert output (or partial-sum row) sent back: H * act_bytes."""
+        return self.hidden_size * self.act_bytes
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Bytes one MoE layer moves across ranks: payload out, routing metadata, payload back."""
+
+    dispatch: float  # all-to-all: copies to their experts' ranks; all-gather: hidden states
+    routing: float  # all-to-all: expert ids + count exchange; all-gather: ids + weights
+    combine: float  # all-to-all: expert outputs back; all-gather: reduce-scatter of partial sums
+
+    @property
+    def total(self) -> float:
+        return self.dispatch + self.routing + self.combine
+
+
+def remote_copies(topk_ids_per_rank: list[torch.Tensor], n_local_experts: int) -> int:
+    """Token copies whose expert is owned by another rank; rank r owns experts [r*n_local, (r+1)*n_local)."""
+    total = 0
+    for rank, topk_ids in enumerate(topk_ids_per_rank):  # [n_r, k] global expert ids
+        total += int((topk_ids // n_local_experts != rank).sum())
+    return total
+
+
+def all_to_all_bytes(num_remote_copies: float, world_size: int, fmt: WireFormat, count_exchange: bool = True) -> LayerBytes:
+    """dispatch = R * (row + id), combine = R * H * act, routing += W*(W-1)*8 for the count exchange.
+
+    `num_remote_copies` (R) may be an expectation (per-token tables); `count_exchange=False` leaves out
+    the per-layer count exchange, a fixed cost that does not scale with tokens.
+    """
+    counts = world_size * (world_size - 1) * fmt.count_bytes if count_exchange else 0
+    return LayerBytes(
+        dispatch=num_remote_copies * fmt.dispatch_row_bytes,
+        routing=num_remote_copies * fmt.id_bytes + counts,
+        combine=num_remote_copies * fmt.combine_row_bytes,
+    )
+
+
+def all_gather_bytes(num_tokens: int, world_size: int, top_k: int, fmt: WireFormat) -> LayerBytes:
+    """All-gather of each rank's rows to the W-1 others, then reduce-scatter of [T, H] partial sums.
+
+    dispatch = (W-1) * T * H * act, routing = (W-1) * T * k * (id + weight), combine = (W-1) * T * H * act,
+    with T the tokens of all ranks together. Independent of the routing.
+    """
+    others = (world_size - 1) * num_tokens
+    return LayerBytes(
+        dispatch=others * fmt.dispatch_row_bytes,
+        routing=others * top_k * (fmt.id_bytes + fmt.weight_bytes),
+        combine=others * fmt.combine_row_bytes,
+    )
+
+
+def routing_bytes(topk_ids_per_rank: list[torch.Tensor], n_routed_experts: int, fmt: WireFormat) -> dict[str, LayerBytes]:
+    """Bytes per layer of each dispatcher for one concrete routing ([n, k] global expert ids per rank)."""
+    world_size = len(topk_ids_per_rank)
+    if n_routed_experts % world_size:
+        raise ValueError(f"n_routed_experts={n_routed_experts} is not divisible by world_size={world_size}")
+    num_tokens = sum(t.shape[0] for t in topk_ids_per_rank)
+    top_k = topk_ids_per_rank[0].shape[1]
+    remote = remote_copies(topk_ids_per_rank, n_routed_experts // world_size)
+    return {
+        "all_to_all": all_to_all_bytes(remote, world_size, fmt),
+        "all_gather": all_gather_bytes(num_tokens, world_size, top_k, fmt),
+    }
+
+
+def expected_remote_copies(top_k: int, world_size: int) -> float:
+    """Copies per token that leave its rank under uniform routing: k * (W - 1) / W."""
+    return top_k * (world_size - 1) / world_size
+
+
+def expected_remote_ranks(n_routed_experts: int, top_k: int, world_size: int) -> float:
+    """Distinct other ranks a token's k distinct experts touch under uniform routing.
+
+    (W - 1) * (1 - C(E - E/W, k) / C(E, k)): what a dispatcher sending one copy per destination rank
+    (DeepEP-style, not implemented here) would send.
+    """
+    miss = math.comb(n_routed_experts - n_routed_experts // world_size, top_k) / math.comb(n_routed_experts, top_k)
+    return (world_size - 1) * (1 - miss)
+
+
+def per_token_bytes(config, world_size: int, fp8_dispatch: bool) -> dict[str, LayerBytes]:
+    """Expected bytes per decode token per MoE layer under uniform routing, count exchange left out."""
+    fmt = WireFormat(config.hidden_size, fp8_dispatch=fp8_dispatch)
+    k = config.num_experts_per_tok
+    dedup = expected_remote_ranks(config.n_routed_experts, k, world_size)
+    per_rank_copy = LayerBytes(fmt.dispatch_row_bytes, k * (fmt.id_bytes + fmt.weight_bytes), fmt.combine_row_bytes)
+    return {
+        "all_to_all": all_to_all_bytes(expected_remote_copies(k, world_size), world_size, fmt, count_exchange=False),
+        "all_gather": all_gather_bytes(1, world_size, k, WireFormat(config.hidden_size)),
+        "per_rank_copy": LayerBytes(*(dedup * v for v in astuple(per_rank_copy))),
+    }
+
+
+def num_moe_layers(config) -> int:
+    """MoE layers of a config (60 for K2: 61 layers, the first dense)."""
+    return sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+
+
+# ---------------------------------------------------------------- measured on gloo
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """One timing run: W ranks, tokens per rank to sweep, repeats, dtype, and the tiny config's hidden size."""
+
+    world_size: int
+    tokens_per_rank: tuple[int, ...]
+    warmup: int
+    repeats: int
+    dtype: str = "bf16"
+    hidden_size: int | None = None
+    seed: int = 0
+    start_method: str = "fork"  # fork starts ranks without re-importing torch; spawn is the cautious choice
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_config(hidden_size: int | None):
+    from cluster.tiny import tiny_config_dict
+    from worker.model.config import ModelConfig
+
+    overrides = {} if hidden_size is None else {"hidden_size": hidden_size}
+    return ModelConfig.from_dict(tiny_config_dict(**overrides))
+
+
+def init_moe_weights(moe: torch.nn.Module, seed: int) -> None:
+    """Normal(0, 1/sqrt(fan_in)) weights seeded by parameter name, so an expert (named by its global id)
+    and the replicated gate and shared expert get the same values on every rank and in one process."""
+    for name, p in moe.named_parameters():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if p.dim() == 2:
+            values = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1])
+        else:
+            values = 0.01 * torch.randn(p.shape, generator=gen)  # e_score_correction_bias: only selects
+        p.data.copy_(values.to(p.dtype))
+
+
+def build_moe(config, info, dtype: torch.dtype, dispatcher: str, seed: int):
+    from worker.model.layers.moe import MoE
+
+    moe = MoE(config, info, dtype, dispatcher=dispatcher)
+    init_moe_weights(moe, seed)
+    return moe.eval()
+
+
+def rank_inputs(n: int, hidden: int, rank: int, world_size: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's [n, H] shard, all ranks' [W * n, H]), drawn from one generator shared by every rank."""
+    gen = torch.Generator().manual_seed(seed + 7919 * n)
+    all_x = torch.randn(world_size * n, hidden, generator=gen).to(dtype)  # [W * n, H]
+    return all_x[rank * n : (rank + 1) * n], all_x
+
+
+def check_agreement(outputs: dict[str, torch.Tensor], reference: torch.Tensor, group) -> float:
+    """Largest |dispatcher - one-process reference| over ranks, relative to the reference's max |y|."""
+    import torch.distributed as dist
+
+    scale = reference.float().abs().max().clamp(min=1e-6)
+    err = max(float((y.float() - reference.float()).abs().max() / scale) for y in outputs.values())
+    t = torch.tensor([err])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t)
+
+
+def time_forward(moe, x: torch.Tensor, warmup: int, repeats: int, group) -> float:
+    """Median over repeats of the slowest rank's wall time for one MoE forward, in ms."""
+    import torch.distributed as dist
+
+    times = torch.zeros(repeats, dtype=torch.float64)
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            dist.barrier(group=group)
+            start = time.perf_counter()
+            moe(x)
+            if i >= warmup:
+                times[i - warmup] = (time.perf_counter() - start) * 1e3
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+    return statistics.median(times.tolist())
+
+
+def gather_routing(moe, x: torch.Tensor, world_size: int, group) -> list[torch.Tensor]:
+    """Every rank's topk ids [n, k] for input x, on every rank."""
+    import torch.distributed as dist
+
+    with torch.inference_mode():
+        topk_ids, _ = moe.gate(x)  # [n, k]
+    out = topk_ids.new_empty((world_size * topk_ids.shape[0], topk_ids.shape[1]))
+    dist.all_gather_into_tensor(out, topk_ids.contiguous(), group=group)
+    return list(out.chunk(world_size))
+
+
+def measure_tokens(n: int, config, moes: dict, reference_moe, cfg: TimingConfig, rank: int, group) -> dict:
+    """Check agreement, count bytes and time both dispatchers at n tokens per rank."""
+    x, all_x = rank_inputs(n, config.hidden_size, rank, cfg.world_size, cfg.seed, cfg.torch_dtype)
+    with torch.inference_mode():
+        reference = reference_moe(all_x)[rank * n : (rank + 1) * n]  # [n, H]
+        outputs = {name: moe(x) for name, moe in moes.items()}
+    err = check_agreement(outputs, reference, group)
+    tol = 5e-2 if cfg.dtype == "bf16" else 1e-4
+    if err > tol:
+        raise AssertionError(f"dispatchers disagree with one process at W={cfg.world_size} n={n}: rel err {err:.3g} > {tol}")
+    topk = gather_routing(moes["all_to_all"], x, cfg.world_size, group)
+    fmt = WireFormat(config.hidden_size, act_bytes=cfg.torch_dtype.itemsize)
+    nbytes = routing_bytes(topk, config.n_routed_experts, fmt)
+    row = {"world": cfg.world_size, "tokens_per_rank": n, "rel_err": err,
+           "remote_copies": remote_copies(topk, config.n_routed_experts // cfg.world_size)}
+    for name, moe in moes.items():
+        row[f"{name}_ms"] = time_forward(moe, x, cfg.warmup, cfg.repeats, group)
+        row[f"{name}_bytes"] = nbytes[name].total
+    return row
+
+
+def run_rank(rank: int, cfg: TimingConfig, port: int, out_path: str) -> None:
+    """One spawned rank: join the gloo group, build the MoE layer per dispatcher, sweep token counts."""
+    import torch.distributed as dist
+
+    from worker.parallel import ParallelInfo
+
+    torch.set_num_threads(1)
+    # the dispatchers use all_gather_into_tensor / reduce_scatter_tensor, which torch 2.13 flags as deprecated
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.world_size)
+    try:
+        group = dist.group.WORLD
+        info = ParallelInfo(rank, cfg.world_size, group)
+        config = model_config(cfg.hidden_size)
+        moes = {name: build_moe(config, info, cfg.torch_dtype, name, cfg.seed) for name in DISPATCHER_NAMES}
+        reference_moe = build_moe(config, ParallelInfo(), cfg.torch_dtype, "local", cfg.seed)
+        rows = [measure_tokens(n, config, moes, reference_moe, cfg, rank, group) for n in cfg.tokens_per_rank]
+        if rank == 0:
+            Path(out_path).write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(cfg: TimingConfig) -> list[dict]:
+    """Spawn cfg.world_size gloo ranks on this box and return rank 0's rows (one per token count)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = str(Path(tmp) / "rows.json")
+        mp.start_processes(run_rank, args=(cfg, free_port(), out_path), nprocs=cfg.world_size,
+                           start_method=cfg.start_method)
+        return json.loads(Path(out_path).read_text())
+
+
+# ---------------------------------------------------------------- tables
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """Plain aligned text: first column left-aligned, the others right-aligned."""
+    cells = [headers] + [[c if isinstance(c, str) else f"{c:,}" for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def bytes_table(rows: list[dict]) -> str:
+    headers = ["W", "tokens/rank", "remote copies", "all-to-all B", "all-gather B", "a2a / ag"]
+    body = [[str(r["world"]), r["tokens_per_rank"], r["remote_copies"], int(r["all_to_all_bytes"]),
+             int(r["all_gather_bytes"]), f"{r['all_to_all_bytes'] / r['all_gather_bytes']:.2f}"] for r in rows]
+    return format_table(headers, body)
+
+
+def timing_table(rows: list[dict]) -> str:
+    headers = ["W", "tokens/rank", "all-to-all ms", "all-gather ms", "ag / a2a", "max rel err"]
+    body = [[str(r["world"]), r["tokens_per_rank"], f"{r['all_to_all_ms']:.3f}", f"{r['all_gather_ms']:.3f}",
+             f"{r['all_gather_ms'] / r['all_to_all_ms']:.2f}", f"{r['rel_err']:.1e}"] for r in rows]
+    return format_table(headers, body)
+
+
+def k2_rows(config, world_size: int) -> list[tuple[str, str, LayerBytes]]:
+    """(dispatcher, payload, bytes per token per layer) for K2 at world_size ranks."""
+    bf16, fp8 = per_token_bytes(config, world_size, False), per_token_bytes(config, world_size, True)
+    return [
+        ("all-to-all", "bf16", bf16["all_to_all"]),
+        ("all-to-all", "fp8 dispatch", fp8["all_to_all"]),
+        ("all-gather (baseline)", "bf16", bf16["all_gather"]),
+        ("one copy per rank*", "bf16", bf16["per_rank_copy"]),
+        ("one copy per rank*", "fp8 dispatch", fp8["per_rank_copy"]),
+    ]
+
+
+def k2_table(config, world_size: int) -> str:
+    layers = num_moe_layers(config)
+    headers = ["dispatcher", "payload", "dispatch B", "routing B", "combine B", "B/token/layer", f"KB/token x{layers}"]
+    body = [[name, payload, round(b.dispatch), round(b.routing), round(b.combine), round(b.total),
+             f"{b.total * layers / 1e3:,.1f}"] for name, payload, b in k2_rows(config, world_size)]
+    return format_table(headers, body)
+
+
+def k2_width_table(config, widths: tuple[int, ...] = (8, 16, 32, 64)) -> str:
+    headers = ["W", "remote copies", "a2a bf16 B", "a2a fp8 B", "all-gather B", "ag / a2a bf16"]
+    body = []
+    for w in widths:
+        rows = {f"{n} {p}": b.total for n, p, b in k2_rows(config, w)}
+        a2a = rows["all-to-all bf16"]
+        body.append([str(w), f"{expected_remote_copies(config.num_experts_per_tok, w):.3f}", round(a2a),
+                     round(rows["all-to-all fp8 dispatch"]), round(rows["all-gather (baseline) bf16"]),
+                     f"{rows['all-gather (baseline) bf16'] / a2a:.2f}"])
+    return format_table(headers, body)
+
+
+def print_k2_tables() -> None:
+    from worker.model.config import ModelConfig
+
+    k2 = ModelConfig()  # Kimi K2 Instruct defaults
+    remote = expected_remote_copies(k2.num_experts_per_tok, 8)
+    print(f"\nKimi K2 on 8 ranks, per decode token, uniform routing: {remote:.3f} of "
+          f"{k2.num_experts_per_tok} copies leave the rank (count exchange of 8*7*8 = 448 B/layer not included)")
+    print(k2_table(k2, 8))
+    print(f"* one copy per destination rank (DeepEP-style, not implemented): "
+          f"{expected_remote_ranks(k2.n_routed_experts, k2.num_experts_per_tok, 8):.3f} remote ranks per token, "
+          f"ids + weights ride along")
+    print("\nKimi K2, bytes per decode token per MoE layer vs expert-parallel width")
+    print(k2_width_table(k2))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer token counts and repeats (a few seconds per W)")
+    p.add_argument("--world", type=int, nargs="+", default=[2, 4], help="ranks per timing run")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="tokens per rank (default 1 8 64 256)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--hidden-size", type=int, default=None, help="override the tiny config's hidden size (192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start-method", choices=["fork", "spawn"], default="fork",
+                   help="how ranks start: fork (fast) or spawn (each rank imports torch afresh)")
+    return p.parse_args(argv)
+
+
+def timing_configs(args: argparse.Namespace) -> list[TimingConfig]:
+    tokens = tuple(args.tokens or ((1, 8, 64) if args.quick else (1, 8, 64, 256)))
+    warmup, repeats = (1, 5) if args.quick else (2, 10)
+    return [TimingConfig(w, tokens, warmup, repeats, args.dtype, args.hidden_size, args.seed, args.start_method) for w in args.world]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the timing sweeps, then print the bytes, timing and K2 tables."""
+    args = parse_args(argv)
+    rows = []
+    for cfg in timing_configs(args):
+        start = time.perf_counter()
+        rows += measure(cfg)
+        print(f"W={cfg.world_size}: {len(cfg.tokens_per_rank)} token counts timed in {time.perf_counter() - start:.1f} s")
+    config = model_config(args.hidden_size)
+    print(f"Tiny config: hidden {config.hidden_size}, top-{config.num_experts_per_tok} of "
+          f"{config.n_routed_experts} experts, {args.dtype}; gloo on {torch.get_num_threads()} CPU threads here")
+    print("\nBytes per MoE layer, computed from the routing of the timed inputs")
+    print(bytes_table(rows))
+    print("\nMedian ms per MoE layer (slowest rank), gloo on this box")
+    print(timing_table(rows))
+    print_k2_tables()
+
+
+if __name__ == "__main__":
+    main()

@@ -233,3 +233,23 @@ def test_published_style_template_renders_the_same(template):
     assert published.render([USER, ASSISTANT_CALL, TOOL_RESULT], tools=[WEATHER_TOOL]) == NEXT_PROMPT
     msgs = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert published.render(msgs) == template.render(msgs)
+
+
+def test_injection_property(template, tok):
+    from hypothesis import given, settings, strategies as st
+
+    fragments = st.sampled_from(["<|im_end|>", "<|im_", "end|>", "<|tool_call_begin|>", "[EOS]", "[", "|>", "<|",
+                                 "\U00100000", "\U0010ffff", "你好", "😀", "a", " ", "\n", "## Return of"])
+    payload = st.lists(fragments, max_size=12).map("".join)
+
+    @settings(max_examples=60, deadline=None)
+    @given(payload, payload)
+    def check(content, tool_text):
+        msgs = [{"role": "user", "content": content},
+                {"role": "tool", "tool_call_id": tool_text, "name": "t", "content": tool_text}]
+        ids = template.encode(tok, msgs)
+        assert tok.decode(ids) == template.render(msgs)
+        plain = [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "y", "name": "t", "content": "y"}]
+        assert control_ids(tok, ids) == control_ids(tok, template.encode(tok, plain))
+
+    check()

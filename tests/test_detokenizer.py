@@ -11,16 +11,16 @@ TEXT = "aé你😀b👩‍💻ß€"
 
 
 class ChunkTokenizer:
-    """Token i is the i-th byte chunk given; ids >= 100 are specials (101 is a kept tool marker)."""
+    """Token i is the i-th byte chunk given; 1000 is a special token, 1001 a kept tool marker."""
 
     def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = chunks
 
     def token_bytes(self, token_id: int) -> bytes:
-        return {100: b"[EOS]", 101: b"<|tool_call_begin|>"}.get(token_id) or self.chunks[token_id]
+        return {1000: b"[EOS]", 1001: b"<|tool_call_begin|>"}.get(token_id) or self.chunks[token_id]
 
     def is_special(self, token_id: int) -> bool:
-        return token_id == 100
+        return token_id == 1000
 
 
 def stream(detok: IncrementalDetokenizer, batches: list[list[int]]) -> list[str]:
@@ -59,9 +59,9 @@ def test_flush_replaces_incomplete_tail():
 
 def test_skip_special_tokens_keeps_tool_markers():
     tok = ChunkTokenizer([b"hi"])
-    assert "".join(stream(IncrementalDetokenizer(tok, skip_special_tokens=True), [[0, 100], [101]])) == \
+    assert "".join(stream(IncrementalDetokenizer(tok, skip_special_tokens=True), [[0, 1000], [1001]])) == \
         "hi<|tool_call_begin|>"
-    assert "".join(stream(IncrementalDetokenizer(tok), [[0, 100]])) == "hi[EOS]"
+    assert "".join(stream(IncrementalDetokenizer(tok), [[0, 1000]])) == "hi[EOS]"
 
 
 def test_real_tokenizer_token_by_token(tiny_model_dir):
@@ -73,3 +73,24 @@ def test_real_tokenizer_token_by_token(tiny_model_dir):
     assert_whole_characters(deltas, text + "<|im_end|>")
     skipped = stream(IncrementalDetokenizer(tok, skip_special_tokens=True), [ids[:3], ids[3:] + [tok.im_end_id]])
     assert_whole_characters(skipped, text)
+
+
+def test_random_chunkings_property():
+    from hypothesis import given, settings, strategies as st
+
+    no_replacement_char = st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd")
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.text(no_replacement_char, max_size=30), st.lists(st.integers(min_value=1, max_value=6), max_size=40))
+    def check(text, sizes):
+        data, chunks, pos = text.encode("utf-8"), [], 0
+        for size in sizes + [len(text.encode("utf-8")) + 1]:
+            if pos >= len(data):
+                break
+            chunks.append(data[pos:pos + size])
+            pos += size
+        tok = ChunkTokenizer(chunks)
+        deltas = stream(IncrementalDetokenizer(tok), [[i] for i in range(len(chunks))])
+        assert_whole_characters(deltas, text)
+
+    check()

@@ -31,7 +31,7 @@ def single_logits(tiny_model_dir):
     return [runner.execute(p) for p in plans()]
 
 
-@pytest.mark.parametrize("world, dispatcher", [(2, "all_to_all"), (4, "all_to_all"), (2, "all_gather")])
+@pytest.mark.parametrize("world, dispatcher", [(4, "all_to_all"), (2, "all_gather")])
 def test_group_logits_match_single_process(ray_session, tiny_model_dir, single_logits, world, dispatcher):
     group = WorkerGroup(GroupSpec(f"g{world}{dispatcher}", str(tiny_model_dir), tp=world, ep=world,
                                   engine=ENGINE, dispatcher=dispatcher)).start()

@@ -63,9 +63,9 @@ class ManagedGroup:
 
 
 class Controller:
-    def __init__(self, config: ClusterConfig, model_dir: str | Path, grpc_host: str = "127.0.0.1"):
+    def __init__(self, config: ClusterConfig, model_dir: str | Path):
         self.config = config
-        port = config.controller.worker_grpc_port
+        grpc_host, port = config.controller.worker_grpc_host, config.controller.worker_grpc_port
         self.groups = [
             ManagedGroup(group_spec(g, config, str(model_dir)), grpc_host, port, config.model.name)
             for g in config.groups

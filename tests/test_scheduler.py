@@ -177,8 +177,11 @@ def test_too_long_requests_are_rejected_with_clear_errors():
     with pytest.raises(RequestRejected, match="leaves no room"):
         sched.add(make_requests(1, prompt_len=16, max_tokens=1)[0])
     small = make_scheduler(num_blocks=2, max_model_len=64)
-    with pytest.raises(RequestRejected, match="more than the whole cache"):
+    with pytest.raises(RequestRejected, match="needs more KV cache than this worker has in all"):
         small.add(make_requests(1, prompt_len=6, max_tokens=4)[0])
+    unset = Request("u", [1] * 5, SamplingParams(max_tokens=None))
+    small.add(unset)  # no max_tokens: capped to what the cache holds
+    assert unset.max_new_tokens == 3
 
 
 def test_queue_full_and_duplicate_id_rejected():

@@ -83,14 +83,17 @@ class Scheduler:
         if request.max_new_tokens is not None and n + request.max_new_tokens > self.max_model_len:
             raise RequestRejected(f"prompt ({n} tokens) + max_tokens ({request.max_new_tokens}) = "
                                   f"{n + request.max_new_tokens} exceeds the context length of {self.max_model_len} tokens")
-        total = n + (request.max_new_tokens or (self.max_model_len - n))
-        if self.kv_cache.blocks_needed(total) > self.kv_cache.num_blocks:
-            raise RequestRejected(f"request needs {total} tokens of KV cache, more than the whole cache "
-                                  f"({self.kv_cache.num_blocks * self.kv_cache.block_size} tokens)")
+        cache_tokens = self.kv_cache.num_blocks * self.kv_cache.block_size
+        if request.max_new_tokens is not None and n + request.max_new_tokens > cache_tokens:
+            raise RequestRejected(f"prompt ({n} tokens) + max_tokens ({request.max_new_tokens}) needs more KV "
+                                  f"cache than this worker has in all ({cache_tokens} tokens)")
+        if n >= cache_tokens:
+            raise RequestRejected(f"prompt of {n} tokens needs more KV cache than this worker has in all "
+                                  f"({cache_tokens} tokens)")
         if len(self.waiting) >= self.config.max_num_waiting:
             raise RequestRejected(f"queue full ({len(self.waiting)} waiting requests); retry later", status=429)
-        if request.max_new_tokens is None:
-            request.max_new_tokens = self.max_model_len - n
+        if request.max_new_tokens is None:  # unset: up to the context (or the whole cache) is full
+            request.max_new_tokens = min(self.max_model_len, cache_tokens) - n
 
     def abort(self, request_id: str) -> Request | None:
         """Remove a request at once and free its blocks; None if unknown or already finished."""

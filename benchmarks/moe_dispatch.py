@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import socket
 import statistics
 import tempfile
@@ -47,6 +48,13 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cluster.tiny import tiny_config_dict
+from worker.model.config import ModelConfig
+from worker.model.layers.moe import MoE
+from worker.parallel import ParallelInfo
 
 BF16_BYTES = 2
 FP32_BYTES = 4
@@ -103,7 +111,9 @@ def remote_copies(topk_ids_per_rank: list[torch.Tensor], n_local_experts: int) -
     return total
 
 
-def all_to_all_bytes(num_remote_copies: float, world_size: int, fmt: WireFormat, count_exchange: bool = True) -> LayerBytes:
+def all_to_all_bytes(
+    num_remote_copies: float, world_size: int, fmt: WireFormat, count_exchange: bool = True
+) -> LayerBytes:
     """dispatch = R * (row + id), combine = R * H * act, routing += W*(W-1)*8 for the count exchange.
 
     `num_remote_copies` (R) may be an expectation (per-token tables); `count_exchange=False` leaves out
@@ -131,7 +141,9 @@ def all_gather_bytes(num_tokens: int, world_size: int, top_k: int, fmt: WireForm
     )
 
 
-def routing_bytes(topk_ids_per_rank: list[torch.Tensor], n_routed_experts: int, fmt: WireFormat) -> dict[str, LayerBytes]:
+def routing_bytes(
+    topk_ids_per_rank: list[torch.Tensor], n_routed_experts: int, fmt: WireFormat
+) -> dict[str, LayerBytes]:
     """Bytes per layer of each dispatcher for one concrete routing ([n, k] global expert ids per rank)."""
     world_size = len(topk_ids_per_rank)
     if n_routed_experts % world_size:
@@ -160,7 +172,7 @@ def expected_remote_ranks(n_routed_experts: int, top_k: int, world_size: int) ->
     return (world_size - 1) * (1 - miss)
 
 
-def per_token_bytes(config, world_size: int, fp8_dispatch: bool) -> dict[str, LayerBytes]:
+def per_token_bytes(config: ModelConfig, world_size: int, fp8_dispatch: bool) -> dict[str, LayerBytes]:
     """Expected bytes per decode token per MoE layer under uniform routing, count exchange left out."""
     fmt = WireFormat(config.hidden_size, fp8_dispatch=fp8_dispatch)
     k = config.num_experts_per_tok
@@ -173,7 +185,7 @@ def per_token_bytes(config, world_size: int, fp8_dispatch: bool) -> dict[str, La
     }
 
 
-def num_moe_layers(config) -> int:
+def num_moe_layers(config: ModelConfig) -> int:
     """MoE layers of a config (60 for K2: 61 layers, the first dense)."""
     return sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
 
@@ -205,10 +217,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def model_config(hidden_size: int | None):
-    from cluster.tiny import tiny_config_dict
-    from worker.model.config import ModelConfig
-
+def model_config(hidden_size: int | None) -> ModelConfig:
+    """The tiny K2-shaped config (hidden 192, top-4 of 16 experts), optionally with another hidden size."""
     overrides = {} if hidden_size is None else {"hidden_size": hidden_size}
     return ModelConfig.from_dict(tiny_config_dict(**overrides))
 
@@ -225,97 +235,95 @@ def init_moe_weights(moe: torch.nn.Module, seed: int) -> None:
         p.data.copy_(values.to(p.dtype))
 
 
-def build_moe(config, info, dtype: torch.dtype, dispatcher: str, seed: int):
-    from worker.model.layers.moe import MoE
-
+def build_moe(config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str, seed: int) -> MoE:
     moe = MoE(config, info, dtype, dispatcher=dispatcher)
     init_moe_weights(moe, seed)
     return moe.eval()
 
 
-def rank_inputs(n: int, hidden: int, rank: int, world_size: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_inputs(cfg: TimingConfig, n: int, hidden: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(this rank's [n, H] shard, all ranks' [W * n, H]), drawn from one generator shared by every rank."""
-    gen = torch.Generator().manual_seed(seed + 7919 * n)
-    all_x = torch.randn(world_size * n, hidden, generator=gen).to(dtype)  # [W * n, H]
+    gen = torch.Generator().manual_seed(cfg.seed + 7919 * n)
+    all_x = torch.randn(cfg.world_size * n, hidden, generator=gen).to(cfg.torch_dtype)  # [W * n, H]
     return all_x[rank * n : (rank + 1) * n], all_x
 
 
-def check_agreement(outputs: dict[str, torch.Tensor], reference: torch.Tensor, group) -> float:
-    """Largest |dispatcher - one-process reference| over ranks, relative to the reference's max |y|."""
-    import torch.distributed as dist
+class RankBench:
+    """One rank's MoE layer under each dispatcher, plus a one-process MoE holding every expert as reference."""
 
-    scale = reference.float().abs().max().clamp(min=1e-6)
-    err = max(float((y.float() - reference.float()).abs().max() / scale) for y in outputs.values())
-    t = torch.tensor([err])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t)
+    def __init__(self, cfg: TimingConfig, rank: int, group):
+        self.cfg, self.rank, self.group = cfg, rank, group
+        self.config = model_config(cfg.hidden_size)
+        info = ParallelInfo(rank, cfg.world_size, group)
+        self.moes = {name: build_moe(self.config, info, cfg.torch_dtype, name, cfg.seed) for name in DISPATCHER_NAMES}
+        self.reference = build_moe(self.config, ParallelInfo(), cfg.torch_dtype, "local", cfg.seed)
 
+    def measure_tokens(self, n: int) -> dict:
+        """Check agreement, count bytes and time both dispatchers at n tokens per rank."""
+        x, all_x = rank_inputs(self.cfg, n, self.config.hidden_size, self.rank)
+        err = self.check_agreement(x, all_x)
+        topk = self.gather_routing(x)
+        fmt = WireFormat(self.config.hidden_size, act_bytes=self.cfg.torch_dtype.itemsize)
+        nbytes = routing_bytes(topk, self.config.n_routed_experts, fmt)
+        n_local = self.config.n_routed_experts // self.cfg.world_size
+        row = {"world": self.cfg.world_size, "tokens_per_rank": n, "rel_err": err,
+               "remote_copies": remote_copies(topk, n_local)}
+        for name, moe in self.moes.items():
+            row[f"{name}_ms"] = self.time_forward(moe, x)
+            row[f"{name}_bytes"] = nbytes[name].total
+        return row
 
-def time_forward(moe, x: torch.Tensor, warmup: int, repeats: int, group) -> float:
-    """Median over repeats of the slowest rank's wall time for one MoE forward, in ms."""
-    import torch.distributed as dist
+    def check_agreement(self, x: torch.Tensor, all_x: torch.Tensor) -> float:
+        """Largest |dispatcher - one process| over dispatchers and ranks, relative to max |reference|.
 
-    times = torch.zeros(repeats, dtype=torch.float64)
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            dist.barrier(group=group)
-            start = time.perf_counter()
-            moe(x)
-            if i >= warmup:
-                times[i - warmup] = (time.perf_counter() - start) * 1e3
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
-    return statistics.median(times.tolist())
+        Raises on every rank alike (the error is all-reduced) when it exceeds the dtype's tolerance.
+        """
+        n = x.shape[0]
+        with torch.inference_mode():
+            reference = self.reference(all_x)[self.rank * n : (self.rank + 1) * n].float()  # [n, H]
+            outputs = [moe(x).float() for moe in self.moes.values()]  # [n, H] each
+        scale = reference.abs().max().clamp(min=1e-6)
+        err = torch.tensor([max(float((y - reference).abs().max() / scale) for y in outputs)])
+        dist.all_reduce(err, op=dist.ReduceOp.MAX, group=self.group)
+        tol = 5e-2 if self.cfg.dtype == "bf16" else 1e-4
+        if float(err) > tol:
+            raise AssertionError(
+                f"dispatchers disagree with one process at W={self.cfg.world_size}, {n} tokens per rank: "
+                f"relative error {float(err):.3g} > {tol}"
+            )
+        return float(err)
 
+    def gather_routing(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's topk ids [n, k] for its input, on every rank."""
+        with torch.inference_mode():
+            topk_ids, _ = self.reference.gate(x)  # [n, k]; the gate is replicated, identical everywhere
+        out = topk_ids.new_empty((self.cfg.world_size * topk_ids.shape[0], topk_ids.shape[1]))  # [W * n, k]
+        dist.all_gather_into_tensor(out, topk_ids.contiguous(), group=self.group)
+        return list(out.chunk(self.cfg.world_size))
 
-def gather_routing(moe, x: torch.Tensor, world_size: int, group) -> list[torch.Tensor]:
-    """Every rank's topk ids [n, k] for input x, on every rank."""
-    import torch.distributed as dist
-
-    with torch.inference_mode():
-        topk_ids, _ = moe.gate(x)  # [n, k]
-    out = topk_ids.new_empty((world_size * topk_ids.shape[0], topk_ids.shape[1]))
-    dist.all_gather_into_tensor(out, topk_ids.contiguous(), group=group)
-    return list(out.chunk(world_size))
-
-
-def measure_tokens(n: int, config, moes: dict, reference_moe, cfg: TimingConfig, rank: int, group) -> dict:
-    """Check agreement, count bytes and time both dispatchers at n tokens per rank."""
-    x, all_x = rank_inputs(n, config.hidden_size, rank, cfg.world_size, cfg.seed, cfg.torch_dtype)
-    with torch.inference_mode():
-        reference = reference_moe(all_x)[rank * n : (rank + 1) * n]  # [n, H]
-        outputs = {name: moe(x) for name, moe in moes.items()}
-    err = check_agreement(outputs, reference, group)
-    tol = 5e-2 if cfg.dtype == "bf16" else 1e-4
-    if err > tol:
-        raise AssertionError(f"dispatchers disagree with one process at W={cfg.world_size} n={n}: rel err {err:.3g} > {tol}")
-    topk = gather_routing(moes["all_to_all"], x, cfg.world_size, group)
-    fmt = WireFormat(config.hidden_size, act_bytes=cfg.torch_dtype.itemsize)
-    nbytes = routing_bytes(topk, config.n_routed_experts, fmt)
-    row = {"world": cfg.world_size, "tokens_per_rank": n, "rel_err": err,
-           "remote_copies": remote_copies(topk, config.n_routed_experts // cfg.world_size)}
-    for name, moe in moes.items():
-        row[f"{name}_ms"] = time_forward(moe, x, cfg.warmup, cfg.repeats, group)
-        row[f"{name}_bytes"] = nbytes[name].total
-    return row
+    def time_forward(self, moe: MoE, x: torch.Tensor) -> float:
+        """Median over repeats of the slowest rank's wall time for one MoE forward, in ms."""
+        times = torch.zeros(self.cfg.repeats, dtype=torch.float64)
+        with torch.inference_mode():
+            for i in range(self.cfg.warmup + self.cfg.repeats):
+                dist.barrier(group=self.group)
+                start = time.perf_counter()
+                moe(x)
+                if i >= self.cfg.warmup:
+                    times[i - self.cfg.warmup] = (time.perf_counter() - start) * 1e3
+        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=self.group)
+        return statistics.median(times.tolist())
 
 
 def run_rank(rank: int, cfg: TimingConfig, port: int, out_path: str) -> None:
-    """One spawned rank: join the gloo group, build the MoE layer per dispatcher, sweep token counts."""
-    import torch.distributed as dist
-
-    from worker.parallel import ParallelInfo
-
+    """One spawned rank: join the gloo group, sweep the token counts, rank 0 writes the rows as JSON."""
     torch.set_num_threads(1)
     # the dispatchers use all_gather_into_tensor / reduce_scatter_tensor, which torch 2.13 flags as deprecated
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.world_size)
     try:
-        group = dist.group.WORLD
-        info = ParallelInfo(rank, cfg.world_size, group)
-        config = model_config(cfg.hidden_size)
-        moes = {name: build_moe(config, info, cfg.torch_dtype, name, cfg.seed) for name in DISPATCHER_NAMES}
-        reference_moe = build_moe(config, ParallelInfo(), cfg.torch_dtype, "local", cfg.seed)
-        rows = [measure_tokens(n, config, moes, reference_moe, cfg, rank, group) for n in cfg.tokens_per_rank]
+        bench = RankBench(cfg, rank, dist.group.WORLD)
+        rows = [bench.measure_tokens(n) for n in cfg.tokens_per_rank]
         if rank == 0:
             Path(out_path).write_text(json.dumps(rows))
     finally:
@@ -324,8 +332,6 @@ def run_rank(rank: int, cfg: TimingConfig, port: int, out_path: str) -> None:
 
 def measure(cfg: TimingConfig) -> list[dict]:
     """Spawn cfg.world_size gloo ranks on this box and return rank 0's rows (one per token count)."""
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as tmp:
         out_path = str(Path(tmp) / "rows.json")
         mp.start_processes(run_rank, args=(cfg, free_port(), out_path), nprocs=cfg.world_size,
@@ -356,13 +362,13 @@ def bytes_table(rows: list[dict]) -> str:
 
 
 def timing_table(rows: list[dict]) -> str:
-    headers = ["W", "tokens/rank", "all-to-all ms", "all-gather ms", "ag / a2a", "max rel err"]
+    headers = ["W", "tokens/rank", "all-to-all ms", "all-gather ms", "ag / a2a", "rel err vs 1 rank"]
     body = [[str(r["world"]), r["tokens_per_rank"], f"{r['all_to_all_ms']:.3f}", f"{r['all_gather_ms']:.3f}",
              f"{r['all_gather_ms'] / r['all_to_all_ms']:.2f}", f"{r['rel_err']:.1e}"] for r in rows]
     return format_table(headers, body)
 
 
-def k2_rows(config, world_size: int) -> list[tuple[str, str, LayerBytes]]:
+def k2_rows(config: ModelConfig, world_size: int) -> list[tuple[str, str, LayerBytes]]:
     """(dispatcher, payload, bytes per token per layer) for K2 at world_size ranks."""
     bf16, fp8 = per_token_bytes(config, world_size, False), per_token_bytes(config, world_size, True)
     return [
@@ -374,7 +380,7 @@ def k2_rows(config, world_size: int) -> list[tuple[str, str, LayerBytes]]:
     ]
 
 
-def k2_table(config, world_size: int) -> str:
+def k2_table(config: ModelConfig, world_size: int) -> str:
     layers = num_moe_layers(config)
     headers = ["dispatcher", "payload", "dispatch B", "routing B", "combine B", "B/token/layer", f"KB/token x{layers}"]
     body = [[name, payload, round(b.dispatch), round(b.routing), round(b.combine), round(b.total),
@@ -382,7 +388,7 @@ def k2_table(config, world_size: int) -> str:
     return format_table(headers, body)
 
 
-def k2_width_table(config, widths: tuple[int, ...] = (8, 16, 32, 64)) -> str:
+def k2_width_table(config: ModelConfig, widths: tuple[int, ...] = (8, 16, 32, 64)) -> str:
     headers = ["W", "remote copies", "a2a bf16 B", "a2a fp8 B", "all-gather B", "ag / a2a bf16"]
     body = []
     for w in widths:
@@ -395,8 +401,6 @@ def k2_width_table(config, widths: tuple[int, ...] = (8, 16, 32, 64)) -> str:
 
 
 def print_k2_tables() -> None:
-    from worker.model.config import ModelConfig
-
     k2 = ModelConfig()  # Kimi K2 Instruct defaults
     remote = expected_remote_copies(k2.num_experts_per_tok, 8)
     print(f"\nKimi K2 on 8 ranks, per decode token, uniform routing: {remote:.3f} of "
@@ -425,7 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def timing_configs(args: argparse.Namespace) -> list[TimingConfig]:
     tokens = tuple(args.tokens or ((1, 8, 64) if args.quick else (1, 8, 64, 256)))
     warmup, repeats = (1, 5) if args.quick else (2, 10)
-    return [TimingConfig(w, tokens, warmup, repeats, args.dtype, args.hidden_size, args.seed, args.start_method) for w in args.world]
+    return [TimingConfig(w, tokens, warmup, repeats, args.dtype, args.hidden_size, args.seed, args.start_method)
+            for w in args.world]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -435,13 +440,16 @@ def main(argv: list[str] | None = None) -> None:
     for cfg in timing_configs(args):
         start = time.perf_counter()
         rows += measure(cfg)
-        print(f"W={cfg.world_size}: {len(cfg.tokens_per_rank)} token counts timed in {time.perf_counter() - start:.1f} s")
+        elapsed = time.perf_counter() - start
+        print(f"W={cfg.world_size}: {len(cfg.tokens_per_rank)} token counts timed in {elapsed:.1f} s")
     config = model_config(args.hidden_size)
     print(f"Tiny config: hidden {config.hidden_size}, top-{config.num_experts_per_tok} of "
           f"{config.n_routed_experts} experts, {args.dtype}; gloo on {torch.get_num_threads()} CPU threads here")
     print("\nBytes per MoE layer, computed from the routing of the timed inputs")
     print(bytes_table(rows))
-    print("\nMedian ms per MoE layer (slowest rank), gloo on this box")
+    print(f"\nMedian ms per MoE layer (slowest rank per repeat), gloo on {os.cpu_count()} cores")
+    if max(args.world) > (os.cpu_count() or 1):
+        print("note: more ranks than cores; those rows time the OS scheduler as much as the dispatchers")
     print(timing_table(rows))
     print_k2_tables()
 

@@ -18,13 +18,17 @@ from worker.model.layers.attention import MLAttention
 from worker.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.model.layers.mlp import ParallelMLP
 from worker.model.layers.moe import MoE
+from worker.model.layers.moe_stats import MoEStats
 from worker.model.layers.norm import RMSNorm
 from worker.model.layers.rotary import RotaryEmbedding
 from worker.parallel import ParallelInfo, all_gather_tokens, token_shard
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, info: ParallelInfo, dtype: torch.dtype, dispatcher: str):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, info: ParallelInfo, dtype: torch.dtype, dispatcher: str,
+        stats: MoEStats | None,
+    ):
         super().__init__()
         self.info = info
         self.is_moe = config.is_moe_layer(layer_idx)
@@ -33,7 +37,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLAttention(config, info, dtype, reduce)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if self.is_moe:
-            self.mlp = MoE(config, info, dtype, dispatcher)
+            self.mlp = MoE(config, info, dtype, dispatcher, layer_idx, stats)
         else:
             self.mlp = ParallelMLP(config.hidden_size, config.intermediate_size, info, dtype)
 
@@ -49,11 +53,11 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str):
+    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str, stats):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, info, dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, info, dtype, dispatcher) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, info, dtype, dispatcher, stats) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(config)
@@ -66,7 +70,10 @@ class DeepseekV3Model(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    """`forward` returns final hidden states [T, H]; `compute_logits` turns chosen rows into logits."""
+    """`forward` returns final hidden states [T, H]; `compute_logits` turns chosen rows into logits.
+
+    `moe_stats` accumulates this rank's routing and all-to-all traffic for metrics (drain it).
+    """
 
     def __init__(
         self, config: ModelConfig, info: ParallelInfo = ParallelInfo(),
@@ -74,7 +81,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     ):
         super().__init__()
         self.config, self.info, self.dtype = config, info, dtype
-        self.model = DeepseekV3Model(config, info, dtype, dispatcher)
+        self.moe_stats = MoEStats(config.num_hidden_layers, config.n_routed_experts)
+        self.model = DeepseekV3Model(config, info, dtype, dispatcher, self.moe_stats)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, info, dtype)
 
     def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:

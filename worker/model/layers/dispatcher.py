@@ -11,29 +11,21 @@ routing) and returns their routed-expert output ([n, H]). Registered implementat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 
 import torch
 import torch.distributed as dist
 
 from worker.model.layers.experts import LocalExperts
+from worker.model.layers.moe_stats import MoEStats
 from worker.parallel import ParallelInfo
-
-
-@dataclass
-class DispatchStats:
-    """What one dispatch moved: token copies sent to and received from other ranks, and bytes."""
-
-    copies_sent: int = 0
-    copies_received: int = 0
-    bytes_moved: int = 0
 
 
 class Dispatcher:
     name = "base"
 
-    def __init__(self, info: ParallelInfo):
-        self.info = info
+    def __init__(self, info: ParallelInfo, stats: MoEStats | None = None):
+        self.info, self.stats = info, stats
 
     def forward(self, x, topk_ids, topk_weights, experts: LocalExperts) -> torch.Tensor:
         raise NotImplementedError
@@ -70,16 +62,26 @@ class AllToAllDispatcher(Dispatcher):
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.info.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        start = time.perf_counter()
         recv_ids = self.exchange(send_ids, recv_splits, send_splits)
         recv_x = self.exchange(x[token_of_copy], recv_splits, send_splits)  # [N_recv, H]
+        self.record("dispatch", start, send_splits, x)
         outputs = experts(recv_x, recv_ids - experts.first_expert)
+        start = time.perf_counter()
         back = self.exchange(outputs, send_splits, recv_splits)  # [n * k, H] in `order`
+        self.record("combine", start, recv_splits, outputs)
         return weighted_sum(back, token_of_copy, topk_weights.reshape(-1)[order], n)
 
     def exchange(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         out = t.new_empty((sum(out_splits),) + tuple(t.shape[1:]))
         dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=self.info.group)
         return out
+
+    def record(self, phase: str, start: float, splits: list[int], rows: torch.Tensor) -> None:
+        """Time and bytes this rank sent to other ranks (rows to itself stay local)."""
+        if self.stats is not None:
+            remote = sum(splits) - splits[self.info.rank]
+            self.stats.record_exchange(phase, time.perf_counter() - start, remote * rows.shape[1] * rows.element_size())
 
 
 class AllGatherDispatcher(Dispatcher):
@@ -107,10 +109,8 @@ class AllGatherDispatcher(Dispatcher):
 DISPATCHERS = {cls.name: cls for cls in (LocalDispatcher, AllToAllDispatcher, AllGatherDispatcher)}
 
 
-def make_dispatcher(name: str, info: ParallelInfo) -> Dispatcher:
+def make_dispatcher(name: str, info: ParallelInfo, stats: MoEStats | None = None) -> Dispatcher:
     """The dispatcher registered as `name`; a single rank always dispatches locally."""
-    if info.is_single:
-        return LocalDispatcher(info)
     if name not in DISPATCHERS:
         raise ValueError(f"unknown MoE dispatcher {name!r}; choose one of {sorted(DISPATCHERS)}")
-    return DISPATCHERS[name](info)
+    return LocalDispatcher(info, stats) if info.is_single else DISPATCHERS[name](info, stats)

@@ -9,6 +9,7 @@ from worker.model.config import ModelConfig
 from worker.model.layers.dispatcher import make_dispatcher
 from worker.model.layers.experts import LocalExperts
 from worker.model.layers.mlp import MLP
+from worker.model.layers.moe_stats import MoEStats
 from worker.model.layers.router import TopKRouter
 from worker.parallel import ParallelInfo
 
@@ -16,14 +17,20 @@ from worker.parallel import ParallelInfo
 class MoE(nn.Module):
     """Runs on this rank's token shard [n, H]; the dispatcher moves copies between ranks."""
 
-    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str = "all_to_all"):
+    def __init__(
+        self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str = "all_to_all",
+        layer_idx: int = 0, stats: MoEStats | None = None,
+    ):
         super().__init__()
+        self.layer_idx, self.stats = layer_idx, stats
         self.gate = TopKRouter(config)
         self.experts = LocalExperts(config, info, dtype)
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype)
-        self.dispatcher = make_dispatcher(dispatcher, info)
+        self.dispatcher = make_dispatcher(dispatcher, info, stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_ids, topk_weights = self.gate(x)  # [n, k], [n, k] float32
+        if self.stats is not None:
+            self.stats.record_routing(self.layer_idx, topk_ids)
         routed = self.dispatcher.forward(x, topk_ids, topk_weights, self.experts)
         return routed + self.shared_experts(x)

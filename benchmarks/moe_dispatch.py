@@ -2,7 +2,8 @@
 
 Not a test: run it by hand; it prints three plain-text tables.
 
-  1. Bytes per MoE layer, computed from the routing of the timing runs (not measured).
+  1. Bytes per MoE layer, computed from the routing of the timing runs (not measured), and checked
+     equal to the bytes the dispatchers hand to their collectives during one forward (TrafficCounter).
   2. Median ms per MoE layer on gloo: W ranks spawned on this box (torch.multiprocessing + gloo on
      127.0.0.1, no Ray), the real `MoE` layer at the tiny config with random weights, at a few token
      counts per rank. Before timing, both dispatchers must agree with each other and with one process
@@ -44,13 +45,16 @@ import tempfile
 import time
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import worker.model.layers.dispatcher as dispatcher_module
 from cluster.tiny import tiny_config_dict
 from worker.model.config import ModelConfig
 from worker.model.layers.moe import MoE
@@ -241,6 +245,42 @@ def build_moe(config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispa
     return moe.eval()
 
 
+class TrafficCounter:
+    """Stands in for torch.distributed in the dispatcher module during one forward and adds up the bytes
+    each collective sends off this rank (the same definition as the formulas); everything else delegates."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size, self.bytes_sent = rank, world_size, 0
+
+    def __getattr__(self, name: str):
+        return getattr(dist, name)
+
+    def all_to_all_single(self, output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        splits = input_split_sizes or [input.shape[0] // self.world_size] * self.world_size
+        row_bytes = input.element_size() * math.prod(input.shape[1:])
+        self.bytes_sent += (input.shape[0] - splits[self.rank]) * row_bytes  # our own split stays here
+        return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, **kwargs)
+
+    def all_gather_into_tensor(self, output, input, **kwargs):
+        self.bytes_sent += (self.world_size - 1) * input.nbytes
+        return dist.all_gather_into_tensor(output, input, **kwargs)
+
+    def reduce_scatter_tensor(self, output, input, **kwargs):
+        self.bytes_sent += input.nbytes - output.nbytes  # every chunk but the one this rank keeps
+        return dist.reduce_scatter_tensor(output, input, **kwargs)
+
+
+@contextmanager
+def counting_traffic(rank: int, world_size: int) -> Iterator[TrafficCounter]:
+    """Count the dispatchers' collectives on this rank for the duration of the block."""
+    counter, saved = TrafficCounter(rank, world_size), dispatcher_module.dist
+    dispatcher_module.dist = counter
+    try:
+        yield counter
+    finally:
+        dispatcher_module.dist = saved
+
+
 def rank_inputs(cfg: TimingConfig, n: int, hidden: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(this rank's [n, H] shard, all ranks' [W * n, H]), drawn from one generator shared by every rank."""
     gen = torch.Generator().manual_seed(cfg.seed + 7919 * n)
@@ -261,27 +301,35 @@ class RankBench:
     def measure_tokens(self, n: int) -> dict:
         """Check agreement, count bytes and time both dispatchers at n tokens per rank."""
         x, all_x = rank_inputs(self.cfg, n, self.config.hidden_size, self.rank)
-        err = self.check_agreement(x, all_x)
+        err, counted = self.check_agreement(x, all_x)
         topk = self.gather_routing(x)
         fmt = WireFormat(self.config.hidden_size, act_bytes=self.cfg.torch_dtype.itemsize)
         nbytes = routing_bytes(topk, self.config.n_routed_experts, fmt)
+        for name, sent in counted.items():
+            if sent != nbytes[name].total:
+                raise AssertionError(f"{name} sent {sent} bytes at W={self.cfg.world_size}, {n} tokens per rank; "
+                                     f"the formula says {nbytes[name].total}")
         n_local = self.config.n_routed_experts // self.cfg.world_size
         row = {"world": self.cfg.world_size, "tokens_per_rank": n, "rel_err": err,
                "remote_copies": remote_copies(topk, n_local)}
         for name, moe in self.moes.items():
             row[f"{name}_ms"] = self.time_forward(moe, x)
             row[f"{name}_bytes"] = nbytes[name].total
+            row[f"{name}_bytes_counted"] = counted[name]
         return row
 
-    def check_agreement(self, x: torch.Tensor, all_x: torch.Tensor) -> float:
-        """Largest |dispatcher - one process| over dispatchers and ranks, relative to max |reference|.
-
-        Raises on every rank alike (the error is all-reduced) when it exceeds the dtype's tolerance.
+    def check_agreement(self, x: torch.Tensor, all_x: torch.Tensor) -> tuple[float, dict[str, int]]:
+        """(largest |dispatcher - one process| over dispatchers and ranks relative to max |reference|,
+        bytes each dispatcher sent over all ranks). Raises on every rank alike above the dtype's tolerance.
         """
         n = x.shape[0]
         with torch.inference_mode():
             reference = self.reference(all_x)[self.rank * n : (self.rank + 1) * n].float()  # [n, H]
-            outputs = [moe(x).float() for moe in self.moes.values()]  # [n, H] each
+            outputs, counted = [], {}
+            for name, moe in self.moes.items():
+                with counting_traffic(self.rank, self.cfg.world_size) as counter:
+                    outputs.append(moe(x).float())  # [n, H]
+                counted[name] = self.sum_over_ranks(counter.bytes_sent)
         scale = reference.abs().max().clamp(min=1e-6)
         err = torch.tensor([max(float((y - reference).abs().max() / scale) for y in outputs)])
         dist.all_reduce(err, op=dist.ReduceOp.MAX, group=self.group)
@@ -291,7 +339,12 @@ class RankBench:
                 f"dispatchers disagree with one process at W={self.cfg.world_size}, {n} tokens per rank: "
                 f"relative error {float(err):.3g} > {tol}"
             )
-        return float(err)
+        return float(err), counted
+
+    def sum_over_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, group=self.group)
+        return int(t)
 
     def gather_routing(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's topk ids [n, k] for its input, on every rank."""
@@ -445,7 +498,8 @@ def main(argv: list[str] | None = None) -> None:
     config = model_config(args.hidden_size)
     print(f"Tiny config: hidden {config.hidden_size}, top-{config.num_experts_per_tok} of "
           f"{config.n_routed_experts} experts, {args.dtype}; gloo on {torch.get_num_threads()} CPU threads here")
-    print("\nBytes per MoE layer, computed from the routing of the timed inputs")
+    print("\nBytes per MoE layer, computed from the routing of the timed inputs "
+          "(checked equal to the bytes the dispatchers handed to their collectives)")
     print(bytes_table(rows))
     print(f"\nMedian ms per MoE layer (slowest rank per repeat), gloo on {os.cpu_count()} cores")
     if max(args.world) > (os.cpu_count() or 1):

@@ -121,3 +121,6 @@ def test_two_rank_gloo_run_agrees_and_times():
     # tiny config: T=6 tokens, hidden 192 fp32, top-4: all-gather bytes are fixed by T alone
     assert row["all_gather_bytes"] == 1 * 6 * (192 * 4 * 2 + 4 * 12)
     assert row["all_to_all_bytes"] == row["remote_copies"] * (192 * 4 * 2 + 8) + 2 * 8
+    # the formulas equal what the dispatchers handed to their collectives (measure raises otherwise)
+    assert row["all_to_all_bytes_counted"] == row["all_to_all_bytes"] > 0
+    assert row["all_gather_bytes_counted"] == row["all_gather_bytes"]

@@ -134,8 +134,9 @@ def all_to_all_bytes(
 def all_gather_bytes(num_tokens: int, world_size: int, top_k: int, fmt: WireFormat) -> LayerBytes:
     """All-gather of each rank's rows to the W-1 others, then reduce-scatter of [T, H] partial sums.
 
-    dispatch = (W-1) * T * H * act, routing = (W-1) * T * k * (id + weight), combine = (W-1) * T * H * act,
-    with T the tokens of all ranks together. Independent of the routing.
+    dispatch = (W-1) * T * row, routing = (W-1) * T * k * (id + weight), combine = (W-1) * T * H * act,
+    with T the tokens of all ranks together and row = H * act as the dispatcher sends it. Independent of
+    the routing.
     """
     others = (world_size - 1) * num_tokens
     return LayerBytes(
@@ -145,7 +146,7 @@ def all_gather_bytes(num_tokens: int, world_size: int, top_k: int, fmt: WireForm
     )
 
 
-def routing_bytes(
+def bytes_per_layer(
     topk_ids_per_rank: list[torch.Tensor], n_routed_experts: int, fmt: WireFormat
 ) -> dict[str, LayerBytes]:
     """Bytes per layer of each dispatcher for one concrete routing ([n, k] global expert ids per rank)."""
@@ -304,7 +305,7 @@ class RankBench:
         err, counted = self.check_agreement(x, all_x)
         topk = self.gather_routing(x)
         fmt = WireFormat(self.config.hidden_size, act_bytes=self.cfg.torch_dtype.itemsize)
-        nbytes = routing_bytes(topk, self.config.n_routed_experts, fmt)
+        nbytes = bytes_per_layer(topk, self.config.n_routed_experts, fmt)
         for name, sent in counted.items():
             if sent != nbytes[name].total:
                 raise AssertionError(f"{name} sent {sent} bytes at W={self.cfg.world_size}, {n} tokens per rank; "

@@ -19,7 +19,7 @@ from benchmarks.moe_dispatch import (
     num_moe_layers,
     per_token_bytes,
     remote_copies,
-    routing_bytes,
+    bytes_per_layer,
 )
 from worker.model.config import ModelConfig
 
@@ -33,7 +33,7 @@ def test_two_rank_routing_bytes_by_hand():
     routing = [ids([[0, 2], [3, 1]]), ids([[2, 3], [0, 1]])]
     # remote: rank 0 sends experts 2 and 3 (2 copies); rank 1 sends experts 0 and 1 (2 copies).
     assert remote_copies(routing, n_local_experts=2) == 4
-    got = routing_bytes(routing, n_routed_experts=4, fmt=WireFormat(hidden_size=3))
+    got = bytes_per_layer(routing, n_routed_experts=4, fmt=WireFormat(hidden_size=3))
     assert got["all_to_all"] == LayerBytes(
         dispatch=4 * 3 * 2,  # 4 copies x H x bf16 = 24
         routing=4 * 8 + 2 * 1 * 8,  # one int64 id per copy + W*(W-1) int64 counts = 48
@@ -50,7 +50,7 @@ def test_four_rank_routing_bytes_by_hand():
     routing = [ids([[1]]), ids([[0]]), ids([[7]]), ids([[6]])]
     # rank 0 -> expert 1 (own), rank 1 -> expert 0 (rank 0), rank 2 -> expert 7 (rank 3), rank 3 -> expert 6 (own).
     assert remote_copies(routing, n_local_experts=2) == 2
-    got = routing_bytes(routing, n_routed_experts=8, fmt=WireFormat(hidden_size=4))
+    got = bytes_per_layer(routing, n_routed_experts=8, fmt=WireFormat(hidden_size=4))
     assert got["all_to_all"] == LayerBytes(dispatch=2 * 8, routing=2 * 8 + 4 * 3 * 8, combine=2 * 8)
     # T=4, (W-1)*T = 12 rows cross: 12 x 8 B hidden, 12 x 1 x (8 + 4) B routing, 12 x 8 B partial sums.
     assert got["all_gather"] == LayerBytes(dispatch=96, routing=144, combine=96)
@@ -58,7 +58,7 @@ def test_four_rank_routing_bytes_by_hand():
 
 def test_routing_bytes_rejects_uneven_experts():
     with pytest.raises(ValueError, match="n_routed_experts=6 is not divisible by world_size=4"):
-        routing_bytes([ids([[0]])] * 4, n_routed_experts=6, fmt=WireFormat(hidden_size=4))
+        bytes_per_layer([ids([[0]])] * 4, n_routed_experts=6, fmt=WireFormat(hidden_size=4))
 
 
 def test_fp8_dispatch_row_has_one_scale_per_128_channels():

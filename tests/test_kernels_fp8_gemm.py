@@ -19,8 +19,9 @@ from kernels.reference import (  # noqa: E402
 )
 from kernels.testing import random_block_fp8  # noqa: E402
 
-# (M, N, K): M = 1 (decode), partial blocks in N (200, 130) and K (333, 260), a multi-tile M (33).
-SHAPES = [(1, 64, 128), (1, 200, 333), (5, 130, 260), (33, 96, 200), (17, 256, 128)]
+# (M, N, K): M = 1 (decode), partial blocks in N (200, 130) and K (333, 260), several M tiles (70),
+# several full N tiles (256).
+SHAPES = [(1, 64, 128), (1, 200, 333), (5, 130, 260), (70, 96, 200), (17, 256, 128)]
 
 
 def _operands(m, n, k, block=(128, 128), seed=0):

@@ -15,8 +15,8 @@ from kernels.reference import (  # noqa: E402
     AMAX_EPS, E4M3_REL_ERR, E4M3_SUBNORMAL_ABS_ERR, dequantize_activation_ref, per_token_group_quant_fp8_ref,
 )
 
-# (M, K): M = 1, partial last groups (7, 200, 333), exact groups (128, 256).
-SHAPES = [(1, 7), (1, 128), (3, 200), (9, 333), (16, 256)]
+# (M, K): M = 1, partial last groups (7, 200, 333), exact groups (128, 256), several row tiles (70).
+SHAPES = [(1, 7), (1, 128), (3, 200), (9, 333), (16, 256), (70, 130)]
 
 
 def _activations(m: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

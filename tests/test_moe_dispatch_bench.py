@@ -12,6 +12,7 @@ from benchmarks.moe_dispatch import (
     TimingConfig,
     WireFormat,
     all_gather_bytes,
+    bytes_per_layer,
     expected_remote_copies,
     expected_remote_ranks,
     k2_table,
@@ -19,7 +20,6 @@ from benchmarks.moe_dispatch import (
     num_moe_layers,
     per_token_bytes,
     remote_copies,
-    bytes_per_layer,
 )
 from worker.model.config import ModelConfig
 

@@ -5,8 +5,8 @@
 
 Shapes are Kimi K2's (hidden 7168, moe_intermediate 2048, 384 experts over 8 EP ranks = 48 local,
 top-8): per-token-group quantization of [T, 7168]; the block-scaled GEMM at the shared expert's
-gate+up [4096, 7168] and down [7168, 2048] weights; fused MoE for one EP rank (T tokens routed
-top-8 over 384 experts, this rank owning experts 0..47, so about T token copies land here).
+gate+up [4096, 7168] and down [7168, 2048] weights; fused MoE for one EP rank (a batch of T tokens
+sends it T * 8 / 8 = T token copies, each with one local expert id, as the dispatcher delivers them).
 T = 1, 16, 64, 256 (decode) and 4096 (prefill). Baselines are torch bf16 matmuls on weights
 dequantized beforehand. Percentages are of the measured bf16 matmul and copy-bandwidth ceilings
 (FP8 tensor cores peak at twice bf16, so compute-bound FP8 kernels may exceed 100%).
@@ -239,19 +239,23 @@ def torch_moe_baseline(torch, x, ids, weights, w13_bf16, w2_bf16):
 
 
 def time_moe(torch, device, shapes, timer, tokens, experts, dense) -> Row:
+    """One EP rank's expert work for a batch of `tokens`: the dispatcher hands it about
+    tokens * top_k / ep_size token copies, each with one local expert id (weights applied later)."""
     from kernels.fused_moe import fused_moe
-    from kernels.testing import random_routing
 
-    x = torch.randn(tokens, shapes.hidden, device=device, dtype=torch.bfloat16)
-    ids, weights = random_routing(tokens, shapes.top_k, shapes.n_routed_experts, seed=tokens, device=device)
-    local = ids[ids < shapes.n_local_experts]
-    pairs, hit = local.numel(), torch.unique(local).numel()
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    copies = max(1, tokens * shapes.top_k // shapes.ep_size)
+    x = torch.randn(copies, shapes.hidden, device=device, generator=gen).to(torch.bfloat16)
+    ids = torch.randint(0, shapes.n_local_experts, (copies, 1), device=device, generator=gen)
+    weights = torch.ones(copies, 1, device=device)
+    hit = torch.unique(ids).numel()
     ms = timer(lambda: fused_moe(x, ids, weights, *experts.as_args()))
     base = timer(lambda: torch_moe_baseline(torch, x, ids, weights, *dense))
     h, i = shapes.hidden, shapes.moe_inter
-    nbytes = hit * 3 * h * i + tokens * h * 3 + pairs * (2 * i * 2 + i + h * 2)
-    shape = f"E_local={shapes.n_local_experts} H={h} I={i} top{shapes.top_k}/{shapes.n_routed_experts} ({pairs} local pairs)"
-    return Row("fused_moe", shape, tokens, ms, base, 2.0 * pairs * 3 * h * i, nbytes)
+    nbytes = hit * 3 * h * i + copies * (h * 2 + h + 2 * i * 2 + i + h * 2 * 2)
+    shape = (f"{copies} copies (T x top{shapes.top_k} / EP{shapes.ep_size}) on {shapes.n_local_experts} "
+             f"experts, H={h} I={i}")
+    return Row("fused_moe", shape, tokens, ms, base, 2.0 * copies * 3 * h * i, nbytes)
 
 
 # ---------------------------------------------------------------- report

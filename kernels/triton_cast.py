@@ -9,6 +9,8 @@ Kernels take an `INTERPRET` constexpr (from `is_interpreter()`) and store throug
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -17,7 +19,10 @@ E4M3_MAX = 448.0
 
 def is_interpreter() -> bool:
     """True when Triton runs kernels in its CPU interpreter (Triton's own TRITON_INTERPRET knob)."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # triton < 3.4 has no knobs: read its variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+# Kernel tests run on CPU tensors under the Triton interpreter, with or without a GPU; this must
+# precede the first import of a module that defines kernels (the @triton.jit decorator reads it).
+os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
 
 from kernels.block_fp8 import FP8_DTYPE  # noqa: E402

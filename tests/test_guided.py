@@ -10,7 +10,6 @@ import jsonschema
 import pytest
 import torch
 
-from cluster.tiny import make_tiny_model
 from worker.config import EngineConfig
 from worker.engine import Engine
 from worker.guided import GuidedDecoding
@@ -38,8 +37,8 @@ TOOLS = (WEATHER, CLOCK)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_guided"), seed=0)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

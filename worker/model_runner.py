@@ -44,8 +44,7 @@ def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> F
         if sample:
             rows.append(starts[-1] - 1)
     long = dict(dtype=torch.long, device=device)
-    attn = AttentionMetadata(torch.tensor(slots, **long), starts, list(plan.context_lens),
-                             [list(t) for t in plan.block_tables], bs)
+    attn = AttentionMetadata(torch.tensor(slots, **long), starts, plan.context_lens, plan.block_tables, bs)
     return ForwardBatch(torch.tensor(ids, **long), torch.tensor(positions, **long), attn, torch.tensor(rows, **long))
 
 

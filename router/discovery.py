@@ -1,0 +1,101 @@
+"""Discovery sources: where the router learns which worker groups exist.
+
+A source is anything with `async fetch() -> list[GroupInfo]`:
+
+* `StaticDiscovery`: a fixed list of (name, address), e.g. from the command line.
+* `CallableDiscovery`: a function returning the groups, e.g. the in-process controller's `endpoints()`.
+* `HttpDiscovery`: polls the controller's `GET /v1/groups` (routers in their own processes and pods).
+
+The router never imports cluster/: the controller's endpoints are read by their attribute or key
+names (`name`, `address`, `healthy`, `generation`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One worker group as discovery reports it."""
+
+    name: str
+    address: str                 # rank 0's gRPC host:port
+    healthy: bool = True         # the controller's view; the router also probes gRPC health itself
+    generation: int = 0          # increments when the controller replaces the group
+
+
+class DiscoveryError(Exception):
+    """The discovery source could not be read (the router keeps its last known groups)."""
+
+
+class Discovery(Protocol):
+    """A source of the current worker groups."""
+
+    async def fetch(self) -> list[GroupInfo]: ...
+
+
+def group_info(entry: Any) -> GroupInfo:
+    """A GroupInfo from a dict (JSON) or an object with the same attribute names."""
+    get = entry.get if isinstance(entry, dict) else (lambda k, d=None: getattr(entry, k, d))
+    name, address = get("name"), get("address")
+    if not name or not address:
+        raise DiscoveryError(f"a discovered group needs a name and an address, got {entry!r}")
+    return GroupInfo(str(name), str(address), bool(get("healthy", True)), int(get("generation", 0) or 0))
+
+
+class StaticDiscovery:
+    """A fixed set of groups: `[(name, address), ...]`."""
+
+    def __init__(self, groups: Iterable[tuple[str, str]]):
+        self.groups = [GroupInfo(name, address) for name, address in groups]
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"group names must be unique, got {names}")
+
+    async def fetch(self) -> list[GroupInfo]:
+        return list(self.groups)
+
+
+class CallableDiscovery:
+    """Groups from a function (called in the event loop: it must be quick, like Controller.endpoints)."""
+
+    def __init__(self, fn: Callable[[], Iterable[Any]]):
+        self.fn = fn
+
+    async def fetch(self) -> list[GroupInfo]:
+        return [group_info(e) for e in self.fn()]
+
+
+class HttpDiscovery:
+    """Groups from the controller's discovery endpoint: `GET {url}` -> `{"groups": [...]}`.
+
+    `url` may be the server root (`http://controller:8001`); `/v1/groups` is appended then.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 2.0):
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/v1/groups") else url + "/v1/groups"
+        self.timeout_s = timeout_s
+        self._client = None
+
+    async def fetch(self) -> list[GroupInfo]:
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout_s)
+        try:
+            resp = await self._client.get(self.url)
+            resp.raise_for_status()
+            body = resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise DiscoveryError(f"cannot read worker groups from {self.url}: {exc}") from exc
+        if not isinstance(body, dict) or not isinstance(body.get("groups"), list):
+            raise DiscoveryError(f"{self.url} answered {str(body)[:200]!r}, expected {{\"groups\": [...]}}")
+        return [group_info(e) for e in body["groups"]]
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -1,0 +1,289 @@
+"""GroupPool: the worker groups behind one router, with discovery, health, balancing, retries, admission.
+
+The pool keeps one WorkerClient per discovered group and a `Balancer` over them. A background task
+(in the serving event loop) refreshes the groups from a discovery source and probes every group's
+gRPC health and load each `poll_interval_s`. Each request:
+
+1. waits for a slot in `AdmissionControl` (a full queue is a 429),
+2. is sent to the group the balancer picks (503 when no group can take it),
+3. is re-sent to another group if its group fails (5xx or transport error) before the first token;
+   after the first token a failure ends the stream with the error (the APIs turn it into an error event).
+
+It offers the picker interface `create_app` expects: `pick(prompt_ids)` returns a per-request handle
+whose `generate(params)` does all of the above, and `backends` lists the group clients (readiness,
+model info).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from router.balancer import AdmissionControl, Backend, Balancer, BackendSpec
+from router.discovery import Discovery, DiscoveryError, GroupInfo
+from router.errors import APIError
+from router.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError
+
+log = logging.getLogger(__name__)
+
+
+def _field(default, description: str):
+    return field(default=default, metadata={"description": description})
+
+
+@dataclass(frozen=True)
+class GroupPoolConfig:
+    """How the pool watches its groups and retries requests."""
+
+    poll_interval_s: float = _field(1.0, "seconds between discovery refreshes and health/load probes")
+    probe_timeout_s: float = _field(1.0, "timeout of one gRPC health check or GetLoad")
+    max_attempts: int = _field(3, "groups tried per request before its first token (1: no retry)")
+    drain_s: float = _field(30.0, "a removed group's client is closed when its streams end, or after this")
+
+    def __post_init__(self) -> None:
+        if self.poll_interval_s <= 0 or self.probe_timeout_s <= 0:
+            raise ValueError(f"GroupPoolConfig intervals must be > 0, got poll_interval_s={self.poll_interval_s} "
+                             f"and probe_timeout_s={self.probe_timeout_s}")
+        if self.max_attempts < 1:
+            raise ValueError(f"GroupPoolConfig.max_attempts must be >= 1, got {self.max_attempts}")
+
+
+@dataclass
+class _Member:
+    """A discovered group and the client the pool opened for it."""
+
+    info: GroupInfo
+    client: Any
+
+
+class PooledRequest:
+    """What `GroupPool.pick` returns: a backend whose `generate` balances, retries and admits."""
+
+    def __init__(self, pool: "GroupPool"):
+        self.pool = pool
+
+    def generate(self, params: GenerateParams) -> AsyncIterator[TokenChunk | Finished]:
+        return self.pool.stream(params)
+
+
+class GroupPool:
+    """Worker groups from `discovery`, balanced by `balancer`, admitted by `admission` (None: unbounded).
+
+    Call `start()` inside the serving event loop (gRPC channels and the poll task belong to it) and
+    `close()` when done. `metrics` (a RouterMetrics, optional) receives group health, breaker states,
+    dispatches, retries and queue time.
+    """
+
+    def __init__(self, discovery: Discovery, balancer: Balancer | None = None,
+                 admission: AdmissionControl | None = None, metrics: Any = None,
+                 config: GroupPoolConfig = GroupPoolConfig(),
+                 client_factory: Callable[[str], Any] = WorkerClient):
+        self.discovery = discovery
+        self.balancer = balancer or Balancer()
+        self.admission = admission
+        self.metrics = metrics
+        self.config = config
+        self._client_factory = client_factory
+        self._members: dict[str, _Member] = {}
+        self._task: asyncio.Task | None = None
+        self._refreshed: asyncio.Event | None = None
+        self._closing: set[asyncio.Task] = set()
+
+    # ---------------------------------------------------------------- picker interface
+
+    @property
+    def backends(self) -> list[Any]:
+        """The current groups' clients, in name order."""
+        return [self._members[n].client for n in sorted(self._members)]
+
+    @property
+    def groups(self) -> list[GroupInfo]:
+        """The current groups as discovery last reported them, in name order."""
+        return [self._members[n].info for n in sorted(self._members)]
+
+    def pick(self, prompt_ids: Sequence[int]) -> PooledRequest:
+        """A handle for one request; the group is chosen when it is sent (after admission)."""
+        return PooledRequest(self)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> "GroupPool":
+        """Start the refresh/probe task in the running event loop (idempotent)."""
+        if self._task is None:
+            self._refreshed = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="group-pool")
+        return self
+
+    async def close(self) -> None:
+        """Stop polling and close every group client."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        members, self._members = list(self._members.values()), {}
+        self.balancer.set_backends([])
+        await asyncio.gather(*(m.client.close() for m in members), *self._closing, return_exceptions=True)
+        close = getattr(self.discovery, "close", None)
+        if close is not None:
+            await close()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the poller must survive anything one round throws
+                log.exception("group pool refresh failed")
+            if self._refreshed is not None:
+                self._refreshed.set()
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    async def refresh(self) -> None:
+        """One round: apply discovery (keeping the last groups if it fails), then probe every group."""
+        try:
+            self.apply(await self.discovery.fetch())
+        except DiscoveryError as exc:
+            log.warning("%s; keeping %d known group(s)", exc, len(self._members))
+        await asyncio.gather(*(self._probe(name, m) for name, m in list(self._members.items())))
+
+    # ---------------------------------------------------------------- discovery
+
+    def apply(self, groups: Sequence[GroupInfo]) -> None:
+        """Make the pool's groups these: new groups get a client; removed groups and groups replaced
+        (new address or generation) lose theirs once their streams end, and start with fresh state."""
+        wanted = {g.name: g for g in groups}
+        stale = [n for n, m in self._members.items()
+                 if n not in wanted or (m.info.address, m.info.generation) != (wanted[n].address, wanted[n].generation)]
+        for name in stale:
+            self._retire(name)
+        if stale:  # a replaced group re-enters below as new: closed breaker, empty prefix table
+            self.balancer.set_backends(self._specs())
+        for g in groups:
+            if g.name not in self._members:
+                self._members[g.name] = _Member(g, self._client_factory(g.address))
+                log.info("worker group %s (generation %d) at %s", g.name, g.generation, g.address)
+            self._members[g.name].info = g
+        self.balancer.set_backends(self._specs())
+        for g in groups:
+            if not g.healthy:
+                self._set_health(g.name, False)
+
+    def _specs(self) -> list[BackendSpec]:
+        return [BackendSpec(n, m.info.address, m.client) for n, m in self._members.items()]
+
+    def _retire(self, name: str) -> None:
+        member = self._members.pop(name)
+        backend = self.balancer.get(name)
+        log.info("worker group %s (generation %d) at %s retired", name, member.info.generation, member.info.address)
+        if self.metrics is not None:
+            self.metrics.remove_group(name)
+        task = asyncio.get_running_loop().create_task(self._close_when_idle(member.client, backend))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_when_idle(self, client: Any, backend: Backend | None) -> None:
+        deadline = time.monotonic() + self.config.drain_s
+        while backend is not None and backend.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await client.close()
+
+    # ---------------------------------------------------------------- health and load
+
+    async def _probe(self, name: str, member: _Member) -> None:
+        timeout = self.config.probe_timeout_s
+        try:
+            healthy = await asyncio.wait_for(member.client.health(timeout=timeout), timeout * 2)
+        except (asyncio.TimeoutError, WorkerError):
+            healthy = False
+        if self._members.get(name) is not member:
+            return  # replaced while probing
+        self._set_health(name, healthy and member.info.healthy)
+        self.balancer.on_probe(name, healthy)
+        if healthy:
+            try:
+                self.balancer.update_load(name, await member.client.get_load(timeout=timeout))
+            except WorkerError as exc:
+                log.debug("GetLoad of group %s failed: %s", name, exc)
+        self._publish(name)
+
+    def _set_health(self, name: str, healthy: bool) -> None:
+        backend = self.balancer.get(name)
+        if backend is not None and backend.healthy != healthy:
+            log.warning("worker group %s is now %s", name, "healthy" if healthy else "unhealthy")
+        self.balancer.set_health(name, healthy)
+        self._publish(name)
+
+    def _publish(self, name: str) -> None:
+        backend = self.balancer.get(name)
+        if self.metrics is not None and backend is not None:
+            self.metrics.set_group_health(name, backend.healthy)
+            self.metrics.set_circuit_state(name, backend.breaker.state)
+
+    # ---------------------------------------------------------------- requests
+
+    async def stream(self, params: GenerateParams) -> AsyncIterator[TokenChunk | Finished]:
+        """Admit, pick, stream; retry on another group while no item has been yielded.
+
+        Raises APIError 429 (queue full) or 503 (no group can take it), or WorkerError from the worker.
+        """
+        arrived = time.monotonic()
+        async with self._admitted():
+            if self._refreshed is not None and not self._refreshed.is_set():
+                await self._wait_first_refresh()
+            tried: list[str] = []
+            while True:
+                backend = self.balancer.pick(params.prompt_token_ids, exclude=tried)
+                if backend is None:
+                    raise self._unavailable(tried)
+                self._dispatched(backend, arrived if not tried else None)
+                started = False
+                ok = True
+                self.balancer.on_start(backend)
+                try:
+                    async for item in backend.client.generate(params):
+                        started = True
+                        yield item
+                    return
+                except WorkerError as exc:
+                    ok = exc.status < 500
+                    if started or ok or len(tried) + 1 >= self.config.max_attempts:
+                        raise
+                    log.warning("request %s failed on group %s before its first token (%s); retrying",
+                                params.request_id, backend.name, exc.message)
+                    tried.append(backend.name)
+                    if self.metrics is not None:
+                        self.metrics.retry(backend.name)
+                finally:
+                    self.balancer.on_finish(backend, ok)
+                    self._publish(backend.name)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        if self.admission is None:
+            yield
+            return
+        async with self.admission.slot():
+            yield
+
+    async def _wait_first_refresh(self) -> None:
+        try:
+            await asyncio.wait_for(self._refreshed.wait(), self.config.poll_interval_s + 2 * self.config.probe_timeout_s)
+        except asyncio.TimeoutError:
+            pass  # answer with what is known (likely a 503)
+
+    def _dispatched(self, backend: Backend, arrived: float | None) -> None:
+        if self.metrics is None:
+            return
+        if arrived is not None:
+            self.metrics.queue_time(time.monotonic() - arrived)
+        self.metrics.dispatched(backend.name)
+
+    def _unavailable(self, tried: list[str]) -> APIError:
+        if tried:
+            return APIError(503, f"the request failed on worker group(s) {', '.join(tried)} and no other "
+                                 f"group can take it; retry later")
+        known = len(self._members)
+        return APIError(503, f"no healthy worker group is available ({known} known); retry later")

@@ -160,6 +160,16 @@ def test_logprobs_streamed_per_token():
     assert all(lp.top_logprobs[0][0] == lp.token_id and len(lp.top_logprobs) == 2 for lp in lps)
 
 
+def test_seeded_sampling_reproducible_and_independent_of_the_batch():
+    seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    alone = make_fake_engine().generate([[1, 2, 3]], seeded)
+    others = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    batched = make_fake_engine().generate([[4, 5], [1, 2, 3], [6]], [others, seeded, others])
+    assert batched[1] == alone[0]
+    other_seed = make_fake_engine().generate([[1, 2, 3]], SamplingParams(temperature=1.0, seed=12, max_tokens=12, ignore_eos=True))
+    assert other_seed != alone
+
+
 def test_fail_all_ends_every_request_with_error():
     engine = make_fake_engine()
     engine.add_request("a", [1, 2], GREEDY8)
@@ -247,6 +257,14 @@ def test_async_engine_step_failure_ends_requests_with_error():
         assert outs[-1].finish_reason == "error" and "device on fire" in outs[-1].error
     finally:
         aengine.shutdown()
+
+    async def after_shutdown():
+        async for _ in aengine.generate("f", [1], GREEDY8):
+            pass
+
+    with pytest.raises(RequestRejected, match="shutting down") as e:
+        asyncio.run(after_shutdown())
+    assert e.value.status == 503
 
 
 # ---------------------------------------------------------------- the real tiny K2 checkpoint

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from worker.engine import Engine, EngineLoad
-from worker.request import RequestOutput, SamplingParams
+from worker.request import RequestOutput, RequestRejected, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,13 @@ class AsyncEngine:
     # ---- lifecycle ----
 
     def start(self) -> None:
-        """Start the engine thread (idempotent)."""
+        """Start the engine thread (idempotent; generate() calls it)."""
         if self._thread is None or not self._thread.is_alive():
-            self._stopping.clear()
             self._thread = threading.Thread(target=self._run, name="k2serve-engine", daemon=True)
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the thread; requests still in flight end with an error output."""
+        """Stop the thread; requests still in flight end with an error output, new ones get 503."""
         self._stopping.set()
         self._commands.put(None)  # wake it
         if self._thread is not None:
@@ -74,6 +73,8 @@ class AsyncEngine:
         Raises RequestRejected (HTTP-like status) before yielding anything if the engine refuses it.
         Leaving the iteration early (break, cancellation) aborts the request and frees its blocks.
         """
+        if self._stopping.is_set():
+            raise RequestRejected("the engine is shutting down", status=503)
         self.start()
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())

@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels n
 
 from kernels import Fp8Backend, select_backend  # noqa: E402
 
-PROMPT = [5, 77, 300, 12, 900, 1000, 4, 8, 15, 16, 23]
+PROMPT = [5, 77, 300, 12, 900, 1000, 4, 8]
 # Each FP8 matmul must stay within its rigorous activation-rounding bound on the model's own activations
 # (checked by hooks); the experts within 2 * 2^-4 in norm (two quantization stages, see
 # test_kernels_fused_moe). End to end, each quantized matmul adds ~2.5% relative noise (2^-4/sqrt(3) RMS)

@@ -23,20 +23,14 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cluster import bench_cli, generate_cli, plan_cli
+    from cluster import bench_cli, config_cli, generate_cli, plan_cli, router_cli, serve_cli, status_cli
 
     parser = argparse.ArgumentParser(prog="k2serve", description="Serve Kimi K2 on a cluster.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING: quiet)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_make_tiny_model(subparsers)
-    for module in (generate_cli, plan_cli, bench_cli):
+    for module in (generate_cli, plan_cli, bench_cli, serve_cli, router_cli, status_cli, config_cli):
         module.register(subparsers)
-    for name in ("serve_cli", "config_cli", "status_cli"):
-        try:
-            __import__(f"cluster.{name}", fromlist=["register"]).register(subparsers)
-        except ModuleNotFoundError as e:
-            if e.name != f"cluster.{name}":
-                raise
     return parser
 
 

@@ -1,26 +1,41 @@
-"""The router process's wiring: tokenizer, chat template, metrics and worker backends into the FastAPI app."""
+"""The router process's wiring: tokenizer, chat template, metrics and a GroupPool into the FastAPI app."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig
 from router.app import create_app
+from router.balancer import AdmissionControl, Balancer
 from router.chat_template import ChatTemplate
+from router.discovery import Discovery
+from router.group_pool import GroupPool, GroupPoolConfig
 from router.metrics import RouterMetrics
 from router.tokenizer import K2Tokenizer
-from router.worker_client import WorkerClient
 
 
-def build_router_app(config: ClusterConfig, model_dir: str | Path, addresses: Iterable[str]):
-    """A router app over the given worker gRPC addresses (round robin until the balancer pool lands)."""
+def build_pool(config: ClusterConfig, discovery: Discovery, metrics: RouterMetrics | None = None) -> GroupPool:
+    """A GroupPool with the cluster config's balancer, admission limits and health interval."""
+    admission = config.admission()
+    pool_config = GroupPoolConfig(poll_interval_s=config.controller.health_interval_s)
+    return GroupPool(discovery, Balancer(config.balancer_config()),
+                     AdmissionControl(admission.max_concurrency, admission.max_queue), metrics, pool_config)
+
+
+def build_router_app(config: ClusterConfig, model_dir: str | Path, discovery: Discovery):
+    """The router app over the worker groups `discovery` reports.
+
+    Call it inside the serving event loop: the pool's poll task and gRPC channels belong to that loop.
+    The pool is on `app.state.pool`.
+    """
     router_config = config.router_config().with_generation_config(model_dir)
     if router_config.model_name is None:
         router_config = router_config.model_copy(update={"model_name": config.model.name})
-    clients = [WorkerClient(a) for a in addresses]
-    metrics = RouterMetrics(CollectorRegistry(), model=config.model.name)
-    return create_app(router_config, clients, K2Tokenizer.from_dir(model_dir), ChatTemplate.from_dir(model_dir),
-                      metrics=metrics)
+    metrics = RouterMetrics(CollectorRegistry(), model=router_config.model_name)
+    pool = build_pool(config, discovery, metrics).start()
+    app = create_app(router_config, pool, K2Tokenizer.from_dir(model_dir), ChatTemplate.from_dir(model_dir),
+                     metrics=metrics)
+    app.state.pool = pool
+    return app

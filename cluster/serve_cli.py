@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.discovery import DiscoveryServer
     from cluster.environment import ray_init_kwargs
     from cluster.router_service import build_router_app
+    from router.discovery import CallableDiscovery
 
     config = load_config(args)
     model_dir = ensure_model(config)
@@ -84,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
         controller = Controller(config, model_dir.resolve()).start()
         router = config.router_config()
         discovery = DiscoveryServer(controller, router.host, config.controller.discovery_port).start()
-        addresses = [e.address for e in controller.endpoints()]
-        make_app = lambda: build_router_app(config, model_dir, addresses)  # noqa: E731
+        source = CallableDiscovery(controller.endpoints)
+        make_app = lambda: build_router_app(config, model_dir, source)  # noqa: E731
         asyncio.run(serve_router(make_app, router.host, router.port, config.controller.drain_timeout_s))
     finally:
         print("stopping...", file=sys.stderr, flush=True)

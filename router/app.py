@@ -97,37 +97,60 @@ def presented_key(request: Request) -> str | None:
 
 
 def _install_auth(app: FastAPI, config: RouterConfig) -> None:
-    if not config.api_key:
-        return
-    expected = config.api_key.encode()
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if request.url.path not in OPEN_PATHS:
-            key = presented_key(request)
-            if key is None or not hmac.compare_digest(key.encode(), expected):
-                err = APIError(401, "Invalid or missing API key", code="invalid_api_key")
-                return JSONResponse(error_body(request.url.path, err), status_code=401)
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(_AuthMiddleware, expected=config.api_key.encode())
 
 
 def _install_request_metrics(app: FastAPI, metrics) -> None:
-    """Count API requests by endpoint and status (duration: until the response starts for streams)."""
+    app.add_middleware(_RequestMetricsMiddleware, metrics=metrics)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        path = request.url.path
-        if not path.startswith("/v1/"):
-            return await call_next(request)
+
+# Plain ASGI middleware: Starlette's BaseHTTPMiddleware (@app.middleware("http")) re-streams every
+# response body through a task and a memory channel, which delays each streamed token.
+
+
+class _AuthMiddleware:
+    """401 in the API's error format unless the request presents the API key (probes are open)."""
+
+    def __init__(self, app, expected: bytes):
+        self.app = app
+        self.expected = expected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            key = presented_key(Request(scope))
+            if key is None or not hmac.compare_digest(key.encode(), self.expected):
+                err = APIError(401, "Invalid or missing API key", code="invalid_api_key")
+                await JSONResponse(error_body(scope["path"], err), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _RequestMetricsMiddleware:
+    """Count API requests by endpoint and status; duration from arrival to the last byte sent."""
+
+    def __init__(self, app, metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
         start = time.monotonic()
-        metrics.request_started(path)
+        self.metrics.request_started(path)
         status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, send_status)
         finally:
-            metrics.request_finished(path, status, time.monotonic() - start)
+            self.metrics.request_finished(path, status, time.monotonic() - start)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

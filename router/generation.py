@@ -272,6 +272,8 @@ class RouterContext:
     async def ensure_model_info(self) -> Any:
         """The served model's info, asked of the workers once; 503 while none answers."""
         if self.model_info is None:
+            if hasattr(self.picker, "wait_discovered"):
+                await self.picker.wait_discovered()  # a GroupPool learns its groups after startup
             for backend in self.picker.backends:
                 try:
                     self.model_info = await backend.get_model_info()

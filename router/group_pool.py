@@ -231,8 +231,7 @@ class GroupPool:
         """
         arrived = time.monotonic()
         async with self._admitted():
-            if self._refreshed is not None and not self._refreshed.is_set():
-                await self._wait_first_refresh()
+            await self.wait_discovered()
             tried: list[str] = []
             while True:
                 backend = self.balancer.pick(params.prompt_token_ids, exclude=tried)
@@ -267,6 +266,11 @@ class GroupPool:
             return
         async with self.admission.slot():
             yield
+
+    async def wait_discovered(self) -> None:
+        """Return once the first refresh is done (at once when the pool was not started)."""
+        if self._refreshed is not None and not self._refreshed.is_set():
+            await self._wait_first_refresh()
 
     async def _wait_first_refresh(self) -> None:
         try:

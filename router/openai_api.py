@@ -67,7 +67,7 @@ def sampling_params(ctx: RouterContext, req, rid: str, prompt_ids: Sequence[int]
         frequency_penalty=getattr(req, "frequency_penalty", None),
         repetition_penalty=getattr(req, "repetition_penalty", None),
         seed=req.seed + index if getattr(req, "seed", None) is not None else None,
-        logprobs=logprobs, guided=guided)
+        ignore_eos=getattr(req, "ignore_eos", None), logprobs=logprobs, guided=guided)
 
 
 def check_common(ctx: RouterContext, n: int, stops: Sequence[str], top_logprobs: int | None) -> None:

@@ -107,6 +107,7 @@ class SamplingFields(_Request):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

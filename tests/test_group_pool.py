@@ -387,3 +387,56 @@ def test_background_polling_marks_a_dead_group_unhealthy():
             await pool.close()
         assert all(g.closed for g in fleet.groups.values())
     asyncio.run(main())
+
+
+def test_vllm_extra_body_fields_reach_the_worker(tokenizer_and_template):
+    """The openai SDK's extra_body: ignore_eos, min_tokens, top_k, repetition_penalty -> GenerateParams."""
+    import openai
+
+    tokenizer, template = tokenizer_and_template
+    seen: list[GenerateParams] = []
+
+    class Recording(FakeGroup):
+        async def generate(self, params):
+            seen.append(params)
+            async for item in super().generate(params):
+                yield item
+
+    async def main():
+        pool = make_pool(Fleet(a=Recording("h:1")))
+        await pool.refresh()
+        app = create_app(RouterConfig(model_name=MODEL), pool, tokenizer, template)
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router/v1")
+        client = openai.AsyncOpenAI(api_key="x", base_url="http://router/v1", http_client=http)
+        extra = {"ignore_eos": True, "min_tokens": 3, "top_k": 5, "repetition_penalty": 1.1}
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=4, extra_body=extra)
+        await client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body=extra)
+        await http.aclose()
+    asyncio.run(main())
+    assert len(seen) == 2
+    for p in seen:
+        assert (p.ignore_eos, p.min_tokens, p.top_k, p.repetition_penalty) == (True, 3, 5, 1.1)
+
+
+def test_config_and_status_commands(tmp_path, capsys):
+    from cluster.cli import main
+    from cluster.discovery import discovery_app
+
+    assert main(["config", "--print-defaults"]) == 0
+    out = capsys.readouterr().out
+    assert "max_concurrency:" in out and "policy: cache_aware" in out and "discovery_port: 8001" in out
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("groups: [{name: a, tp: 1, ep: 1}]\n")
+    bad.write_text("router: {policy: fastest}\n")
+    assert main(["config", "--check", str(good)]) == 0 and main(["config", "--check", str(bad)]) == 1
+    assert "fastest" in capsys.readouterr().err
+
+    class Controller:
+        def status(self):
+            return [{"name": "g0", "address": "127.0.0.1:1", "healthy": True, "generation": 1}]
+
+    with ServerThread(discovery_app(Controller())) as server:
+        assert main(["status", "--discovery", server.url, "--timeout", "0.5"]) == 2  # no group serves
+    out = capsys.readouterr().out
+    assert out.split()[:3] == ["group", "address", "gen"] and "g0" in out and "down" in out

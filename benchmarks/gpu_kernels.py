@@ -20,6 +20,7 @@ import datetime
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -194,6 +195,15 @@ def check_moe(torch, device, shapes: BenchShapes, experts) -> Check:
     return Check("fused_moe", ok, f"vs emulated reference {r1:.2e}, vs unquantized {r2:.2e}")
 
 
+def _guarded_check(name: str, fn: Callable[[], Check]) -> Check:
+    """Run a check; an exception (a compile error, say) is a failed check with its message."""
+    try:
+        return fn()
+    except Exception as exc:
+        traceback.print_exc()
+        return Check(name, False, f"raised {type(exc).__name__}: {exc}")
+
+
 # ---------------------------------------------------------------- timed cases
 
 
@@ -316,8 +326,11 @@ def run(torch, device, shapes: BenchShapes, budget_s: float) -> tuple[Ceilings, 
     start, timer, notes = time.monotonic(), make_timer(device), []
     ceil = measure_ceilings(torch, device, timer, smoke=device.type != "cuda")
     experts = random_fp8_experts(shapes.n_local_experts, shapes.hidden, shapes.moe_inter, device)
-    checks = [check_quant(torch, device, shapes), check_gemm(torch, device, shapes),
-              check_moe(torch, device, shapes, experts)]
+    checks = [_guarded_check(name, fn) for name, fn in (
+        ("fp8_quant", lambda: check_quant(torch, device, shapes)),
+        ("fp8_gemm", lambda: check_gemm(torch, device, shapes)),
+        ("fused_moe", lambda: check_moe(torch, device, shapes, experts)),
+    )]
     passed = {c.name for c in checks if c.ok}
     jobs: list[tuple[str, Callable[[], list[Row]]]] = []
     if "fp8_quant" in passed:
@@ -342,7 +355,11 @@ def run(torch, device, shapes: BenchShapes, budget_s: float) -> tuple[Ceilings, 
             notes.append(f"skipped {label}: time budget of {budget_s:.0f}s spent")
             continue
         print(f"  timing {label}", flush=True)
-        rows += job()
+        try:
+            rows += job()
+        except Exception as exc:  # one failing case must not lose the others' results
+            traceback.print_exc()
+            notes.append(f"error in {label}: {type(exc).__name__}: {exc}")
     notes.append(f"total {time.monotonic() - start:.0f}s; GEMM block shapes autotuned per power-of-two M bucket")
     return ceil, checks, rows, notes
 

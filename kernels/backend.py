@@ -17,7 +17,7 @@ from kernels.reference import dequant_linear_ref, fused_moe_ref
 
 
 class Fp8Backend(ABC):
-    """Block-FP8 linear layers and routed experts (weight layouts: `kernels.fused_moe` docstring)."""
+    """Block-FP8 linear layers and routed experts (expert weight layout: `kernels.moe_weights`)."""
 
     name: str
 

@@ -1,10 +1,7 @@
 """Fused MoE experts with block-FP8 weights (Triton).
 
-Layout (documented contract for the loader and the layers):
-* `w13_fp8` [E, 2I, H] e4m3: each expert's gate_proj rows, then its up_proj rows.
-* `w13_scale` [E, 2*ceil(I/bn), ceil(H/bk)] float32: the gate's scale grid stacked on the up's
-  (i.e. `torch.cat([gate_scale_inv, up_scale_inv], dim=1)`); equal to [E, ceil(2I/bn), ..] when I % bn == 0.
-* `w2_fp8` [E, H, I] e4m3 (down_proj) with `w2_scale` [E, ceil(H/bn), ceil(I/bk)].
+Weights come in the fused layout of `kernels.moe_weights` (w13 = gate rows then up rows, [E, 2I, H],
+with the gate's and the up's scale grids stacked; w2 [E, H, I]); `stack_experts` builds it.
 Steps: align pairs to experts (`moe_align`), quantize x per token group, grouped GEMM x @ w13^T,
 SiLU(gate) * up fused with FP8 quantization, grouped GEMM @ w2^T times the router weight, then the
 top_k results of each token are summed. The torch reference is `kernels.reference.fused_moe_ref`.
@@ -192,7 +189,7 @@ def fused_moe(
     """Routed experts: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) -> [T, H] in x's dtype.
 
     Expert ids are global; `topk_ids - expert_offset` outside [0, E) (experts of other ranks) are
-    skipped. See the module docstring for the weight layout.
+    skipped. Weight layout: `kernels.moe_weights`.
     """
     _check_moe_args(x, topk_ids, topk_weights, w13_fp8, w13_scale, w2_fp8, w2_scale, block)
     (t, hidden), top_k, num_experts = x.shape, topk_ids.shape[1], w13_fp8.shape[0]

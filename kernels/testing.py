@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from kernels.block_fp8 import DEFAULT_BLOCK, quantize_block_fp8
-
-
-@dataclass(frozen=True)
-class MoeWeights:
-    """Experts in the fused layout of `kernels.fused_moe`: w13 [E, 2I, H], w2 [E, H, I] and their scales."""
-
-    w13_fp8: torch.Tensor
-    w13_scale: torch.Tensor
-    w2_fp8: torch.Tensor
-    w2_scale: torch.Tensor
-
-    def as_args(self) -> tuple[torch.Tensor, ...]:
-        return (self.w13_fp8, self.w13_scale, self.w2_fp8, self.w2_scale)
+from kernels.moe_weights import MoeWeights, stack_experts
 
 
 def random_block_fp8(n: int, k: int, gen: torch.Generator, block=DEFAULT_BLOCK, device="cpu"):
@@ -33,15 +19,12 @@ def random_moe_weights(num_experts: int, hidden: int, inter: int, seed: int = 0,
                        device="cpu") -> MoeWeights:
     """Each expert's gate and up quantized separately and stacked (gate rows first), as the loader does."""
     gen = torch.Generator().manual_seed(seed)
-    w13, w13_s, w2, w2_s = [], [], [], []
+    gate, up, down = [], [], []
     for _ in range(num_experts):
-        (gq, gs), (uq, us) = (random_block_fp8(inter, hidden, gen, block) for _ in range(2))
-        dq, ds = random_block_fp8(hidden, inter, gen, block)
-        w13.append(torch.cat([gq, uq]))
-        w13_s.append(torch.cat([gs, us]))
-        w2.append(dq)
-        w2_s.append(ds)
-    return MoeWeights(*(torch.stack(t).to(device) for t in (w13, w13_s, w2, w2_s)))
+        gate.append(random_block_fp8(inter, hidden, gen, block))
+        up.append(random_block_fp8(inter, hidden, gen, block))
+        down.append(random_block_fp8(hidden, inter, gen, block))
+    return MoeWeights(*(t.to(device) for t in stack_experts(gate, up, down).as_args()))
 
 
 def random_routing(num_tokens: int, top_k: int, num_ids: int, seed: int = 0, device="cpu"):
@@ -64,12 +47,9 @@ def random_fp8_weight(n: int, k: int, device, seed: int = 0, block=DEFAULT_BLOCK
 
 def random_fp8_experts(num_experts: int, hidden: int, inter: int, device, seed: int = 0, block=DEFAULT_BLOCK):
     """`random_fp8_weight` for every expert, in the fused layout (gate and up scale grids stacked)."""
-    parts = [[random_fp8_weight(rows, cols, device, seed * 7919 + 3 * e + i, block)
-              for i, (rows, cols) in enumerate(((inter, hidden), (inter, hidden), (hidden, inter)))]
-             for e in range(num_experts)]
-    return MoeWeights(
-        torch.stack([torch.cat([g[0], u[0]]) for g, u, _ in parts]),
-        torch.stack([torch.cat([g[1], u[1]]) for g, u, _ in parts]),
-        torch.stack([d[0] for _, _, d in parts]),
-        torch.stack([d[1] for _, _, d in parts]),
-    )
+    def weight(rows, cols, e, i):
+        return random_fp8_weight(rows, cols, device, seed * 7919 + 3 * e + i, block)
+
+    return stack_experts([weight(inter, hidden, e, 0) for e in range(num_experts)],
+                         [weight(inter, hidden, e, 1) for e in range(num_experts)],
+                         [weight(hidden, inter, e, 2) for e in range(num_experts)])

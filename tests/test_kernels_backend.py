@@ -13,7 +13,8 @@ pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels n
 from kernels import Fp8Backend, TorchReferenceBackend, TritonBackend, select_backend  # noqa: E402
 from kernels.block_fp8 import dequantize_block_fp8  # noqa: E402
 from kernels.reference import UNIT_ROUNDOFF, fp8_linear_error_bound  # noqa: E402
-from kernels.testing import MoeWeights, random_block_fp8, random_moe_weights, random_routing  # noqa: E402
+from kernels.moe_weights import MoeWeights, stack_experts  # noqa: E402
+from kernels.testing import random_block_fp8, random_moe_weights, random_routing  # noqa: E402
 
 CPU = torch.device("cpu")
 # Triton quantizes activations (two e4m3 stages in the experts, each <= 2^-4 per element and averaging
@@ -51,12 +52,8 @@ def _linear_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _stack_experts(ckpt, prefix: str, num_experts: int) -> MoeWeights:
-    parts = {p: [ckpt.read_fp8(f"{prefix}.{e}.{p}.weight") for e in range(num_experts)]
-             for p in ("gate_proj", "up_proj", "down_proj")}
-    w13 = [torch.cat([g[0], u[0]]) for g, u in zip(parts["gate_proj"], parts["up_proj"])]
-    w13_s = [torch.cat([g[1], u[1]]) for g, u in zip(parts["gate_proj"], parts["up_proj"])]
-    return MoeWeights(torch.stack(w13), torch.stack(w13_s),
-                      torch.stack([d[0] for d in parts["down_proj"]]), torch.stack([d[1] for d in parts["down_proj"]]))
+    return stack_experts(*([ckpt.read_fp8(f"{prefix}.{e}.{p}.weight") for e in range(num_experts)]
+                           for p in ("gate_proj", "up_proj", "down_proj")))
 
 
 def test_backends_agree_on_the_tiny_checkpoint(tiny_model_dir):
@@ -83,8 +80,8 @@ def test_backends_agree_on_the_tiny_checkpoint(tiny_model_dir):
     assert _rel_err(tri.moe_experts(x, ids, weights, *experts.as_args()), want) <= MOE_REL_TOL
     # Expert parallelism: two ranks each run their half of the experts on all tokens; the sum is the whole.
     half = config.n_routed_experts // 2
-    shards = [MoeWeights(*(t[r * half : (r + 1) * half] for t in experts.as_args())) for r in range(2)]
-    ep = sum(tri.moe_experts(x, ids, weights, *shards[r].as_args(), expert_offset=r * half) for r in range(2))
+    ep = sum(tri.moe_experts(x, ids, weights, *experts.shard(r * half, half).as_args(), expert_offset=r * half)
+             for r in range(2))
     assert _rel_err(ep, want) <= MOE_REL_TOL
 
 

@@ -13,7 +13,8 @@ pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels n
 from kernels.fused_moe import fused_moe  # noqa: E402
 from kernels.moe_align import align_tokens_to_experts, max_padded_rows  # noqa: E402
 from kernels.reference import fused_moe_ref  # noqa: E402
-from kernels.testing import random_moe_weights, random_routing  # noqa: E402
+from kernels.moe_weights import stack_experts  # noqa: E402
+from kernels.testing import random_block_fp8, random_moe_weights, random_routing  # noqa: E402
 
 # The kernel and `fused_moe_ref(quantize_activations=True)` take the same rounding steps; only fp32
 # summation order differs, which can flip a rare bf16 rounding of the gate/up output (2^-8) or an
@@ -87,6 +88,21 @@ def test_alignment_with_offset_keeps_every_local_pair_once():
     assert torch.equal(pairs[pairs < 400].sort().values, local.to(torch.int32))
     experts = align.block_expert_ids[: n // 16].long()
     assert torch.equal(ids.reshape(-1)[pairs[pairs < 400].long()] - 16, experts.repeat_interleave(16)[pairs < 400])
+
+
+def test_stack_experts_layout_and_shard():
+    gen = torch.Generator().manual_seed(6)
+    gate, up, down = ([random_block_fp8(r, c, gen) for _ in range(3)] for r, c in ((160, 200), (160, 200), (200, 160)))
+    w = stack_experts(gate, up, down)
+    # I = 160 is not a multiple of 128: the stacked scale grid has 2 * ceil(160/128) = 4 rows, not 3.
+    assert w.w13_fp8.shape == (3, 320, 200) and w.w13_scale.shape == (3, 4, 2)
+    assert w.w2_fp8.shape == (3, 200, 160) and w.w2_scale.shape == (3, 2, 2)
+    assert torch.equal(w.w13_fp8[1, 160:].view(torch.uint8), up[1][0].view(torch.uint8))
+    assert torch.equal(w.w13_scale[2, 2:], up[2][1]) and torch.equal(w.w13_scale[2, :2], gate[2][1])
+    shard = w.shard(1, 2)
+    assert shard.num_experts == 2 and torch.equal(shard.w2_scale[0], down[1][1])
+    with pytest.raises(ValueError, match="same non-zero number"):
+        stack_experts(gate, up, down[:2])
 
 
 def test_rejects_bad_arguments():

@@ -18,6 +18,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
 
 from kernels import Fp8Backend, select_backend  # noqa: E402
+from kernels.moe_weights import stack_experts  # noqa: E402
 
 PROMPT = [5, 77, 300, 12, 900, 1000, 4, 8]
 # Each FP8 matmul must stay within its rigorous activation-rounding bound on the model's own activations
@@ -57,10 +58,8 @@ class BackendExperts(nn.Module):
 
 def _stack_experts(ckpt, prefix: str, first: int, count: int) -> tuple:
     names = [f"{prefix}.{first + j}" for j in range(count)]
-    gate, up, down = ([ckpt.read_fp8(f"{n}.{p}.weight") for n in names] for p in ("gate_proj", "up_proj", "down_proj"))
-    return (torch.stack([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)]),
-            torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)]),
-            torch.stack([d[0] for d in down]), torch.stack([d[1] for d in down]))
+    return stack_experts(*([ckpt.read_fp8(f"{n}.{p}.weight") for n in names]
+                           for p in ("gate_proj", "up_proj", "down_proj"))).as_args()
 
 
 def _with_backend(model_dir, backend: Fp8Backend):

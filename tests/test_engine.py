@@ -78,6 +78,23 @@ def prompts(n, seed=0, lo=3, hi=30):
 GREEDY8 = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
+def test_forward_batch_slots_positions_and_sample_rows():
+    from worker.model.attention_metadata import AttentionMetadata
+    from worker.model_runner import build_forward_batch
+    from worker.scheduler import StepPlan
+
+    plan = StepPlan(["a", "b", "c"], [[5, 6, 7], [8], [9, 10]], [0, 6, 4], [[3, 1], [2, 0], [7, 4]],
+                    [True, True, False], block_size=4)
+    batch = build_forward_batch(plan)
+    assert batch.input_ids.tolist() == [5, 6, 7, 8, 9, 10]
+    assert batch.positions.tolist() == [0, 1, 2, 6, 4, 5]
+    assert batch.attn.slot_mapping.tolist() == [12, 13, 14, 2, 16, 17]
+    assert batch.sample_rows.tolist() == [2, 3]
+    plain = AttentionMetadata(batch.attn.slot_mapping, batch.attn.query_start_loc, plan.context_lens, plan.block_tables, 4)
+    for i in range(3):
+        assert torch.equal(batch.attn.cache_slots(i), plain.cache_slots(i))
+
+
 def test_fake_engine_batched_matches_reference():
     engine = make_fake_engine()
     ps = prompts(16)

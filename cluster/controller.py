@@ -24,6 +24,7 @@ class GroupEndpoint:
     address: str  # rank 0's gRPC host:port
     healthy: bool
     generation: int  # increments each time the group is replaced
+    pids: tuple[int, ...] = ()  # each rank's process id, rank order
 
 
 def group_spec(section: GroupSection, config: ClusterConfig, model_dir: str) -> GroupSpec:
@@ -59,7 +60,7 @@ class ManagedGroup:
     def endpoint(self) -> GroupEndpoint | None:
         if self.group is None or self.group.grpc_port is None:
             return None
-        return GroupEndpoint(self.spec.name, self.group.address, self.healthy, self.generation)
+        return GroupEndpoint(self.spec.name, self.group.address, self.healthy, self.generation, tuple(self.group.pids))
 
 
 class Controller:

@@ -9,6 +9,7 @@ Health: a dead actor, a follower whose loop ended, or a ping that times out mark
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -52,6 +53,10 @@ class GroupSpec:
         return self.tp
 
 
+def _pid(actor) -> int:
+    return os.getpid()
+
+
 class WorkerGroup:
     def __init__(self, spec: GroupSpec):
         self.spec = spec
@@ -60,6 +65,7 @@ class WorkerGroup:
         self.pg = None
         self.grpc_port: int | None = None
         self.grpc_host: str | None = None
+        self.pids: list[int] = []  # each rank's process id (operators and failover tests)
 
     def start(self) -> "WorkerGroup":
         """Place, start and connect every rank; rank 0 ends up holding the engine."""
@@ -74,6 +80,7 @@ class WorkerGroup:
         ray.get([a.load.remote() for a in self.actors], timeout=spec.start_timeout_s)
         self.follower_refs = [a.follow.remote() for a in self.actors[1:]]
         ray.get(self.driver.build_engine.remote())
+        self.pids = ray.get([a.__ray_call__.remote(_pid) for a in self.actors])
         log.info("group %s: %d ranks up in %.1fs", spec.name, spec.world_size, time.monotonic() - t0)
         return self
 
@@ -128,4 +135,4 @@ class WorkerGroup:
             ray.kill(actor, no_restart=True)
         if self.pg is not None:
             remove_placement_group(self.pg)
-        self.actors, self.follower_refs, self.pg = [], [], None
+        self.actors, self.follower_refs, self.pg, self.pids = [], [], None, []

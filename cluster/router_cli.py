@@ -7,7 +7,6 @@ Deployment runs this). Ctrl-C or SIGTERM drains in-flight requests for at most c
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 
@@ -55,7 +54,7 @@ def make_discovery(args: argparse.Namespace, config):
 
 def run(args: argparse.Namespace) -> int:
     from cluster.router_service import build_router_app
-    from cluster.serve_cli import ensure_model, load_config, serve_router
+    from cluster.serve_cli import ensure_model, load_config, run_router
 
     args.address = None
     config = load_config(args)
@@ -65,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"router: worker groups from {where}", file=sys.stderr, flush=True)
     router = config.router_config()
     make_app = lambda: build_router_app(config, model_dir, source)  # noqa: E731
-    asyncio.run(serve_router(make_app, router.host, router.port, config.controller.drain_timeout_s))
+    run_router(make_app, router.host, router.port, config.controller.drain_timeout_s)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,21 @@ async def serve_router(make_app, host: str, port: int, drain_s: float) -> None:
     await task
 
 
+def run_router(make_app, host: str, port: int, drain_s: float) -> None:
+    """serve_router until Ctrl-C or SIGTERM. uvicorn drains, then re-raises the signal: here that ends the
+    loop as KeyboardInterrupt (SIGTERM's default action would kill the process before Ray is stopped)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        asyncio.run(serve_router(make_app, host, port, drain_s))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
 
@@ -87,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         discovery = DiscoveryServer(controller, router.host, config.controller.discovery_port).start()
         source = CallableDiscovery(controller.endpoints)
         make_app = lambda: build_router_app(config, model_dir, source)  # noqa: E731
-        asyncio.run(serve_router(make_app, router.host, router.port, config.controller.drain_timeout_s))
+        run_router(make_app, router.host, router.port, config.controller.drain_timeout_s)
     finally:
         print("stopping...", file=sys.stderr, flush=True)
         if discovery is not None:

@@ -67,7 +67,8 @@ class AsyncEngine:
 
     # ---- API ----
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until it finishes.
 
         Raises RequestRejected (HTTP-like status) before yielding anything if the engine refuses it.

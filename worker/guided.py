@@ -120,7 +120,7 @@ class GuidedDecoding:
         bitmask = xgr.allocate_token_bitmask(len(guides), self.vocab_size)  # [N, ceil(V / 32)] int32
         for i in rows:
             guides[i].fill(bitmask, i)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=rows)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows)
 
 
 def tokenizer_info(vocab: Vocab, vocab_size: int) -> xgr.TokenizerInfo:

@@ -177,7 +177,8 @@ class KVCacheManager:
             for block_id in table:
                 refs[block_id] += 1
         for block in self.blocks:
-            assert block.ref_count == refs[block.block_id], f"block {block.block_id}: ref {block.ref_count} != {refs[block.block_id]}"
-            assert (block.ref_count == 0) == (block.block_id in self.free_queue), f"block {block.block_id} free-queue mismatch"
+            bid = block.block_id
+            assert block.ref_count == refs[bid], f"block {bid}: ref_count {block.ref_count} != {refs[bid]} references"
+            assert (block.ref_count == 0) == (bid in self.free_queue), f"block {bid}: free-queue membership mismatch"
         for h, block_id in self.cached.items():
             assert self.blocks[block_id].hash == h, f"cached hash of block {block_id} mismatch"

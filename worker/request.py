@@ -157,7 +157,8 @@ class SamplingParams:
     def _validate_token_ids(self, vocab_size: int) -> None:
         for token_id, bias in self.logit_bias.items():
             _check(0 <= int(token_id) < vocab_size, f"logit_bias token id {token_id} outside [0, {vocab_size})")
-            _check(_finite(bias) and -100 <= bias <= 100, f"logit_bias for {token_id} must be in [-100, 100], got {bias}")
+            _check(_finite(bias) and -100 <= bias <= 100,
+                   f"logit_bias for {token_id} must be in [-100, 100], got {bias}")
         for token_id in self.stop_token_ids:
             _check(0 <= token_id < vocab_size, f"stop token id {token_id} outside [0, {vocab_size})")
 

@@ -30,7 +30,8 @@ class Sampler:
     """Samples one token per row of `logits` for the matching request."""
 
     def __init__(self, seed: int = 0):
-        self.generator = torch.Generator().manual_seed(seed)  # unseeded requests share this stream
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}  # per device; unseeded requests share it
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request],
@@ -54,11 +55,12 @@ class Sampler:
         for i, r in enumerate(requests):
             p = r.params
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long)  # prompt + output, as HF/vLLM
+                # over prompt + output, as HF and vLLM do
+                seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long, device=logits.device)
                 row = logits[i, seen]
                 logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and r.num_output_tokens:
-                out = torch.tensor(r.output_token_ids, dtype=torch.long)
+                out = torch.tensor(r.output_token_ids, dtype=torch.long, device=logits.device)
                 counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)  # [V]
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
@@ -66,14 +68,15 @@ class Sampler:
     def _apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> None:
         for i, r in enumerate(requests):
             if r.params.logit_bias:
-                ids = torch.tensor([int(k) for k in r.params.logit_bias], dtype=torch.long)
-                logits[i, ids] += torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype)
+                ids = torch.tensor([int(k) for k in r.params.logit_bias], dtype=torch.long, device=logits.device)
+                bias = list(r.params.logit_bias.values())
+                logits[i, ids] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
 
     @staticmethod
     def _ban_stop_ids_before_min_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> None:
         for i, r in enumerate(requests):
             if r.num_output_tokens < r.params.min_tokens and r.stop_ids:
-                ids = torch.tensor(sorted(r.stop_ids), dtype=torch.long)
+                ids = torch.tensor(sorted(r.stop_ids), dtype=torch.long, device=logits.device)
                 saved = logits[i, ids].clone()
                 logits[i, ids] = -float("inf")
                 if torch.isneginf(logits[i]).all():  # a grammar that can only stop: let it
@@ -85,31 +88,34 @@ class Sampler:
         chosen = logits.argmax(dim=-1)  # [N] greedy for every row; sampled rows overwritten below
         rows = [i for i, r in enumerate(requests) if not r.params.is_greedy]
         if rows:
-            idx = torch.tensor(rows, dtype=torch.long)
+            idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
             probs = self._filtered_probs(logits[idx], [requests[i].params for i in rows])  # [S, V]
-            noise = self._exponential_noise(probs.shape, [requests[i] for i in rows])  # [S, V]
+            noise = self._exponential_noise(probs, [requests[i] for i in rows])  # [S, V]
             chosen[idx] = (probs / noise).argmax(dim=-1)
         return chosen.tolist()
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Softmax after temperature, top_k, top_p and min_p, per row ([S, V] -> [S, V])."""
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)  # [S, 1]
-        logits = logits / temps
+        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)  # [S]
+        logits = logits / temps[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             logits = _top_k_top_p(logits, params)
         probs = torch.softmax(logits, dim=-1)  # [S, V]
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype).unsqueeze(1)  # [S, 1]
+            min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device)[:, None]  # [S, 1]
             probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         return probs
 
-    def _exponential_noise(self, shape: torch.Size, requests: list[Request]) -> torch.Tensor:
-        """Exponential(1) noise; argmax(p / noise) is a draw from p (the Gumbel-max trick's twin)."""
-        noise = torch.empty(shape).exponential_(generator=self.generator)  # [S, V]
+    def _exponential_noise(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Exponential(1) noise like `probs`; argmax(p / noise) is a draw from p (the Gumbel-max trick's twin)."""
+        device = probs.device
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        noise = torch.empty_like(probs).exponential_(generator=self._generators[device])  # [S, V]
         for j, r in enumerate(requests):
             if r.params.seed is not None:
-                noise[j].exponential_(generator=request_generator(r.params.seed, r.num_output_tokens))
+                noise[j].exponential_(generator=request_generator(r.params.seed, r.num_output_tokens, device))
         return noise.clamp_min_(1e-20)
 
     @staticmethod
@@ -123,19 +129,19 @@ class Sampler:
         return TokenLogprob(token_id, raw[i, token_id].item(), top)
 
 
-def request_generator(seed: int, step: int) -> torch.Generator:
+def request_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of one seeded request at one step: a pure function of (seed, step)."""
-    return torch.Generator().manual_seed((seed * _SEED_STRIDE + step) % (1 << 63))
+    return torch.Generator(device=device).manual_seed((seed * _SEED_STRIDE + step) % (1 << 63))
 
 
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Mask to -inf what falls outside each row's top_k and top_p nucleus ([S, V] -> [S, V])."""
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, V]
-    ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params]).clamp(max=vocab)  # [S]
-    ranks = torch.arange(vocab).unsqueeze(0)  # [1, V]
+    ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device).clamp(max=vocab)  # [S]
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, V]
     drop = ranks >= ks.unsqueeze(1)  # [S, V]
-    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype).unsqueeze(1)  # [S, 1]
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=logits.device).unsqueeze(1)  # [S, 1]
     probs = torch.softmax(sorted_logits.masked_fill(drop, -float("inf")), dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly more likely tokens
     drop |= mass_before >= top_p  # the first token is always kept

@@ -82,7 +82,8 @@ class Scheduler:
                                   f"length of {self.max_model_len} tokens")
         if request.max_new_tokens is not None and n + request.max_new_tokens > self.max_model_len:
             raise RequestRejected(f"prompt ({n} tokens) + max_tokens ({request.max_new_tokens}) = "
-                                  f"{n + request.max_new_tokens} exceeds the context length of {self.max_model_len} tokens")
+                                  f"{n + request.max_new_tokens} exceeds the context length of "
+                                  f"{self.max_model_len} tokens")
         cache_tokens = self.kv_cache.num_blocks * self.kv_cache.block_size
         if request.max_new_tokens is not None and n + request.max_new_tokens > cache_tokens:
             raise RequestRejected(f"prompt ({n} tokens) + max_tokens ({request.max_new_tokens}) needs more KV "

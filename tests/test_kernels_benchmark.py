@@ -38,3 +38,13 @@ def test_cpu_smoke_run_checks_times_and_appends(tmp_path):
         assert f"correctness {name}: ok" in text
     for kernel in ("| fp8_quant |", "| fp8_gemm |", "| fp8_linear |", "| fused_moe |"):
         assert kernel in text
+
+
+def test_rows_of_kernels_that_failed_their_check_are_marked():
+    rows = [gpu_kernels.Row(k, "s", 1, 1.0, 2.0, 1e9, 1e6) for k in ("fp8_quant", "fp8_gemm", "fp8_linear", "fused_moe")]
+    checks = [gpu_kernels.Check("fp8_quant", True, ""), gpu_kernels.Check("fp8_gemm", False, "boom"),
+              gpu_kernels.Check("fused_moe", True, "")]
+    marked = [r.kernel for r in gpu_kernels._mark_failed(rows, checks)]
+    assert marked == ["fp8_quant", "fp8_gemm (check FAILED)", "fp8_linear (check FAILED)", "fused_moe"]
+    table = gpu_kernels.format_table(rows[:1], gpu_kernels.Ceilings(1000.0, 100.0, None))
+    assert "| fp8_quant | s | 1 | 1.0000 | 2.0000 | 2.00x | 1.0 | 1% | 1 | 0% |" in table  # 1 TFLOP/s, 1 GB/s

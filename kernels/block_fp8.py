@@ -61,3 +61,27 @@ def quantize_block_fp8(
     scaled = blocks / scale_inv[:, None, :, None]
     q = scaled.clamp(-FP8_MAX, FP8_MAX).view(n_rb * bn, n_cb * bk)[:rows, :cols].to(FP8_DTYPE)
     return q.contiguous(), scale_inv.float().contiguous()
+
+
+def slice_block_fp8(
+    weight_fp8: torch.Tensor, scale_inv: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None),
+    block: tuple[int, int] = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [rows, cols] slice of a block-FP8 matrix as a block-FP8 matrix whose blocks start at the slice.
+
+    A tensor-parallel shard whose first row and column fall on block boundaries keeps the stored bytes
+    and scales exactly (its last block may be partial). Otherwise the slice is dequantized and
+    quantized again, which rounds each value once more (relative error <= 2^-4 in the normal range).
+    """
+    n, k = weight_fp8.shape
+    r0, r1, r_step = rows.indices(n)
+    c0, c1, c_step = cols.indices(k)
+    if r_step != 1 or c_step != 1:
+        raise ValueError(f"only contiguous slices of a block-FP8 matrix are supported, got {rows} and {cols}")
+    bn, bk = block
+    if r0 % bn == 0 and c0 % bk == 0:
+        q = weight_fp8[r0:r1, c0:c1]
+        s = scale_inv[r0 // bn : -(-r1 // bn), c0 // bk : -(-c1 // bk)]
+        return q.contiguous(), s.contiguous()
+    dense = dequantize_block_fp8(weight_fp8, scale_inv, block)[r0:r1, c0:c1]
+    return quantize_block_fp8(dense, block)

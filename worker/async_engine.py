@@ -112,13 +112,20 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._drain_commands(block=not self.engine.has_unfinished())
-            if self._stopping.is_set():
-                break
-            if self.engine.has_unfinished():
-                self._dispatch(self._safe_step())
-            self._load = self.engine.get_load()
+            try:
+                self._iterate()
+            except Exception as exc:  # noqa: BLE001 - never let the thread die with clients waiting
+                log.exception("engine loop failed; failing all in-flight requests")
+                self._dispatch(self.engine.fail_all(f"engine failure: {type(exc).__name__}: {exc}"))
         self._dispatch(self.engine.fail_all("the engine is shutting down"))
+
+    def _iterate(self) -> None:
+        self._drain_commands(block=not self.engine.has_unfinished())
+        if self._stopping.is_set():
+            return
+        if self.engine.has_unfinished():
+            self._dispatch(self._safe_step())
+        self._load = self.engine.get_load()
 
     def _drain_commands(self, block: bool) -> None:
         try:

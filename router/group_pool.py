@@ -40,7 +40,9 @@ class GroupPoolConfig:
     """How the pool watches its groups and retries requests."""
 
     poll_interval_s: float = _field(1.0, "seconds between discovery refreshes and health/load probes")
-    probe_timeout_s: float = _field(1.0, "timeout of one gRPC health check or GetLoad")
+    probe_timeout_s: float = _field(2.0, "timeout of one gRPC health check or GetLoad")
+    failed_probes_unhealthy: int = _field(2, "consecutive failed health checks that mark a group unhealthy "
+                                          "(failed requests also eject it, through the circuit breaker)")
     max_attempts: int = _field(3, "groups tried per request before its first token (1: no retry)")
     drain_s: float = _field(30.0, "a removed group's client is closed when its streams end, or after this")
 
@@ -48,6 +50,8 @@ class GroupPoolConfig:
         if self.poll_interval_s <= 0 or self.probe_timeout_s <= 0:
             raise ValueError(f"GroupPoolConfig intervals must be > 0, got poll_interval_s={self.poll_interval_s} "
                              f"and probe_timeout_s={self.probe_timeout_s}")
+        if self.failed_probes_unhealthy < 1:
+            raise ValueError(f"GroupPoolConfig.failed_probes_unhealthy must be >= 1, got {self.failed_probes_unhealthy}")
         if self.max_attempts < 1:
             raise ValueError(f"GroupPoolConfig.max_attempts must be >= 1, got {self.max_attempts}")
 
@@ -58,6 +62,7 @@ class _Member:
 
     info: GroupInfo
     client: Any
+    failed_probes: int = 0
 
 
 class PooledRequest:
@@ -200,7 +205,9 @@ class GroupPool:
             healthy = False
         if self._members.get(name) is not member:
             return  # replaced while probing
-        self._set_health(name, healthy and member.info.healthy)
+        member.failed_probes = 0 if healthy else member.failed_probes + 1
+        serving = member.failed_probes < self.config.failed_probes_unhealthy  # one slow probe is not death
+        self._set_health(name, serving and member.info.healthy)
         self.balancer.on_probe(name, healthy)
         if healthy:
             try:

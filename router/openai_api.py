@@ -27,8 +27,11 @@ def request_id(request: Request) -> str:
     return rid[:128] if rid and rid.isprintable() else uuid.uuid4().hex
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # stateless; built once, not per token
+
+
 def sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_JSON.encode(payload)}\n\n"
 
 
 def usage_json(usage: Usage) -> dict:

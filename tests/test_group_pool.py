@@ -22,7 +22,7 @@ from router.worker_client import Finished, GenerateParams, TokenChunk, WorkerErr
 from router_harness import ServerThread
 
 MODEL = "kimi-k2-tiny"
-FAST = GroupPoolConfig(poll_interval_s=0.05, probe_timeout_s=0.2, drain_s=1.0)
+FAST = GroupPoolConfig(poll_interval_s=0.05, probe_timeout_s=0.2, drain_s=1.0, failed_probes_unhealthy=1)
 
 
 class FakeGroup:
@@ -373,12 +373,21 @@ def test_api_503_and_429_in_each_apis_format(tokenizer_and_template):
 def test_background_polling_marks_a_dead_group_unhealthy():
     async def main():
         fleet = Fleet(a=FakeGroup("h:1"), b=FakeGroup("h:2"))
-        pool = make_pool(fleet).start()
+        pool = GroupPool(CallableDiscovery(fleet.endpoints), Balancer(BalancerConfig(policy="round_robin")),
+                         config=GroupPoolConfig(poll_interval_s=0.05, probe_timeout_s=0.2, failed_probes_unhealthy=2),
+                         client_factory=fleet.client)
+        await pool.refresh()
+        fleet.groups["a"].healthy = False
+        await pool.refresh()
+        assert pool.balancer.get("a").healthy  # one failed probe is not enough
+        fleet.groups["a"].healthy = True
+        await pool.refresh()
+        fleet.groups["a"].healthy = False
+        await pool.refresh()
+        assert pool.balancer.get("a").healthy  # the count restarts after a good probe
+        pool.start()
         try:
-            await asyncio.sleep(0.15)
-            assert all(b.healthy for b in pool.balancer.backends)
-            fleet.groups["a"].healthy = False
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)
             assert not pool.balancer.get("a").healthy
             for i in range(4):
                 await drain(pool, params(f"r{i}"))

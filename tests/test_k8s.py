@@ -280,9 +280,9 @@ def test_router_service_hpa_pdb_target_the_deployment(objects):
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["command"][0] == "k2serve"
-    assert matches(one(objects, "Service")["spec"]["selector"], pod_labels)
+    assert matches(one(objects, "Service", "k2serve-router")["spec"]["selector"], pod_labels)
     port_names = {p["name"] for p in c["ports"]}
-    assert one(objects, "Service")["spec"]["ports"][0]["targetPort"] in port_names
+    assert one(objects, "Service", "k2serve-router")["spec"]["ports"][0]["targetPort"] in port_names
     hpa = one(objects, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -295,7 +295,7 @@ def test_router_service_hpa_pdb_target_the_deployment(objects):
 
 
 def test_monitors_select_real_ports(objects):
-    svc = one(objects, "Service")
+    svc = one(objects, "Service", "k2serve-router")
     sm = one(objects, "ServiceMonitor")
     assert matches(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
     assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}

@@ -24,27 +24,6 @@ class ForwardBatch:
     sample_rows: torch.Tensor  # [N] int64: rows of the hidden states whose logits are needed
 
 
-@dataclass
-class PagedAttentionMetadata(AttentionMetadata):
-    """AttentionMetadata whose per-sequence cache slots are computed once per step, not once per layer."""
-
-    padded_slots: torch.Tensor | None = None  # [B, max seq_len] int64, right-padded with slot 0
-
-    def cache_slots(self, i: int) -> torch.Tensor:
-        return self.padded_slots[i, : self.seq_len(i)]
-
-
-def padded_cache_slots(block_tables: list[list[int]], seq_lens: list[int], block_size: int,
-                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """[B, max(seq_lens)] flat cache slots of every sequence's context in one vectorized op."""
-    max_len = max(seq_lens, default=0)
-    width = -(-max_len // block_size)
-    tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in block_tables],
-                          dtype=torch.long, device=device).view(len(block_tables), width)  # [B, width]
-    pos = torch.arange(max_len, device=device)  # [S]
-    return tables[:, pos // block_size] * block_size + pos % block_size  # [B, S]
-
-
 def kv_cache_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes over all layers: layers * block_size * (kv_lora_rank + qk_rope_head_dim)."""
     elem = torch.empty((), dtype=dtype).element_size()
@@ -65,9 +44,7 @@ def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> F
         if sample:
             rows.append(starts[-1] - 1)
     long = dict(dtype=torch.long, device=device)
-    seq_lens = [ctx + len(t) for ctx, t in zip(plan.context_lens, plan.token_ids)]
-    attn = PagedAttentionMetadata(torch.tensor(slots, **long), starts, plan.context_lens, plan.block_tables, bs,
-                                  padded_cache_slots(plan.block_tables, seq_lens, bs, device))
+    attn = AttentionMetadata(torch.tensor(slots, **long), starts, plan.context_lens, plan.block_tables, bs)
     return ForwardBatch(torch.tensor(ids, **long), torch.tensor(positions, **long), attn, torch.tensor(rows, **long))
 
 

@@ -112,9 +112,6 @@ def causal_mask(num_queries: int, num_keys: int, context_len: int) -> torch.Tens
 def gather_padded(cache: torch.Tensor, attn: AttentionMetadata, seqs: list[int], lens: list[int]):
     """Contexts of `seqs` from the flat cache, right-padded to the longest: [B, S, D] and a [B, S] mask."""
     max_len = max(lens)
-    slots = torch.zeros(len(seqs), max_len, dtype=torch.long)
-    valid = torch.zeros(len(seqs), max_len, dtype=torch.bool)
-    for b, (i, n) in enumerate(zip(seqs, lens)):
-        slots[b, :n] = attn.cache_slots(i)
-        valid[b, :n] = True
+    slots = attn.padded_slots[seqs, :max_len]  # [B, S]
+    valid = torch.arange(max_len, device=slots.device)[None, :] < torch.tensor(lens, device=slots.device)[:, None]
     return cache[slots], valid

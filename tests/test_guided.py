@@ -121,9 +121,19 @@ def test_forced_tool_call_has_valid_id_and_schema_valid_arguments(guided, vocab,
                           first_index=4)
         bias = {vocab.id_of("<|tool_calls_section_end|>"): 4.0}
         calls = parse_tool_calls(vocab, drive(guided, spec, seed, bias=bias), TOOLS)
-        assert calls[0][1] == 4
+        assert [c[1] for c in calls] == list(range(4, 4 + len(calls))), "ids count calls across the conversation"
         if mode == "named":
             assert [c[0] for c in calls] == ["get-time.v2"]
+
+
+def test_required_mode_ends_after_the_most_parallel_calls(guided, vocab):
+    """A model that never closes the section still gets a finished, parseable one (MAX_PARALLEL_CALLS calls)."""
+    from worker.guided import MAX_PARALLEL_CALLS
+
+    spec = GuidedSpec("tool_call", tools=TOOLS, mode="required", first_index=0)
+    bias = {vocab.id_of("<|tool_calls_section_end|>"): -1e9, vocab.id_of("<|tool_call_begin|>"): 5.0}
+    calls = parse_tool_calls(vocab, drive(guided, spec, 0, bias=bias, max_steps=4000), TOOLS)
+    assert [c[1] for c in calls] == list(range(MAX_PARALLEL_CALLS))
 
 
 def test_auto_mode_gives_free_text_or_a_valid_call(guided, vocab):

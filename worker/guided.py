@@ -7,9 +7,10 @@ the tokens the grammar allows, and advances the matcher with the sampled token.
 K2 tool calls (K2-FACTS section 6) are matched on the marker TOKENS, not their spelling:
     <|tool_calls_section_begin|> ( <|tool_call_begin|> functions.NAME:IDX <|tool_call_argument_begin|>
     {schema-valid JSON} <|tool_call_end|> )+ <|tool_calls_section_end|>   then a stop token (<|im_end|>).
-Modes: "named" forces exactly one call of that function with IDX = first_index; "required" forces at least
-one call of declared tools (the first with IDX = first_index); "auto" leaves text free (no markers) until
-the model emits <|tool_calls_section_begin|>, then allows only the structure above.
+Modes: "named" forces exactly one call of that function with IDX = first_index; "required" forces one to
+MAX_PARALLEL_CALLS calls of declared tools, call k with IDX = first_index + k (the index counts calls across
+the conversation); "auto" leaves text free (no markers) until the model emits <|tool_calls_section_begin|>,
+then allows only the structure above.
 """
 
 from __future__ import annotations
@@ -97,16 +98,15 @@ class GuidedDecoding:
         functions = spec.tool_functions()
         if spec.mode == "named":
             functions = [fn for fn in functions if fn["name"] == spec.name]
-        first = _or([_call(fn, ids, str(spec.first_index)) for fn in functions])
-        if spec.mode == "named":
+            first = _or([_call(fn, ids, str(spec.first_index)) for fn in functions])
             return st.SequenceFormat(elements=[st.TokenFormat(token=ids[TOOL_SECTION_BEGIN]), first,
                                                st.TokenFormat(token=ids[TOOL_SECTION_END])])
-        more = st.StarFormat(content=_or([_call(fn, ids, None) for fn in functions]))
+        calls = _calls(functions, ids, spec.first_index)
         if spec.mode == "required":
-            return st.SequenceFormat(elements=[st.TokenFormat(token=ids[TOOL_SECTION_BEGIN]), first, more,
+            return st.SequenceFormat(elements=[st.TokenFormat(token=ids[TOOL_SECTION_BEGIN]), calls,
                                                st.TokenFormat(token=ids[TOOL_SECTION_END])])
         section = st.TagFormat(begin=st.TokenFormat(token=ids[TOOL_SECTION_BEGIN]),
-                               content=st.SequenceFormat(elements=[first, more]),
+                               content=calls,
                                end=st.TokenFormat(token=ids[TOOL_SECTION_END]))
         others = [ids[m] for m in TOOL_MARKERS if m != TOOL_SECTION_BEGIN]
         return st.TokenTriggeredTagsFormat(trigger_tokens=[ids[TOOL_SECTION_BEGIN]], tags=[section],
@@ -121,6 +121,9 @@ class GuidedDecoding:
         for i in rows:
             guides[i].fill(bitmask, i)
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows)
+
+
+MAX_PARALLEL_CALLS = 8  # calls one constrained tool-call section may hold
 
 
 def tokenizer_info(vocab: Vocab, vocab_size: int) -> xgr.TokenizerInfo:
@@ -138,9 +141,19 @@ def tokenizer_info(vocab: Vocab, vocab_size: int) -> xgr.TokenizerInfo:
                              stop_token_ids=list(vocab.stop_token_ids))
 
 
-def _call(fn: dict, ids: dict[str, int], index: str | None):
+def _calls(functions: list[dict], ids: dict[str, int], first_index: int):
+    """One to MAX_PARALLEL_CALLS calls of declared tools; call k carries IDX = first_index + k."""
+    tail = None
+    for k in reversed(range(1, MAX_PARALLEL_CALLS)):
+        call = _or([_call(fn, ids, str(first_index + k)) for fn in functions])
+        tail = st.OptionalFormat(content=call if tail is None else st.SequenceFormat(elements=[call, tail]))
+    first = _or([_call(fn, ids, str(first_index)) for fn in functions])
+    return first if tail is None else st.SequenceFormat(elements=[first, tail])
+
+
+def _call(fn: dict, ids: dict[str, int], index: str):
     """One `<|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{args}<|tool_call_end|>`."""
-    idx = st.ConstStringFormat(value=index) if index is not None else st.RegexFormat(pattern=r"(0|[1-9][0-9]{0,5})")
+    idx = st.ConstStringFormat(value=index)
     params = fn.get("parameters") or {"type": "object", "properties": {}}
     return st.SequenceFormat(elements=[
         st.TokenFormat(token=ids[TOOL_CALL_BEGIN]),

@@ -113,3 +113,22 @@ def test_k2_config_numbers():
     c = ModelConfig()
     assert c.kv_cache_dim == 576 and c.qk_head_dim == 192
     assert abs(c.softmax_scale - 0.130861) < 1e-6
+
+
+def test_fp8_mode_keeps_the_checkpoint_bytes_and_stacks_experts(tiny_model_dir):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(tiny_model_dir.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    model = load_model(tiny_model_dir, progress=False, fp8_backend="torch")
+    params = dict(model.named_parameters())
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    assert params[name].dtype == FP8_DTYPE
+    assert torch.equal(params[name].view(torch.uint8), tensors[name].view(torch.uint8))
+    assert torch.equal(params[name + "_scale_inv"], tensors[name + "_scale_inv"])
+    experts = model.model.layers[1].mlp.experts
+    assert experts.is_fused and experts.w13_fp8.shape == (16, 2 * 96, 192)
+    assert not any(".mlp.experts." in n for n in params), "per-expert copies are dropped after stacking"
+    gate = tensors["model.layers.1.mlp.experts.5.gate_proj.weight"]
+    assert torch.equal(experts.w13_fp8[5, :96].view(torch.uint8), gate.view(torch.uint8))

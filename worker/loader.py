@@ -17,9 +17,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, expand_block_scales
+from kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, expand_block_scales, quantize_block_fp8
 from worker.model.config import ModelConfig
 from worker.model.deepseek_v3 import DeepseekV3ForCausalLM
+from worker.model.layers.linear import Fp8Weights
 from worker.parallel import ParallelInfo
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,20 @@ class Checkpoint:
             return self.read(name, index).float()
         return self.dequantize_slice(name, rows, cols)
 
+    def read_fp8_slice(self, name: str, rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """A slice as block-FP8 whose blocks start at the slice: the stored bytes and scales when it starts
+        on block boundaries (K2's TP shards do), else dequantized and quantized again (one more rounding)."""
+        if not self.is_fp8(name):
+            raise CheckpointError(f"tensor {name!r} is not block-FP8 in the checkpoint, but the model holds it as FP8")
+        n_rows, n_cols = self.shape(name)
+        r0, r1, _ = rows.indices(n_rows)
+        c0, c1, _ = cols.indices(n_cols)
+        bn, bk = self.block
+        if r0 % bn or c0 % bk:
+            return quantize_block_fp8(self.dequantize_slice(name, rows, cols), self.block)
+        scale = self.read(name + SCALE_SUFFIX).float()[r0 // bn : -(-r1 // bn), c0 // bk : -(-c1 // bk)]
+        return self.read(name, (slice(r0, r1), slice(c0, c1))), scale.contiguous()
+
     def dequantize_slice(self, name: str, rows: slice, cols: slice) -> torch.Tensor:
         n_rows, n_cols = self.shape(name)
         r0, r1, _ = rows.indices(n_rows)
@@ -116,35 +131,65 @@ def shard_slices(param: torch.Tensor, full_shape: tuple[int, ...]) -> tuple[slic
     return index[0], index[1]
 
 
-def load_parameter(ckpt: Checkpoint, name: str, param: torch.Tensor) -> None:
+def check_shape(ckpt_name: str, full_shape, got: torch.Tensor, want: torch.Tensor) -> None:
+    if tuple(got.shape) != tuple(want.shape):
+        raise CheckpointError(
+            f"tensor {ckpt_name!r}: checkpoint shape {full_shape} gives {tuple(got.shape)} for this rank, "
+            f"the model expects {tuple(want.shape)}"
+        )
+
+
+def load_parameter(ckpt: Checkpoint, name: str, param: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """Copy this rank's slice of the checkpoint tensor into `param` (and its scale_inv for FP8 params)."""
     ckpt_name = NAME_TABLE.get(name, name)
     full_shape = ckpt.shape(ckpt_name)
     rows, cols = shard_slices(param, full_shape)
+    if param.dtype == FP8_DTYPE:
+        data, scale_inv = ckpt.read_fp8_slice(ckpt_name, rows, cols)
+        check_shape(ckpt_name, full_shape, data, param)
+        check_shape(ckpt_name + SCALE_SUFFIX, "(block scales)", scale_inv, scale)
+        with torch.no_grad():
+            param.copy_(data)
+            scale.copy_(scale_inv)
+        return
     tensor = ckpt.read_dense(ckpt_name, rows, cols)
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise CheckpointError(
-            f"tensor {ckpt_name!r}: checkpoint shape {full_shape} gives {tuple(tensor.shape)} for this rank, "
-            f"the model expects {tuple(param.shape)}"
-        )
+    check_shape(ckpt_name, full_shape, tensor, param)
     with torch.no_grad():
         param.copy_(tensor.to(param.dtype))
 
 
 def load_weights(model: torch.nn.Module, model_dir: str | Path, block=DEFAULT_BLOCK, progress: bool = True) -> None:
-    """Fill every parameter of `model` from the checkpoint, reading only this rank's slices."""
+    """Fill every parameter of `model` from the checkpoint, reading only this rank's slices, then let
+    modules prepare their weights for compute (`process_weights_after_loading`)."""
     ckpt = Checkpoint(model_dir, block)
-    params = list(model.named_parameters())
-    for name, param in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
-        load_parameter(ckpt, name, param)
-    log.info("loaded %d tensors from %s", len(params), model_dir)
+    params = dict(model.named_parameters())
+    names = [n for n in params if not n.endswith(SCALE_SUFFIX)]  # scales load with their weights
+    for name in tqdm(names, desc="loading weights", unit="tensor", disable=not progress, leave=False):
+        load_parameter(ckpt, name, params[name], params.get(name + SCALE_SUFFIX))
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
+    log.info("loaded %d tensors from %s", len(names), model_dir)
 
 
 def load_model(
     model_dir: str | Path, dtype: torch.dtype = torch.float32, info: ParallelInfo = ParallelInfo(),
-    dispatcher: str = "all_to_all", progress: bool = True,
+    dispatcher: str = "all_to_all", progress: bool = True, fp8_backend: str | None = None,
+    device: str = "cpu",
 ) -> DeepseekV3ForCausalLM:
-    """Build the model for this rank from config.json and load its weights (eval mode, no grad)."""
+    """Build the model for this rank from config.json and load its weights (eval mode, no grad).
+
+    `fp8_backend`: None holds every matrix dense in `dtype`; "auto" keeps block-FP8 matrices and picks
+    the kernel backend for `device` (Triton on CUDA); "torch" or "triton" force one.
+    """
     config = ModelConfig.from_dir(model_dir)
-    model = DeepseekV3ForCausalLM(config, info, dtype, dispatcher)
-    load_weights(model, model_dir, config.weight_block_size or DEFAULT_BLOCK, progress)
-    return model.eval().requires_grad_(False)
+    block = config.weight_block_size or DEFAULT_BLOCK
+    fp8 = None
+    if fp8_backend is not None:
+        from kernels.backend import select_backend
+
+        force = None if fp8_backend == "auto" else fp8_backend
+        fp8 = Fp8Weights(select_backend(torch.device(device), force), block)
+    model = DeepseekV3ForCausalLM(config, info, dtype, dispatcher, fp8)
+    load_weights(model, model_dir, block, progress)
+    return model.to(device).eval().requires_grad_(False)

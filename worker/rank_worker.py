@@ -59,8 +59,11 @@ class RankWorker:
     def load(self) -> int:
         """Load this rank's shard; returns the number of parameter elements it holds."""
         dtype = getattr(torch, self.spec.engine.dtype)
-        model = load_model(self.spec.model_dir, dtype, self.info, self.spec.dispatcher, progress=self.info.is_driver)
-        model = model.to(self.spec.engine.device)
+        device = self.spec.engine.device
+        # Chosen once, by device: FP8 matrices + Triton kernels on GPU, dense weights on CPU.
+        fp8_backend = "auto" if device.startswith("cuda") else None
+        model = load_model(self.spec.model_dir, dtype, self.info, self.spec.dispatcher,
+                           progress=self.info.is_driver, fp8_backend=fp8_backend, device=device)
         blocks = num_kv_blocks(self.spec.engine, model.config, dtype)
         self.runner = ModelRunner(model, blocks, self.spec.engine.block_size, dtype, self.spec.engine.device)
         return self.num_parameters()

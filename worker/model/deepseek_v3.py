@@ -16,6 +16,7 @@ from worker.model.attention_metadata import AttentionMetadata
 from worker.model.config import ModelConfig
 from worker.model.layers.attention import MLAttention
 from worker.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker.model.layers.linear import Fp8Weights
 from worker.model.layers.mlp import ParallelMLP
 from worker.model.layers.moe import MoE
 from worker.model.layers.moe_stats import MoEStats
@@ -27,19 +28,19 @@ from worker.parallel import ParallelInfo, all_gather_tokens, token_shard
 class DecoderLayer(nn.Module):
     def __init__(
         self, config: ModelConfig, layer_idx: int, info: ParallelInfo, dtype: torch.dtype, dispatcher: str,
-        stats: MoEStats | None,
+        stats: MoEStats | None, fp8: Fp8Weights | None,
     ):
         super().__init__()
         self.info = info
         self.is_moe = config.is_moe_layer(layer_idx)
         reduce = "scatter" if self.is_moe else "all"
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = MLAttention(config, info, dtype, reduce)
+        self.self_attn = MLAttention(config, info, dtype, reduce, fp8)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if self.is_moe:
-            self.mlp = MoE(config, info, dtype, dispatcher, layer_idx, stats)
+            self.mlp = MoE(config, info, dtype, dispatcher, layer_idx, stats, fp8)
         else:
-            self.mlp = ParallelMLP(config.hidden_size, config.intermediate_size, info, dtype)
+            self.mlp = ParallelMLP(config.hidden_size, config.intermediate_size, info, dtype, fp8)
 
     def forward(self, x, positions, rotary, attn: AttentionMetadata, kv_cache) -> torch.Tensor:
         """x [T, H] (replicated on every rank) -> [T, H]."""
@@ -53,11 +54,11 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str, stats):
+    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str, stats, fp8):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, info, dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, info, dtype, dispatcher, stats) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, info, dtype, dispatcher, stats, fp8) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(config)
@@ -73,16 +74,18 @@ class DeepseekV3ForCausalLM(nn.Module):
     """`forward` returns final hidden states [T, H]; `compute_logits` turns chosen rows into logits.
 
     `moe_stats` accumulates this rank's routing and all-to-all traffic for metrics (drain it).
+    `fp8` (chosen once, by device): keep the checkpoint's block-FP8 matrices and multiply them with that
+    backend (Triton on GPU); None holds every matrix dense in `dtype` (CPU).
     """
 
     def __init__(
         self, config: ModelConfig, info: ParallelInfo = ParallelInfo(),
-        dtype: torch.dtype = torch.float32, dispatcher: str = "all_to_all",
+        dtype: torch.dtype = torch.float32, dispatcher: str = "all_to_all", fp8: Fp8Weights | None = None,
     ):
         super().__init__()
         self.config, self.info, self.dtype = config, info, dtype
         self.moe_stats = MoEStats(config.num_hidden_layers, config.n_routed_experts)
-        self.model = DeepseekV3Model(config, info, dtype, dispatcher, self.moe_stats)
+        self.model = DeepseekV3Model(config, info, dtype, dispatcher, self.moe_stats, fp8)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, info, dtype)
 
     def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:

@@ -14,32 +14,34 @@ from torch import nn
 
 from worker.model.attention_metadata import AttentionMetadata
 from worker.model.config import ModelConfig
-from worker.model.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from worker.model.layers.linear import ColumnParallelLinear, Fp8Weights, ReplicatedLinear, RowParallelLinear
 from worker.model.layers.norm import RMSNorm
 from worker.model.layers.rotary import RotaryEmbedding
 from worker.parallel import ParallelInfo
 
 
 class MLAttention(nn.Module):
-    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, reduce: str = "all"):
+    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, reduce: str = "all",
+                 fp8: Fp8Weights | None = None):
         super().__init__()
         c = config
+        self.dtype = dtype
         self.n_local_heads = info.split(c.num_attention_heads, "num_attention_heads")
         self.qk_nope_head_dim, self.qk_rope_head_dim = c.qk_nope_head_dim, c.qk_rope_head_dim
         self.qk_head_dim, self.v_head_dim, self.kv_lora_rank = c.qk_head_dim, c.v_head_dim, c.kv_lora_rank
         self.softmax_scale = c.softmax_scale
         if c.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(c.hidden_size, c.num_attention_heads * c.qk_head_dim, info, dtype)
+            self.q_proj = ColumnParallelLinear(c.hidden_size, c.num_attention_heads * c.qk_head_dim, info, dtype, fp8)
         else:
-            self.q_a_proj = ReplicatedLinear(c.hidden_size, c.q_lora_rank, dtype)
+            self.q_a_proj = ReplicatedLinear(c.hidden_size, c.q_lora_rank, dtype, fp8)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, dtype)
-            self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, info, dtype)
-        self.kv_a_proj_with_mqa = ReplicatedLinear(c.hidden_size, c.kv_cache_dim, dtype)
+            self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, info, dtype, fp8)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(c.hidden_size, c.kv_cache_dim, dtype, fp8)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype)
         self.kv_b_proj = ColumnParallelLinear(
-            c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), info, dtype
+            c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), info, dtype, fp8
         )
-        self.o_proj = RowParallelLinear(c.num_attention_heads * c.v_head_dim, c.hidden_size, info, dtype, reduce)
+        self.o_proj = RowParallelLinear(c.num_attention_heads * c.v_head_dim, c.hidden_size, info, dtype, reduce, fp8)
 
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -66,9 +68,15 @@ class MLAttention(nn.Module):
                 self.prefill_expanded(q_nope, q_pe, attn, cache, i, out)
         return self.o_proj(out.flatten(1))
 
+    def process_weights_after_loading(self) -> None:
+        """Absorbed decode multiplies by kv_b_proj's halves directly: keep them dense (once, after loading)."""
+        if self.kv_b_proj.fp8 is not None:
+            self.register_buffer("kv_b_dense", self.kv_b_proj.dense_weight(self.dtype), persistent=False)
+
     def split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj as W_UK [nh, 128, 512] and W_UV [nh, 128, 512]."""
-        w = self.kv_b_proj.weight.view(self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w = self.kv_b_dense if self.kv_b_proj.fp8 is not None else self.kv_b_proj.weight
+        w = w.view(self.n_local_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def prefill_expanded(self, q_nope, q_pe, attn: AttentionMetadata, cache, i: int, out) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 from worker.model.config import ModelConfig
 from worker.model.layers.dispatcher import make_dispatcher
 from worker.model.layers.experts import LocalExperts
+from worker.model.layers.linear import Fp8Weights
 from worker.model.layers.mlp import MLP
 from worker.model.layers.moe_stats import MoEStats
 from worker.model.layers.router import TopKRouter
@@ -19,13 +20,13 @@ class MoE(nn.Module):
 
     def __init__(
         self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str = "all_to_all",
-        layer_idx: int = 0, stats: MoEStats | None = None,
+        layer_idx: int = 0, stats: MoEStats | None = None, fp8: Fp8Weights | None = None,
     ):
         super().__init__()
         self.layer_idx, self.stats = layer_idx, stats
         self.gate = TopKRouter(config)
-        self.experts = LocalExperts(config, info, dtype)
-        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype)
+        self.experts = LocalExperts(config, info, dtype, fp8)
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype, fp8)
         self.dispatcher = make_dispatcher(dispatcher, info, stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,8 @@ class AsyncEngine:
             return
         if self.engine.has_unfinished():
             self._dispatch(self._safe_step())
+        if not self.engine.has_unfinished():
+            self.engine.flush_moe_stats()  # idle: record the last steps' expert load now, not at the next burst
         self._load = self.engine.get_load()
 
     def _drain_commands(self, block: bool) -> None:

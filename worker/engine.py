@@ -3,10 +3,16 @@
 `add_request` validates and queues; `step` runs one forward pass over everything scheduled and returns
 a RequestOutput for every request that produced tokens or finished; `abort_request` frees a request's
 blocks at once. AsyncEngine (worker/async_engine.py) drives it from a background thread.
+
+With metrics attached (a WorkerMetrics, constructor argument or `attach_metrics`), every step records
+its duration, batch size and token split, the scheduler/KV cache state, and, about once a second, the
+group's MoE expert load and all-to-all traffic (the plan's `collect_moe_stats` makes every rank drain
+its stats); `flush_moe_stats` collects what is left when the engine goes idle.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +20,7 @@ import torch
 
 from worker.config import EngineConfig
 from worker.kv_cache import KVCacheManager
+from worker.metrics import EngineMetrics, EngineState, WorkerMetrics
 from worker.model_runner import ModelRunner, kv_cache_block_bytes
 from worker.request import Request, RequestOutput, RequestRejected, RequestStatus, SamplingParams, TokenLogprob
 from worker.sampler import Sampler
@@ -41,7 +48,8 @@ class EngineLoad:
 class Engine:
     """Continuous-batching engine over a ModelRunner; `vocab` gives stop ids and enables guided output."""
 
-    def __init__(self, config: EngineConfig, runner: ModelRunner, vocab: Vocab | None = None):
+    def __init__(self, config: EngineConfig, runner: ModelRunner, vocab: Vocab | None = None,
+                 metrics: WorkerMetrics | None = None, moe_stats_interval_s: float = 1.0):
         self.config = config
         self.runner = runner
         self.vocab = vocab
@@ -53,6 +61,14 @@ class Engine:
         self.default_stop_ids = frozenset(vocab.stop_token_ids) if vocab else frozenset()
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._guided = None  # GuidedDecoding, built on the first guided request
+        self.metrics: EngineMetrics | None = None
+        if metrics is not None:
+            self.attach_metrics(metrics, moe_stats_interval_s)
+
+    def attach_metrics(self, metrics: WorkerMetrics, moe_stats_interval_s: float = 1.0) -> None:
+        """Record into `metrics` from now on; MoE stats are collected every `moe_stats_interval_s`."""
+        self.metrics = EngineMetrics(metrics, moe_stats_interval_s)
+        self._record_state()
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
@@ -98,6 +114,7 @@ class Engine:
         request = self.scheduler.abort(request_id)
         if request is not None:
             self._pending.append(request.take_output())
+            self._record_state()
         return request is not None
 
     def fail_all(self, message: str) -> list[RequestOutput]:
@@ -107,6 +124,7 @@ class Engine:
             request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ERROR, message)
             if request is not None:
                 outputs.append(request.take_output())
+        self._record_state()
         return self._take_pending() + outputs
 
     def has_unfinished(self) -> bool:
@@ -121,11 +139,18 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: schedule, execute (forward + sample), postprocess."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            self._record_state()
             return self._take_pending()
+        plan.collect_moe_stats = self.metrics is not None and self.metrics.wants_moe_stats()
+        prompt_tokens = self._num_prompt_tokens(plan) if self.metrics is not None else 0
         step_output = self._execute(plan)
-        return self._postprocess(plan, step_output)
+        outputs = self._postprocess(plan, step_output)
+        if self.metrics is not None:
+            self._record_step(plan, prompt_tokens, len(step_output.sampled), time.perf_counter() - start)
+        return outputs
 
     def _execute(self, plan: StepPlan) -> StepOutput:
         logits = self.runner.execute(plan)  # [N, vocab] for the sampling sequences
@@ -174,6 +199,46 @@ class Engine:
             elif request.guide.is_terminated:
                 done[request_id] = self.scheduler.finish(request_id, RequestStatus.FINISHED_STOPPED)
         return done
+
+    # ---- metrics ----
+
+    def flush_moe_stats(self) -> None:
+        """Collect the MoE stats of steps not yet collected (an empty plan every rank runs); no-op without
+        metrics or pending steps. Call it only from the thread that steps the engine."""
+        if self.metrics is None or not self.metrics.has_pending_moe_stats:
+            return
+        self.runner.execute(StepPlan(block_size=self.config.block_size, collect_moe_stats=True))
+        self.metrics.collected()
+        self._record_moe()
+
+    def _num_prompt_tokens(self, plan: StepPlan) -> int:
+        """Tokens of the plan that are prompt positions (prefill; recomputation after preemption included)."""
+        total = 0
+        for request_id, tokens, ctx in zip(plan.request_ids, plan.token_ids, plan.context_lens):
+            num_prompt = self.scheduler.requests[request_id].num_prompt_tokens
+            total += max(0, min(ctx + len(tokens), num_prompt) - ctx)
+        return total
+
+    def _record_step(self, plan: StepPlan, prompt_tokens: int, generated: int, seconds: float) -> None:
+        self.metrics.step(seconds, plan.num_tokens, prompt_tokens, generated, plan.collect_moe_stats)
+        if plan.collect_moe_stats:
+            self._record_moe()
+        self._record_state()
+
+    def _record_moe(self) -> None:
+        snapshot = self.runner.take_moe_stats()
+        if snapshot is not None:
+            config = self.runner.model.config
+            layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+            self.metrics.moe(snapshot.expert_tokens, snapshot.exchanges, layers)
+
+    def _record_state(self) -> None:
+        if self.metrics is None:
+            return
+        kv = self.scheduler.kv_cache
+        self.metrics.state(EngineState(
+            len(self.scheduler.running), len(self.scheduler.waiting), kv.usage, kv.hit_rate,
+            kv.num_queried_tokens, kv.num_hit_tokens, self.scheduler.num_preemptions))
 
     def _take_pending(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []

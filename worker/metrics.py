@@ -8,12 +8,18 @@ Expert load: ``record_expert_load(layer, tokens_per_expert)`` adds to a counter 
 and sets the layer's imbalance gauge (max over mean). K2 has 60 MoE layers x 384 experts, so the
 per-expert counter is up to 23,040 series per group: call it with counts summed over many steps
 (e.g. once a second), not on every step.
+
+``EngineMetrics`` is what rank 0's Engine feeds: it turns the scheduler's and KV cache manager's
+cumulative counters into counter increments, decides when the group collects MoE stats (time-based,
+every ``moe_interval_s``), and records the group-summed expert load of the MoE layers.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest
@@ -178,3 +184,79 @@ class WorkerMetrics:
     def render(self) -> tuple[bytes, str]:
         """Prometheus text exposition of this registry and its content type, for GET /metrics."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """A snapshot of the engine's scheduler and KV cache (the cumulative counters as they stand)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    prefix_cache_queried_tokens: int  # cumulative
+    prefix_cache_hit_tokens: int  # cumulative
+    num_preemptions: int  # cumulative
+
+
+class EngineMetrics:
+    """Rank 0's engine-side recorder over a WorkerMetrics.
+
+    ``step`` records one executed step; ``state`` sets the gauges and adds what the cumulative counters
+    gained since the last call; ``wants_moe_stats`` says whether this step should collect the group's
+    MoE stats (the first step, then every ``moe_interval_s``); ``moe`` records a collected snapshot.
+    """
+
+    def __init__(self, metrics: WorkerMetrics, moe_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if moe_interval_s < 0:
+            raise ValueError(f"moe_interval_s must be >= 0, got {moe_interval_s}")
+        self.metrics = metrics
+        self.moe_interval_s = moe_interval_s
+        self._clock = clock
+        self._last_moe = -math.inf
+        self._steps_since_moe = 0  # steps whose MoE stats are still on the ranks
+        self._seen = EngineState(0, 0, 0.0, 0.0, 0, 0, 0)
+
+    def wants_moe_stats(self) -> bool:
+        """True when it is time for the next step to collect the group's MoE stats."""
+        return self._clock() - self._last_moe >= self.moe_interval_s
+
+    @property
+    def has_pending_moe_stats(self) -> bool:
+        """Whether steps ran since the last collection (their MoE stats are not recorded yet)."""
+        return self._steps_since_moe > 0
+
+    def step(self, seconds: float, num_tokens: int, prompt_tokens: int, generated_tokens: int,
+             collected_moe: bool) -> None:
+        """One executed step; ``collected_moe`` if its plan collected the MoE stats."""
+        self.metrics.step(seconds, num_tokens, prompt_tokens, generated_tokens)
+        self._steps_since_moe = 0 if collected_moe else self._steps_since_moe + 1
+        if collected_moe:
+            self._last_moe = self._clock()
+
+    def collected(self) -> None:
+        """The MoE stats were collected outside a step (an idle flush)."""
+        self._steps_since_moe, self._last_moe = 0, self._clock()
+
+    def state(self, now: EngineState) -> None:
+        """Set the queue and cache gauges; add the growth of the cumulative counters."""
+        m, seen = self.metrics, self._seen
+        m.set_queue(now.num_running, now.num_waiting)
+        m.set_kv_cache_usage(now.kv_cache_usage)
+        m.set_prefix_cache_hit_rate(now.prefix_cache_hit_rate)
+        queried = now.prefix_cache_queried_tokens - seen.prefix_cache_queried_tokens
+        hit = now.prefix_cache_hit_tokens - seen.prefix_cache_hit_tokens
+        if queried or hit:
+            m.prefix_cache_lookup(queried, hit)
+        if now.num_preemptions > seen.num_preemptions:
+            m.preempted(now.num_preemptions - seen.num_preemptions)
+        self._seen = now
+
+    def moe(self, expert_tokens, exchanges: Iterable[tuple[str, float, int]], moe_layers: Iterable[int]) -> None:
+        """Record a collected snapshot: ``expert_tokens`` [num_layers, n_routed_experts] (group sums;
+        only ``moe_layers`` rows are recorded) and this rank's (phase, seconds, bytes) exchanges."""
+        for layer in moe_layers:
+            self.metrics.record_expert_load(layer, expert_tokens[layer])
+        for phase, seconds, num_bytes in exchanges:
+            self.metrics.all_to_all(phase, seconds, num_bytes)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from worker.model.attention_metadata import AttentionMetadata
+from worker.model.layers.moe_stats import MoEStatsSnapshot
+from worker.parallel import ParallelInfo, all_reduce
 from worker.scheduler import StepPlan
 
 
@@ -49,7 +51,13 @@ def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> F
 
 
 class ModelRunner:
-    """Owns the model and its KV caches; `execute(plan)` is the same call on every rank."""
+    """Owns the model and its KV caches; `execute(plan)` is the same call on every rank.
+
+    When a plan has `collect_moe_stats`, every rank drains its model's MoE stats after the forward and
+    the expert token counts are summed over the group; `take_moe_stats()` hands the result to rank 0's
+    engine. Token-shard padding rows (T not divisible by the world size) are routed too, so group
+    counts may include up to world_size - 1 padding tokens per MoE layer per step.
+    """
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", kv_caches: list[torch.Tensor] | None = None):
@@ -57,6 +65,7 @@ class ModelRunner:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
         self.kv_caches = kv_caches if kv_caches is not None else self._allocate(num_blocks, block_size, dtype)
+        self._moe_snapshot: MoEStatsSnapshot | None = None
 
     def _allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
         from worker.model.deepseek_v3 import allocate_kv_caches
@@ -70,9 +79,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run the plan's tokens through the model; [N, vocab] float32 logits of sampling rows (or None)."""
+        """Run the plan's tokens through the model; [N, vocab] float32 logits of sampling rows (or None).
+
+        An empty plan runs no forward (it may still collect MoE stats).
+        """
         if plan.block_size != self.block_size:
             raise ValueError(f"plan block_size {plan.block_size} != cache block_size {self.block_size}")
+        logits = None if plan.is_empty else self._forward(plan)
+        if plan.collect_moe_stats:
+            self._moe_snapshot = self._collect_moe_stats()
+        return logits
+
+    def take_moe_stats(self) -> MoEStatsSnapshot | None:
+        """The group-summed MoE stats of the last collecting plan (once), or None."""
+        snapshot, self._moe_snapshot = self._moe_snapshot, None
+        return snapshot
+
+    def _collect_moe_stats(self) -> MoEStatsSnapshot | None:
+        """Drain this rank's MoE stats and sum the expert token counts over the group (a collective)."""
+        stats = getattr(self.model, "moe_stats", None)
+        if stats is None:
+            return None
+        snapshot = stats.drain()
+        counts = snapshot.expert_tokens.to(self.device)  # [num_layers, n_routed_experts] int64
+        all_reduce(counts, getattr(self.model, "info", ParallelInfo()))
+        snapshot.expert_tokens = counts.cpu()
+        return snapshot
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
         batch = build_forward_batch(plan, self.device)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # [T, hidden]
         if batch.sample_rows.numel() == 0:

@@ -1,0 +1,197 @@
+"""The engine feeds WorkerMetrics (no Ray): step series, queue and KV cache gauges, prefix cache and
+preemption counters, and exact tokens per expert of the MoE layers (single rank, tiny K2 checkpoint)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from worker.config import EngineConfig
+from worker.engine import Engine
+from worker.loader import load_model
+from worker.metrics import EngineMetrics, EngineState, WorkerMetrics
+from worker.model_runner import ModelRunner
+from worker.request import SamplingParams
+from worker.scheduler import StepPlan
+from worker.vocab import Vocab
+
+GROUP = "g-test"
+GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model = load_model(tiny_model_dir, dtype=torch.float32, progress=False)
+    return model, Vocab.from_model_dir(tiny_model_dir, model.config.vocab_size)
+
+
+def make_engine(tiny, moe_interval_s=0.0, num_blocks=64, **cfg):
+    """An engine over the shared tiny model with fresh metrics (and the model's MoE stats emptied)."""
+    model, vocab = tiny
+    model.moe_stats.drain()
+    config = EngineConfig(**{"max_model_len": 256, "block_size": 16, **cfg})
+    metrics = WorkerMetrics(CollectorRegistry(), GROUP)
+    engine = Engine(config, ModelRunner(model, num_blocks, config.block_size), vocab, metrics, moe_interval_s)
+    return engine, metrics.registry
+
+
+def value(registry, name, **labels) -> float:
+    v = registry.get_sample_value(name, {"group": GROUP, **labels})
+    return 0.0 if v is None else v
+
+
+def expert_tokens(registry, layer) -> float:
+    return sum(s.value for m in registry.collect() for s in m.samples
+               if s.name == "k2serve_worker_expert_tokens_total" and s.labels["layer"] == str(layer))
+
+
+def moe_layers(model) -> list[int]:
+    return [i for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i)]
+
+
+def prompts(n, seed=3, lo=5, hi=40):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 1024, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def run(engine, batch: dict[str, list[int]], params=GREEDY) -> dict[str, dict]:
+    """Run requests to completion; per request: generated token ids and cached prompt tokens."""
+    for rid, p in batch.items():
+        engine.add_request(rid, p, params)
+    got = {rid: {"tokens": [], "cached": 0} for rid in batch}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id]["tokens"] += out.new_token_ids
+            got[out.request_id]["cached"] = out.cached_tokens
+    return got
+
+
+def tokens_computed(batch, got) -> int:
+    """Forward tokens: each prompt less its cache hit, plus every generated token but the last."""
+    return sum(len(batch[r]) - got[r]["cached"] + len(got[r]["tokens"]) - 1 for r in batch)
+
+
+def test_steps_queue_cache_and_exact_expert_tokens(tiny):
+    model, _ = tiny
+    engine, reg = make_engine(tiny, max_num_seqs=2)
+    batch = {f"r{i}": p for i, p in enumerate(prompts(3))}
+    for rid, p in batch.items():
+        engine.add_request(rid, p, GREEDY)
+    engine.step()
+    assert value(reg, "k2serve_worker_running_requests") == 2
+    assert value(reg, "k2serve_worker_waiting_requests") == 1
+    assert 0 < value(reg, "k2serve_worker_kv_cache_usage_ratio") <= 1
+    while engine.has_unfinished():
+        engine.step()
+    steps = value(reg, "k2serve_worker_step_duration_seconds_count")
+    assert steps > 1 and value(reg, "k2serve_worker_step_duration_seconds_sum") > 0
+    assert value(reg, "k2serve_worker_batch_size_tokens_count") == steps
+    total = sum(len(p) for p in batch.values()) + 3 * (GREEDY.max_tokens - 1)  # no cache hits, no preemption
+    assert value(reg, "k2serve_worker_batch_size_tokens_sum") == total
+    assert value(reg, "k2serve_worker_prompt_tokens_total") == sum(len(p) for p in batch.values())
+    assert value(reg, "k2serve_worker_generation_tokens_total") == 3 * GREEDY.max_tokens
+    assert value(reg, "k2serve_worker_running_requests") == 0
+    assert value(reg, "k2serve_worker_waiting_requests") == 0
+    assert value(reg, "k2serve_worker_kv_cache_usage_ratio") == 0
+    k = model.config.num_experts_per_tok
+    layers = moe_layers(model)
+    assert layers and 0 not in layers  # layer 0 is dense in K2 (first_k_dense_replace = 1)
+    for layer in layers:
+        assert expert_tokens(reg, layer) == total * k
+        assert value(reg, "k2serve_worker_expert_load_imbalance_ratio", layer=str(layer)) >= 1
+    assert expert_tokens(reg, 0) == 0
+    assert sum(expert_tokens(reg, layer) for layer in layers) == total * k * len(layers)
+    assert value(reg, "k2serve_worker_all_to_all_bytes_total", phase="dispatch") == 0  # one rank: no exchange
+
+
+def test_prefix_cache_hit_rate_after_a_repeated_prompt(tiny):
+    model, _ = tiny
+    engine, reg = make_engine(tiny)
+    prompt = prompts(1, seed=5, lo=40, hi=41)[0]  # 40 tokens: two full blocks of 16
+    first = run(engine, {"a": prompt})
+    second = run(engine, {"b": prompt})
+    assert second["b"]["cached"] == 32 and first["a"]["cached"] == 0
+    assert value(reg, "k2serve_worker_prefix_cache_queried_tokens_total") == 80
+    assert value(reg, "k2serve_worker_prefix_cache_hit_tokens_total") == 32
+    assert value(reg, "k2serve_worker_prefix_cache_hit_ratio") == pytest.approx(32 / 80)
+    assert value(reg, "k2serve_worker_prompt_tokens_total") == 40 + 8  # hits are not computed
+    total = tokens_computed({"a": prompt}, first) + tokens_computed({"b": prompt}, second)
+    assert value(reg, "k2serve_worker_batch_size_tokens_sum") == total
+    k = model.config.num_experts_per_tok
+    assert all(expert_tokens(reg, layer) == total * k for layer in moe_layers(model))
+
+
+def test_preemptions_are_counted(tiny):
+    engine, reg = make_engine(tiny, num_blocks=10, block_size=4, max_num_batched_tokens=12)
+    run(engine, {f"p{i}": p for i, p in enumerate(prompts(4, seed=7, lo=8, hi=16))},
+        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert engine.scheduler.num_preemptions > 0
+    assert value(reg, "k2serve_worker_preemptions_total") == engine.scheduler.num_preemptions
+    assert value(reg, "k2serve_worker_kv_cache_usage_ratio") == 0
+
+
+def test_moe_stats_are_collected_by_time_and_flushed_when_idle(tiny):
+    """With a long interval only the first step collects; flush_moe_stats records the rest exactly."""
+    model, _ = tiny
+    engine, reg = make_engine(tiny, moe_interval_s=3600.0)
+    batch = {f"r{i}": p for i, p in enumerate(prompts(2, seed=11))}
+    got = run(engine, batch)
+    total = tokens_computed(batch, got)
+    k, layer = model.config.num_experts_per_tok, moe_layers(model)[0]
+    first_step = sum(len(p) for p in batch.values())  # both prompts fit the first step
+    assert expert_tokens(reg, layer) == first_step * k
+    engine.flush_moe_stats()
+    assert expert_tokens(reg, layer) == total * k
+    engine.flush_moe_stats()  # nothing pending: no change
+    assert expert_tokens(reg, layer) == total * k
+
+
+def test_engine_without_metrics_never_collects(tiny):
+    model, vocab = tiny
+    model.moe_stats.drain()
+    runner = ModelRunner(model, 32, 16)
+    engine = Engine(EngineConfig(max_model_len=256), runner, vocab)
+    engine.generate([[1, 2, 3]], GREEDY)
+    engine.flush_moe_stats()
+    assert runner.take_moe_stats() is None
+    assert model.moe_stats.expert_tokens.sum() == (3 + 2) * model.config.num_experts_per_tok * len(moe_layers(model))
+
+
+def test_empty_collecting_plan_runs_no_forward_and_drains(tiny):
+    model, _ = tiny
+    model.moe_stats.drain()
+    model.moe_stats.record_routing(moe_layers(model)[0], torch.tensor([[1, 2], [2, 3]]))
+    runner = ModelRunner(model, 8, 16)
+    assert runner.execute(StepPlan(collect_moe_stats=True)) is None
+    snapshot = runner.take_moe_stats()
+    assert snapshot.expert_tokens[moe_layers(model)[0]].tolist()[:4] == [0, 1, 2, 1]
+    assert runner.take_moe_stats() is None  # handed out once
+    assert model.moe_stats.expert_tokens.sum() == 0
+
+
+def test_engine_metrics_deltas_and_interval():
+    now = [100.0]
+    m = WorkerMetrics(CollectorRegistry(), GROUP)
+    rec = EngineMetrics(m, moe_interval_s=1.0, clock=lambda: now[0])
+    assert rec.wants_moe_stats()  # the first step collects
+    rec.step(0.01, 10, 10, 0, collected_moe=True)
+    assert not rec.wants_moe_stats() and not rec.has_pending_moe_stats
+    rec.step(0.01, 1, 0, 1, collected_moe=False)
+    assert rec.has_pending_moe_stats
+    now[0] += 1.0
+    assert rec.wants_moe_stats()
+    rec.state(EngineState(1, 2, 0.5, 0.25, 40, 10, 1))
+    rec.state(EngineState(0, 0, 0.0, 0.2, 50, 10, 3))
+    assert value(m.registry, "k2serve_worker_prefix_cache_queried_tokens_total") == 50
+    assert value(m.registry, "k2serve_worker_prefix_cache_hit_tokens_total") == 10
+    assert value(m.registry, "k2serve_worker_preemptions_total") == 3
+    assert value(m.registry, "k2serve_worker_prefix_cache_hit_ratio") == 0.2
+    rec.moe(torch.tensor([[9, 9], [3, 1], [0, 4]]), [("dispatch", 0.001, 64), ("combine", 0.002, 32)], [1, 2])
+    assert value(m.registry, "k2serve_worker_expert_tokens_total", layer="1", expert="0") == 3
+    assert value(m.registry, "k2serve_worker_expert_tokens_total", layer="0", expert="0") == 0  # dense: skipped
+    assert value(m.registry, "k2serve_worker_expert_load_imbalance_ratio", layer="2") == 2.0
+    assert value(m.registry, "k2serve_worker_all_to_all_bytes_total", phase="combine") == 32
+    with pytest.raises(ValueError, match="moe_interval_s"):
+        EngineMetrics(m, moe_interval_s=-1)

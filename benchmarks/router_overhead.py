@@ -1,49 +1,55 @@
-"""Router overhead: the same streaming workload measured at three layers over one engine.
+"""Router overhead: the same streaming workload against the engine directly and through gRPC and the router.
 
-    engine  : AsyncEngine.generate called in-process (the baseline)
-    grpc    : worker.server (gRPC servicer) <- router.worker_client.WorkerClient
-    router  : router.app over HTTP (uvicorn, its own thread and loop) -> gRPC -> engine,
-              driven by `k2serve bench`'s client
+Each layer runs in its own process, as in production, so that one layer's CPU does not slow another
+through a shared GIL:
 
-Overhead = the router / gRPC layer's TTFT, ITL and throughput minus the engine's. The engine is either
-a paced fake that emits one token per `--step-ms` for every request (`--engine paced`, default: it
-isolates the serving path from model compute) or the real Engine on the tiny K2-format checkpoint
-(`--engine tiny`; on a busy CPU its step time varies more than the overhead being measured).
-Every layer asks for exactly `--output-len` tokens (min_tokens = max_tokens). Not a test: run it by hand.
+    engine : the engine's `generate` called in the load generator's process (the baseline)
+    grpc   : a worker process (the real gRPC server over the same engine) <- router.worker_client.WorkerClient
+    router : a router process (uvicorn + the production app: GroupPool, balancer, admission, metrics)
+             -> the same worker process; driven over HTTP by `k2serve bench`'s client
+
+The engine is a paced fake that emits one token per `--step-ms` for every request on fixed deadlines
+(`--engine paced`, default: it isolates the serving path from model compute) or the real Engine on the
+tiny K2-format checkpoint (`--engine tiny`). Every layer asks for exactly `--output-len` tokens
+(min_tokens = max_tokens). The processes' CPU time is read from /proc: it gives the router's cost per
+request and per token, which (unlike latency) does not depend on what else the machine is running.
+Not a test: run it by hand.
 
     python benchmarks/router_overhead.py [--engine paced|tiny] [--step-ms 5] [--num-requests 64] [--concurrency 8]
-        [--input-len 64] [--output-len 32] [--model-dir DIR] [--json FILE]
+        [--input-len 64] [--output-len 32] [--model-dir DIR] [--http auto|h11|httptools] [--profile-router FILE]
+        [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
-import socket
+import os
+import signal
+import sys
 import tempfile
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import uvicorn
-
 from cluster.bench import BenchConfig, LengthDist, RequestResult, make_requests, run_requests, summarize
-from router.app import create_app
-from router.chat_template import ChatTemplate
-from router.config import RouterConfig
 from router.tokenizer import K2Tokenizer
 from router.worker_client import Finished, GenerateParams, WorkerClient
 from worker.request import RequestOutput, SamplingParams
-from worker.server import ModelInfo, serve_worker
 
 MODEL = "kimi-k2-tiny"
+REPO = Path(__file__).resolve().parent.parent
+READY = "READY"
 
 
 class PacedEngine:
-    """An AsyncEngine stand-in: one token per `step_s` for every running request, no model."""
+    """An AsyncEngine stand-in: token i of a request is emitted `(i + 1) * step_s` after it arrived.
+
+    Deadlines are absolute, so a late wake-up does not delay the tokens after it: the engine's pace is
+    the same in every layer, and whatever a layer adds shows up as its own latency.
+    """
 
     def __init__(self, step_s: float, token_id: int):
         self.step_s = step_s
@@ -51,8 +57,9 @@ class PacedEngine:
 
     async def generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         n = params.max_tokens or 16
+        start = time.monotonic()
         for i in range(n):
-            await asyncio.sleep(self.step_s)
+            await asyncio.sleep(max(0.0, start + (i + 1) * self.step_s - time.monotonic()))
             last = i == n - 1
             yield RequestOutput(rid, [self.token_id], None, len(prompt), i + 1, 0, last, "length" if last else None)
 
@@ -63,22 +70,141 @@ class PacedEngine:
         return None
 
 
-def build_engine(kind: str, model_dir: Path, step_ms: float, tokenizer: K2Tokenizer) -> Any:
+def build_engine(kind: str, model_dir: Path, step_ms: float) -> Any:
+    """The paced fake (token id of " the") or the real AsyncEngine on `model_dir`."""
     if kind == "paced":
-        return PacedEngine(step_ms / 1e3, tokenizer.encode(" the")[0])
+        return PacedEngine(step_ms / 1e3, K2Tokenizer.from_dir(model_dir).encode(" the")[0])
     from worker.async_engine import AsyncEngine
     from worker.engine import Engine
 
     return AsyncEngine(Engine.from_model_dir(model_dir))
 
 
-def workload(args: argparse.Namespace, base_url: str = "", layer: int = 0) -> BenchConfig:
+# ---------------------------------------------------------------- the layer processes
+
+
+async def worker_role(args: argparse.Namespace) -> None:
+    """The worker process: the real gRPC server over the engine until SIGINT/SIGTERM."""
+    from worker.server import ModelInfo, serve_worker
+
+    model_dir = Path(args.model_dir)
+    engine = build_engine(args.engine, model_dir, args.step_ms)
+    server = await serve_worker(engine, "127.0.0.1", 0, ModelInfo.from_model_dir(model_dir, MODEL))
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    print(READY, server.k2serve_port, os.getpid(), flush=True)
+    await stop.wait()
+    await server.stop(1.0)
+    if hasattr(engine, "shutdown"):
+        engine.shutdown()
+
+
+async def router_role(args: argparse.Namespace) -> None:
+    """The router process, wired as `k2serve router` wires it (cluster.router_service), over one group."""
+    import uvicorn
+
+    from cluster.config import ClusterConfig
+    from cluster.router_service import build_router_app
+    from router.discovery import StaticDiscovery
+
+    config = ClusterConfig(model={"name": MODEL})
+    app = build_router_app(config, args.model_dir, StaticDiscovery([("group-0", args.worker)]))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                                           http=args.http, access_log=False))
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(READY, port, os.getpid(), flush=True)
+    await task
+    await app.state.pool.close()
+
+
+def run_role(args: argparse.Namespace) -> int:
+    """Entry point of a layer process (`--role worker|router`); SIGINT ends it cleanly."""
+    try:
+        asyncio.run(worker_role(args) if args.role == "worker" else router_role(args))
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained on
+        pass
+    return 0
+
+
+def py_spy() -> str:
+    """The py-spy beside this interpreter (a virtual environment's bin/) or on PATH."""
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else "py-spy"
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process from /proc (None where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class LayerProcess:
+    """One layer (`--role worker|router`) in its own Python process; it prints `READY <port> <pid>`.
+
+    `profile` (a file name) runs it under `py-spy record` (raw collapsed stacks, written at exit).
+    """
+
+    def __init__(self, role: str, role_args: list[str], profile: str | None = None):
+        self.role = role
+        prefix = [py_spy(), "record", "--format", "raw", "--rate", "250", "-o", profile, "--"] if profile else []
+        self.argv = prefix + [sys.executable, str(Path(__file__).resolve()), "--role", role, *role_args]
+        self.port = self.pid = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> "LayerProcess":
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self._proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE, env=env)
+        try:
+            line = (await asyncio.wait_for(self._proc.stdout.readline(), 180)).decode().split()
+        except asyncio.TimeoutError:
+            line = []
+        if len(line) != 3 or line[0] != READY:
+            await self._stop()
+            raise RuntimeError(f"the {self.role} process did not start (said {line!r}, exit code "
+                               f"{self._proc.returncode}); its stderr is above")
+        self.port, self.pid = int(line[1]), int(line[2])
+        return self
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.pid) or 0.0
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._stop()
+
+    async def _stop(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            os.kill(self.pid or proc.pid, signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 30)
+        except ProcessLookupError:
+            await proc.wait()
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+# ---------------------------------------------------------------- load
+
+
+def workload(args: argparse.Namespace, base_url: str = "", layer: int = 0, num_requests: int | None = None,
+             output_len: int | None = None) -> BenchConfig:
     """The same request shapes for every layer; prompts differ per layer (`layer` shifts the seed) so
     that the engine's prefix cache cannot favour the layers measured later."""
-    return BenchConfig(base_url=base_url, model=MODEL, endpoint="completions", num_requests=args.num_requests,
-                       concurrency=args.concurrency, input_len=LengthDist(args.input_len, args.input_len),
-                       output_len=LengthDist(args.output_len, args.output_len), force_min_tokens=True,
-                       seed=args.seed + 1000 * layer)
+    out = output_len or args.output_len
+    return BenchConfig(base_url=base_url, model=MODEL, endpoint="completions",
+                       num_requests=num_requests or args.num_requests, concurrency=args.concurrency,
+                       input_len=LengthDist(args.input_len, args.input_len), output_len=LengthDist(out, out),
+                       force_min_tokens=True, seed=args.seed + 1000 * layer)
 
 
 async def timed_stream(stream: AsyncIterator[Any], count_tokens) -> RequestResult:
@@ -120,116 +246,167 @@ async def drive(cfg: BenchConfig, prompts: list[list[int]], one) -> tuple[list[R
     return list(results), time.perf_counter() - start
 
 
-async def run_engine_layer(engine: Any, cfg: BenchConfig, prompts: list[list[int]]) -> dict[str, Any]:
+def layer_prompts(cfg: BenchConfig, tokenizer: K2Tokenizer) -> list[list[int]]:
+    """The router sends /v1/completions prompts through the tokenizer unchanged: tokenize them the same way."""
+    return [tokenizer.encode(spec.prompt) for spec in make_requests(cfg)]
+
+
+async def engine_rows(engine: Any, cfg: BenchConfig, prompts: list[list[int]]) -> tuple[list[RequestResult], float]:
     async def one(i: int, ids: list[int], max_tokens: int) -> RequestResult:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
-        return await timed_stream(engine.generate(f"e{i}", ids, params), lambda out: len(out.new_token_ids))
+        return await timed_stream(engine.generate(f"e{cfg.seed}-{i}", ids, params), lambda out: len(out.new_token_ids))
 
-    return summarize(cfg, *await drive(cfg, prompts, one))
+    return await drive(cfg, prompts, one)
 
 
-async def run_grpc_layer(address: str, cfg: BenchConfig, prompts: list[list[int]]) -> dict[str, Any]:
-    client = WorkerClient(address)
-
+async def grpc_rows(client: WorkerClient, cfg: BenchConfig, prompts: list[list[int]]) -> tuple[list[RequestResult], float]:
     async def one(i: int, ids: list[int], max_tokens: int) -> RequestResult:
-        params = GenerateParams(f"g{i}", tuple(ids), temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
+        params = GenerateParams(f"g{cfg.seed}-{i}", tuple(ids), temperature=0.0, max_tokens=max_tokens,
+                                min_tokens=max_tokens)
         return await timed_stream(client.generate(params),
                                   lambda item: 0 if isinstance(item, Finished) else len(item.token_ids))
 
-    return summarize(cfg, *await drive(cfg, prompts, one))
+    return await drive(cfg, prompts, one)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass
+class Meter:
+    """CPU seconds of the load generator and the layer processes over one measured run."""
+
+    processes: dict[str, LayerProcess]
+
+    def snapshot(self) -> dict[str, float]:
+        cpu = {name: p.cpu_s() for name, p in self.processes.items()}
+        cpu["loadgen"] = time.process_time()
+        return cpu
+
+    async def measure(self, run) -> tuple[dict[str, Any], dict[str, float]]:
+        """Run `run()` -> (cfg, results, duration); returns its summary and the CPU seconds each process spent."""
+        before = self.snapshot()
+        cfg, results, duration = await run()
+        after = self.snapshot()
+        return summarize(cfg, results, duration), {k: after[k] - before[k] for k in after}
 
 
-class RouterThread:
-    """The router app on uvicorn in its own thread and event loop (its gRPC channel lives there too)."""
-
-    def __init__(self, grpc_address: str, model_dir: Path, tokenizer: K2Tokenizer):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._args = (grpc_address, model_dir, tokenizer)
-        self._server: uvicorn.Server | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
-
-    async def _serve(self) -> None:
-        grpc_address, model_dir, tokenizer = self._args
-        app = create_app(RouterConfig(model_name=MODEL), [WorkerClient(grpc_address)], tokenizer,
-                         ChatTemplate.from_dir(model_dir))
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                     lifespan="off"))
-        await self._server.serve()
-
-    async def __aenter__(self) -> "RouterThread":
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while self._server is None or not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"router did not start on {self.url}")
-            await asyncio.sleep(0.02)
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        await asyncio.to_thread(self._thread.join, 10)
+async def measure_engine(args, engine, tokenizer, meter: Meter) -> tuple[dict, dict]:
+    warm = workload(args, layer=3, num_requests=min(4, args.num_requests))
+    await engine_rows(engine, warm, layer_prompts(warm, tokenizer))
+    cfg = workload(args, layer=0)
+    prompts = layer_prompts(cfg, tokenizer)
+    return await meter.measure(lambda: _with_cfg(cfg, engine_rows(engine, cfg, prompts)))
 
 
-async def run_router_layer(args: argparse.Namespace, grpc_address: str, model_dir: Path,
-                           tokenizer: K2Tokenizer) -> dict[str, Any]:
-    """Drive the router over HTTP with `k2serve bench`'s client."""
-    async with RouterThread(grpc_address, model_dir, tokenizer) as router:
-        warm = workload(args, router.url, layer=5)
-        await run_requests(dataclasses.replace(warm, num_requests=min(4, warm.num_requests)))
-        cfg = workload(args, router.url, layer=2)
-        results, duration = await run_requests(cfg)
-        return summarize(cfg, results, duration)
+async def measure_grpc(args, address: str, tokenizer, meter: Meter) -> tuple[dict, dict]:
+    client = WorkerClient(address)
+    try:
+        warm = workload(args, layer=4, num_requests=min(4, args.num_requests))
+        await grpc_rows(client, warm, layer_prompts(warm, tokenizer))
+        cfg = workload(args, layer=1)
+        prompts = layer_prompts(cfg, tokenizer)
+        return await meter.measure(lambda: _with_cfg(cfg, grpc_rows(client, cfg, prompts)))
+    finally:
+        await client.close()
 
 
-def layer_prompts(args: argparse.Namespace, tokenizer: K2Tokenizer, layer: int) -> tuple[BenchConfig, list[list[int]]]:
-    """The router sends /v1/completions prompts through the tokenizer unchanged: tokenize them the same way."""
-    cfg = workload(args, layer=layer)
-    return cfg, [tokenizer.encode(spec.prompt) for spec in make_requests(cfg)]
+async def measure_router(args, url: str, meter: Meter, layer: int = 2, output_len: int | None = None):
+    warm = workload(args, url, layer=5, num_requests=min(4, args.num_requests))
+    await run_requests(warm)
+    cfg = workload(args, url, layer=layer, output_len=output_len)
+    return await meter.measure(lambda: _with_cfg(cfg, run_requests(cfg)))
+
+
+async def _with_cfg(cfg: BenchConfig, rows) -> tuple[BenchConfig, list[RequestResult], float]:
+    results, duration = await rows
+    return cfg, results, duration
 
 
 async def main_async(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """Measure the three layers (and the router's per-request cost); returns summaries and CPU seconds."""
     tokenizer = K2Tokenizer.from_dir(model_dir)
-    engine = build_engine(args.engine, model_dir, args.step_ms, tokenizer)
-    warm_cfg, warm = layer_prompts(args, tokenizer, layer=3)
-    await run_engine_layer(engine, warm_cfg, warm[:4])
-    layers = {"engine": await run_engine_layer(engine, *layer_prompts(args, tokenizer, layer=0))}
-    server = await serve_worker(engine, "127.0.0.1", 0, ModelInfo.from_model_dir(model_dir, MODEL))
-    address = f"127.0.0.1:{server.k2serve_port}"
+    engine = build_engine(args.engine, model_dir, args.step_ms)
+    common = ["--engine", args.engine, "--step-ms", str(args.step_ms), "--model-dir", str(model_dir)]
+    report: dict[str, Any] = {"layers": {}, "cpu_s": {}}
     try:
-        warm_cfg, warm = layer_prompts(args, tokenizer, layer=4)
-        await run_grpc_layer(address, warm_cfg, warm[:4])
-        layers["grpc"] = await run_grpc_layer(address, *layer_prompts(args, tokenizer, layer=1))
-        layers["router"] = await run_router_layer(args, address, model_dir, tokenizer)
+        report["layers"]["engine"], report["cpu_s"]["engine"] = await measure_engine(args, engine, tokenizer, Meter({}))
     finally:
-        await server.stop(1.0)
         if hasattr(engine, "shutdown"):
             engine.shutdown()
-    return layers
+    async with LayerProcess("worker", common) as worker:
+        address = f"127.0.0.1:{worker.port}"
+        meter = Meter({"worker": worker})
+        report["layers"]["grpc"], report["cpu_s"]["grpc"] = await measure_grpc(args, address, tokenizer, meter)
+        router_args = common + ["--worker", address, "--http", args.http]
+        async with LayerProcess("router", router_args, args.profile_router) as router:
+            meter = Meter({"worker": worker, "router": router})
+            url = f"http://127.0.0.1:{router.port}"
+            report["layers"]["router"], report["cpu_s"]["router"] = await measure_router(args, url, meter)
+            _, report["cpu_s"]["router_1tok"] = await measure_router(args, url, meter, layer=6, output_len=1)
+    return report
+
+
+# ---------------------------------------------------------------- report
 
 
 def overhead_table(layers: dict[str, dict[str, Any]]) -> str:
-    base = layers["engine"]
-    lines = [f"{'layer':<8}{'ok':>5}{'fail':>6}{'tok/s':>10}{'ttft p50':>10}{'ttft p99':>10}{'itl mean':>10}"
-             f"{'itl p99':>10}{'+ttft p50':>11}{'+itl mean':>11}"]
+    """One row per layer: throughput and latency percentiles (ms)."""
+    head = (f"{'layer':<8}{'ok':>5}{'fail':>5}{'req/s':>9}{'tok/s':>9}{'ttft p50':>10}{'ttft p99':>10}"
+            f"{'itl p50':>9}{'e2e p50':>9}")
+    lines = [head]
     for name, s in layers.items():
-        d_ttft = (s["ttft"]["p50_ms"] or 0) - (base["ttft"]["p50_ms"] or 0)
-        d_itl = (s["itl"]["mean_ms"] or 0) - (base["itl"]["mean_ms"] or 0)
-        lines.append(f"{name:<8}{s['completed']:>5}{s['failed']:>6}{s['output_throughput']:>10.1f}"
-                     f"{_ms(s['ttft']['p50_ms'])}{_ms(s['ttft']['p99_ms'])}{_ms(s['itl']['mean_ms'])}"
-                     f"{_ms(s['itl']['p99_ms'])}{d_ttft:>11.3f}{d_itl:>11.3f}")
-    return "\n".join(lines) + "\n(latencies in ms; + columns: difference from the engine layer)"
+        lines.append(f"{name:<8}{s['completed']:>5}{s['failed']:>5}{s['request_throughput']:>9.2f}"
+                     f"{s['output_throughput']:>9.1f}{_ms(s['ttft']['p50_ms'], 10)}{_ms(s['ttft']['p99_ms'], 10)}"
+                     f"{_ms(s['itl']['p50_ms'], 9)}{_ms(s['e2e']['p50_ms'], 9)}")
+    return "\n".join(lines) + "\n(latencies in ms)"
 
 
-def _ms(v: float | None) -> str:
-    return f"{'-':>10}" if v is None else f"{v:>10.3f}"
+def cpu_table(report: dict[str, Any]) -> str:
+    """CPU microseconds per output token spent by each process while a layer was measured."""
+    lines = [f"{'layer':<8}{'loadgen':>10}{'worker':>10}{'router':>10}   (CPU us per output token)"]
+    for name, cpu in report["cpu_s"].items():
+        if name not in report["layers"]:
+            continue
+        tokens = max(report["layers"][name]["total_output_tokens"], 1)
+        cells = "".join(f"{_us(cpu.get(p), tokens):>10}" for p in ("loadgen", "worker", "router"))
+        lines.append(f"{name:<8}{cells}")
+    return "\n".join(lines)
+
+
+def router_cost(report: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
+    """Router CPU per request and per token from two runs: 1-token requests and the main workload."""
+    n = args.num_requests
+    per_request = report["cpu_s"]["router_1tok"]["router"] / n
+    tokens = max(report["layers"]["router"]["total_output_tokens"], 1)
+    per_token = max(report["cpu_s"]["router"]["router"] - per_request * n, 0.0) / tokens
+    return {"per_request_ms": per_request * 1e3, "per_token_us": per_token * 1e6}
+
+
+def verdict(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The issue's two numbers: router/engine output throughput and router - engine p50 TTFT (ms)."""
+    base, routed = layers["engine"], layers["router"]
+    ratio = routed["output_throughput"] / base["output_throughput"] if base["output_throughput"] else 0.0
+    added = (routed["ttft"]["p50_ms"] or 0.0) - (base["ttft"]["p50_ms"] or 0.0)
+    return {"throughput_ratio": ratio, "ttft_p50_added_ms": added}
+
+
+def render(report: dict[str, Any], args: argparse.Namespace) -> str:
+    cost, result = router_cost(report, args), verdict(report["layers"])
+    return "\n".join([
+        overhead_table(report["layers"]), "", cpu_table(report), "",
+        f"router CPU: {cost['per_request_ms']:.2f} ms per request + {cost['per_token_us']:.0f} us per output token",
+        f"throughput_ratio: {result['throughput_ratio']:.3f}",
+        f"ttft_p50_added_ms: {result['ttft_p50_added_ms']:.2f}",
+    ])
+
+
+def _ms(v: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.2f}"
+
+
+def _us(seconds: float | None, tokens: int) -> str:
+    return "-" if seconds is None else f"{seconds / tokens * 1e6:.0f}"
+
+
+# ---------------------------------------------------------------- command line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -242,23 +419,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=64, help="prompt words")
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the three summaries as JSON")
+    p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                   help="uvicorn's HTTP parser in the router process (auto: httptools when installed)")
+    p.add_argument("--profile-router", metavar="FILE", help="run the router under py-spy; collapsed stacks to FILE")
+    p.add_argument("--json", help="write the summaries and CPU seconds as JSON")
+    p.add_argument("--role", choices=["worker", "router"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.role:
+        return run_role(args)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else Path(tmp) / "tiny-k2"
         if not args.model_dir:
             from cluster.tiny import make_tiny_model
 
             make_tiny_model(model_dir, seed=0)
-        layers = asyncio.run(main_async(args, model_dir))
-    print(overhead_table(layers))
+        report = asyncio.run(main_async(args, model_dir))
+    print(render(report, args))
     if args.json:
-        Path(args.json).write_text(json.dumps(layers, indent=2))
-    return 0 if all(s["failed"] == 0 for s in layers.values()) else 1
+        Path(args.json).write_text(json.dumps({**report, **verdict(report["layers"]),
+                                               "router_cost": router_cost(report, args)}, indent=2))
+    return 0 if all(s["failed"] == 0 for s in report["layers"].values()) else 1
 
 
 if __name__ == "__main__":

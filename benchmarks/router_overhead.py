@@ -124,8 +124,13 @@ async def router_role(args: argparse.Namespace) -> None:
 
 def run_role(args: argparse.Namespace) -> int:
     """Entry point of a layer process (`--role worker|router`); SIGINT ends it cleanly."""
+    run = asyncio.run
+    if args.loop == "uvloop":
+        import uvloop
+
+        run = uvloop.run
     try:
-        asyncio.run(worker_role(args) if args.role == "worker" else router_role(args))
+        run(worker_role(args) if args.role == "worker" else router_role(args))
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained on
         pass
     return 0
@@ -154,7 +159,7 @@ class LayerProcess:
 
     def __init__(self, role: str, role_args: list[str], profile: str | None = None):
         self.role = role
-        prefix = [py_spy(), "record", "--format", "raw", "--rate", "250", "-o", profile, "--"] if profile else []
+        prefix = [py_spy(), "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking", "-o", profile, "--"] if profile else []
         self.argv = prefix + [sys.executable, str(Path(__file__).resolve()), "--role", role, *role_args]
         self.port = self.pid = 0
         self._proc: asyncio.subprocess.Process | None = None
@@ -163,7 +168,7 @@ class LayerProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self._proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE, env=env)
         try:
-            line = (await asyncio.wait_for(self._proc.stdout.readline(), 180)).decode().split()
+            line = await asyncio.wait_for(self._ready_line(), 180)
         except asyncio.TimeoutError:
             line = []
         if len(line) != 3 or line[0] != READY:
@@ -172,6 +177,15 @@ class LayerProcess:
                                f"{self._proc.returncode}); its stderr is above")
         self.port, self.pid = int(line[1]), int(line[2])
         return self
+
+    async def _ready_line(self) -> list[str]:
+        """The READY line's words; other output (py-spy's banner) is passed on to stderr."""
+        while raw := await self._proc.stdout.readline():
+            words = raw.decode(errors="replace").split()
+            if words[:1] == [READY]:
+                return words
+            print(raw.decode(errors="replace").rstrip(), file=sys.stderr)
+        return []
 
     def cpu_s(self) -> float:
         return process_cpu_s(self.pid) or 0.0
@@ -335,7 +349,7 @@ async def main_async(args: argparse.Namespace, model_dir: Path) -> dict[str, Any
         address = f"127.0.0.1:{worker.port}"
         meter = Meter({"worker": worker})
         report["layers"]["grpc"], report["cpu_s"]["grpc"] = await measure_grpc(args, address, tokenizer, meter)
-        router_args = common + ["--worker", address, "--http", args.http]
+        router_args = common + ["--worker", address, "--http", args.http, "--loop", args.loop]
         async with LayerProcess("router", router_args, args.profile_router) as router:
             meter = Meter({"worker": worker, "router": router})
             url = f"http://127.0.0.1:{router.port}"
@@ -421,6 +435,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
                    help="uvicorn's HTTP parser in the router process (auto: httptools when installed)")
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="event loop of the router process (k2serve's router runs asyncio's)")
     p.add_argument("--profile-router", metavar="FILE", help="run the router under py-spy; collapsed stacks to FILE")
     p.add_argument("--json", help="write the summaries and CPU seconds as JSON")
     p.add_argument("--role", choices=["worker", "router"], help=argparse.SUPPRESS)

@@ -1,0 +1,78 @@
+"""benchmarks/router_overhead.py: the paced engine, and one small run with the worker and router in their
+own processes (three layers measured, the verdict lines printed, the router's CPU read from /proc)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+
+from benchmarks.router_overhead import (LayerProcess, PacedEngine, main, process_cpu_s, router_cost,
+                                        verdict)
+from worker.request import SamplingParams
+
+
+def test_paced_engine_emits_on_fixed_deadlines():
+    async def run():
+        engine = PacedEngine(step_s=0.01, token_id=7)
+        start, stamps, outs = time.monotonic(), [], []
+        async for out in engine.generate("r", [1, 2, 3], SamplingParams(max_tokens=5, min_tokens=5)):
+            stamps.append(time.monotonic() - start)
+            time.sleep(0.004)  # a slow consumer must not push later tokens back
+            outs.append(out)
+        return stamps, outs
+
+    stamps, outs = asyncio.run(run())
+    assert [o.new_token_ids for o in outs] == [[7]] * 5
+    assert [o.completion_tokens for o in outs] == [1, 2, 3, 4, 5]
+    assert outs[-1].finished and outs[-1].finish_reason == "length" and not outs[0].finished
+    assert stamps[-1] == pytest.approx(0.05, abs=0.015)  # drift would make it >= 5 * (10 + 4) ms
+
+
+def test_process_cpu_reads_proc():
+    cpu = process_cpu_s(os.getpid())
+    assert cpu is not None and cpu > 0
+    assert process_cpu_s(2 ** 22 + 12345) is None
+
+
+def test_verdict_and_router_cost():
+    def layer(tok_s, ttft, tokens=100):
+        return {"output_throughput": tok_s, "ttft": {"p50_ms": ttft}, "total_output_tokens": tokens}
+
+    layers = {"engine": layer(1000.0, 5.0), "router": layer(950.0, 6.5)}
+    assert verdict(layers) == pytest.approx({"throughput_ratio": 0.95, "ttft_p50_added_ms": 1.5})
+    report = {"layers": layers, "cpu_s": {"router": {"router": 0.3}, "router_1tok": {"router": 0.1}}}
+    args = type("Args", (), {"num_requests": 10})()
+    # 10 ms per request (1-token run); the other 0.2 s over 100 tokens = 2 ms per token
+    assert router_cost(report, args) == pytest.approx({"per_request_ms": 10.0, "per_token_us": 2000.0})
+
+
+def test_layer_process_reports_a_failed_start(tiny_model_dir):
+    async def run():
+        async with LayerProcess("worker", ["--engine", "paced", "--model-dir", str(tiny_model_dir / "missing")]):
+            pass
+
+    with pytest.raises(RuntimeError, match="worker process did not start"):
+        asyncio.run(run())
+
+
+def test_small_run_measures_three_layers_in_processes(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    code = main(["--model-dir", str(tiny_model_dir), "--num-requests", "6", "--concurrency", "3",
+                 "--input-len", "8", "--output-len", "4", "--step-ms", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(out.read_text())
+    assert set(report["layers"]) == {"engine", "grpc", "router"}
+    for name, summary in report["layers"].items():
+        assert (summary["completed"], summary["failed"]) == (6, 0), name
+        assert summary["total_output_tokens"] == 24, name
+    assert report["cpu_s"]["router"]["router"] > 0 and report["cpu_s"]["grpc"]["worker"] > 0
+    assert "router" not in report["cpu_s"]["grpc"]  # the router process starts after the grpc row
+    lines = printed.strip().splitlines()
+    assert lines[-2].startswith("throughput_ratio: ") and lines[-1].startswith("ttft_p50_added_ms: ")
+    assert float(lines[-2].split()[1]) == pytest.approx(report["throughput_ratio"], abs=1e-3)
+    assert "us per output token" in printed

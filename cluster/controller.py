@@ -25,6 +25,7 @@ class GroupEndpoint:
     healthy: bool
     generation: int  # increments each time the group is replaced
     pids: tuple[int, ...] = ()  # each rank's process id, rank order
+    metrics_address: str | None = None  # rank 0's Prometheus host:port (GET /metrics), if served
 
 
 def group_spec(section: GroupSection, config: ClusterConfig, model_dir: str) -> GroupSpec:
@@ -39,15 +40,17 @@ def group_spec(section: GroupSection, config: ClusterConfig, model_dir: str) -> 
 class ManagedGroup:
     """One configured group and its current incarnation."""
 
-    def __init__(self, spec: GroupSpec, grpc_host: str, grpc_port: int, model_name: str):
+    def __init__(self, spec: GroupSpec, grpc_host: str, grpc_port: int, model_name: str,
+                 metrics_port: int | None = None):
         self.spec, self.grpc_host, self.grpc_port, self.model_name = spec, grpc_host, grpc_port, model_name
+        self.metrics_port = metrics_port
         self.group: WorkerGroup | None = None
         self.generation = 0
         self.healthy = False
 
     def start(self) -> None:
         self.group = WorkerGroup(self.spec).start()
-        self.group.serve(self.grpc_host, self.grpc_port, self.model_name)
+        self.group.serve(self.grpc_host, self.grpc_port, self.model_name, self.metrics_port)
         self.generation += 1
         self.healthy = True
         log.info("group %s generation %d serving at %s", self.spec.name, self.generation, self.group.address)
@@ -60,15 +63,17 @@ class ManagedGroup:
     def endpoint(self) -> GroupEndpoint | None:
         if self.group is None or self.group.grpc_port is None:
             return None
-        return GroupEndpoint(self.spec.name, self.group.address, self.healthy, self.generation, tuple(self.group.pids))
+        return GroupEndpoint(self.spec.name, self.group.address, self.healthy, self.generation, tuple(self.group.pids),
+                             self.group.metrics_address)
 
 
 class Controller:
     def __init__(self, config: ClusterConfig, model_dir: str | Path):
         self.config = config
         grpc_host, port = config.controller.worker_grpc_host, config.controller.worker_grpc_port
+        metrics_port = config.controller.worker_metrics_port
         self.groups = [
-            ManagedGroup(group_spec(g, config, str(model_dir)), grpc_host, port, config.model.name)
+            ManagedGroup(group_spec(g, config, str(model_dir)), grpc_host, port, config.model.name, metrics_port)
             for g in config.groups
         ]
         self._stop = threading.Event()

@@ -1,4 +1,8 @@
-"""Discovery: the controller publishes its live worker groups at GET /v1/groups (JSON) for routers."""
+"""Discovery: the controller publishes its live worker groups at GET /v1/groups (JSON) for routers.
+
+Each entry is a GroupEndpoint as a dict: name, address (gRPC), healthy, generation, pids and
+metrics_address (rank 0's Prometheus host:port, or null).
+"""
 
 from __future__ import annotations
 

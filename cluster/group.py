@@ -65,6 +65,7 @@ class WorkerGroup:
         self.pg = None
         self.grpc_port: int | None = None
         self.grpc_host: str | None = None
+        self.metrics_port: int | None = None  # rank 0's Prometheus port, when serving metrics
         self.pids: list[int] = []  # each rank's process id (operators and failover tests)
 
     def start(self) -> "WorkerGroup":
@@ -101,11 +102,20 @@ class WorkerGroup:
     def driver(self):
         return self.actors[0]
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None) -> str:
-        """Start rank 0's gRPC server; returns its address host:port."""
+    def serve(self, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None,
+              metrics_port: int | None = None) -> str:
+        """Start rank 0's gRPC server (and, with `metrics_port`, 0 = free, its Prometheus endpoint on the
+        same host); returns the gRPC address host:port."""
         self.grpc_host = ray.get(self.driver.node_ip.remote()) if host == "0.0.0.0" else host
-        self.grpc_port = ray.get(self.driver.serve.remote(host, port, model_name))
+        self.grpc_port = ray.get(self.driver.serve.remote(host, port, model_name, self.spec.name, metrics_port))
+        if metrics_port is not None:
+            self.metrics_port = ray.get(self.driver.metrics_port.remote())
         return self.address
+
+    @property
+    def metrics_address(self) -> str | None:
+        """host:port of rank 0's Prometheus endpoint (GET /metrics), or None."""
+        return f"{self.grpc_host}:{self.metrics_port}" if self.metrics_port is not None else None
 
     @property
     def address(self) -> str:
@@ -136,3 +146,4 @@ class WorkerGroup:
         if self.pg is not None:
             remove_placement_group(self.pg)
         self.actors, self.follower_refs, self.pg, self.pids = [], [], None, []
+        self.metrics_port = None

@@ -20,6 +20,7 @@ class RankActor:
         self.engine = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serving = None
+        self._metrics_server = None  # rank 0's Prometheus HTTP server (wsgiref), when serving metrics
 
     def ping(self) -> int:
         return self.worker.spec.rank
@@ -62,11 +63,18 @@ class RankActor:
         """Rank 0: offline generation through the whole group."""
         return self.engine.generate(prompts, params)
 
-    def serve(self, host: str, port: int, model_name: str | None = None) -> int:
-        """Rank 0: start the AsyncEngine and the gRPC server on a loop thread; returns the bound port."""
+    def serve(self, host: str, port: int, model_name: str | None = None, group: str = "group-0",
+              metrics_port: int | None = None) -> int:
+        """Rank 0: start the AsyncEngine and the gRPC server on a loop thread; returns the bound port.
+
+        With `metrics_port` (0: a free port) the engine records WorkerMetrics(group=`group`) and a
+        Prometheus endpoint serves them at http://host:PORT/metrics (see `metrics_port()`).
+        """
         from worker.async_engine import AsyncEngine
         from worker.server import ModelInfo, serve_worker
 
+        if metrics_port is not None:
+            self._serve_metrics(host, metrics_port, group)
         ready = threading.Event()
         result: dict = {}
 
@@ -94,8 +102,25 @@ class RankActor:
         self._serving = result
         return result["port"]
 
+    def _serve_metrics(self, host: str, port: int, group: str) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from worker.metrics import WorkerMetrics
+
+        registry = CollectorRegistry()
+        self.engine.attach_metrics(WorkerMetrics(registry, group))
+        self._metrics_server, _ = start_http_server(port, addr=host, registry=registry)
+
+    def metrics_port(self) -> int | None:
+        """Rank 0: the bound Prometheus port, or None when metrics are not served."""
+        return self._metrics_server.server_port if self._metrics_server is not None else None
+
     def stop(self) -> None:
         """Rank 0: stop serving and release the followers (they return from follow())."""
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         if self._serving and self._loop:
             fut = asyncio.run_coroutine_threadsafe(self._serving["server"].stop(1.0), self._loop)
             try:

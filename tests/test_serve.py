@@ -1,6 +1,7 @@
 """`k2serve serve` as a real subprocess: the default setup (tiny model, local Ray, one TP=EP=2 group, router)
-comes up, answers the openai SDK (stream and not), reports its groups, and stops cleanly on Ctrl-C with
-no process of its own left behind."""
+comes up, answers the openai SDK (stream and not), reports its groups, exposes the router's and the worker
+group's Prometheus series (moving under load), survives `k2serve bench` (every request counted), and stops
+cleanly on Ctrl-C with no process of its own left behind."""
 
 from __future__ import annotations
 
@@ -153,6 +154,129 @@ def test_groups_are_published_with_rank_pids_and_status_shows_them(serve, capsys
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:5] == ["group", "address", "gen", "controller", "grpc"]
     assert out[1].split()[:5] == ["group-0", groups[0]["address"], "1", "healthy", "serving"]
+
+
+def scrape(url: str) -> dict[str, list]:
+    """GET a Prometheus endpoint: family name (counters without _total) -> its samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = httpx.get(url, timeout=5)
+    assert resp.status_code == 200, resp.text[:500]
+    return {f.name: f.samples for f in text_string_to_metric_families(resp.text)}
+
+
+def family(spec_name: str) -> str:
+    return spec_name.removesuffix("_total")
+
+
+def total(families: dict[str, list], name: str, **labels) -> float:
+    """Sum of the samples called `name` whose labels include `labels`."""
+    base = family(name.removesuffix("_count").removesuffix("_sum").removesuffix("_bucket"))
+    return sum(s.value for s in families.get(base, ()) if s.name == name
+               and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def worker_metrics_url(serve) -> str:
+    groups = httpx.get(serve.discovery + "/v1/groups", timeout=5).json()["groups"]
+    assert groups[0]["metrics_address"], groups
+    return f"http://{groups[0]['metrics_address']}/metrics"
+
+
+def chat_load(serve, n: int, max_tokens: int = 6) -> list:
+    """`n` concurrent chat completions sharing a long system prompt (prefix cache hits)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai.OpenAI(api_key="none", base_url=serve.url + "/v1", timeout=120)
+    system = "You answer briefly. " * 12
+
+    def one(i: int):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Count to {i}."}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_router_and_worker_metrics_move_under_load(serve, tiny_model_dir):
+    from router.metrics import METRICS as ROUTER_METRICS
+    from worker.metrics import METRICS as WORKER_METRICS
+
+    worker_url = worker_metrics_url(serve)
+    before = scrape(worker_url)
+    replies = chat_load(serve, 8)
+    generated = sum(r.usage.completion_tokens for r in replies)
+    router = scrape(serve.url + "/metrics")
+    assert {family(s.name) for s in ROUTER_METRICS} <= set(router), set(router)
+    assert total(router, "k2serve_router_requests_total", status="200") >= 8
+    assert total(router, "k2serve_router_time_to_first_token_seconds_count") >= 8
+    assert total(router, "k2serve_router_generation_tokens_total") >= generated > 0
+    assert total(router, "k2serve_router_request_duration_seconds_count") >= 8
+    from worker.model.config import ModelConfig
+
+    worker = wait_for_expert_tokens(worker_url, ModelConfig.from_dir(tiny_model_dir).num_experts_per_tok)
+    assert {family(s.name) for s in WORKER_METRICS} <= set(worker), set(worker)
+    grown = lambda name, **kw: total(worker, name, **kw) - total(before, name, **kw)  # noqa: E731
+    assert grown("k2serve_worker_step_duration_seconds_count") > 0
+    assert grown("k2serve_worker_generation_tokens_total") >= generated
+    assert grown("k2serve_worker_prefix_cache_hit_tokens_total") > 0  # the shared system prompt
+    assert total(worker, "k2serve_worker_running_requests") == 0
+    assert total(worker, "k2serve_worker_kv_cache_usage_ratio") == 0
+    for phase in ("dispatch", "combine"):  # TP=EP=2: tokens cross ranks both ways
+        assert grown("k2serve_worker_all_to_all_bytes_total", phase=phase) > 0
+        assert grown("k2serve_worker_all_to_all_duration_seconds_count", phase=phase) > 0
+
+
+def wait_for_expert_tokens(url: str, k: int, timeout: float = 15.0) -> dict[str, list]:
+    """Scrape until every MoE layer's expert tokens cover every computed token (the idle flush ran).
+
+    Summed over both ranks, a layer routes top-k copies of each token plus at most one padding row per
+    step (T padded to a multiple of 2); rank 0's own tokens alone would be about half.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        worker = scrape(url)
+        tokens = total(worker, "k2serve_worker_batch_size_tokens_sum")
+        steps = total(worker, "k2serve_worker_batch_size_tokens_count")
+        layers = {s.labels["layer"] for s in worker["k2serve_worker_expert_tokens"]
+                  if s.name == "k2serve_worker_expert_tokens_total"}
+        per_layer = {layer: total(worker, "k2serve_worker_expert_tokens_total", layer=layer) for layer in layers}
+        if per_layer and all(k * tokens <= v <= k * (tokens + steps) for v in per_layer.values()):
+            assert "0" not in per_layer  # layer 0 is dense
+            return worker
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expert tokens per layer {per_layer} vs k * tokens = {k * tokens} ({steps} steps)")
+        time.sleep(0.2)
+
+
+def test_bench_against_serve_counts_every_request(serve):
+    """Issue 9: `k2serve bench` (16 requests at concurrency 4, plus one invalid request) against the serve."""
+    from cluster.bench import BenchConfig, run_bench
+
+    rows = tuple({"prompt": "tell me about " + "the water " * (i % 5 + 1), "max_tokens": 6 + i % 4} for i in range(16))
+    bad = {"prompt": "this request is invalid", "max_tokens": 0}
+    cfg = BenchConfig(base_url=serve.url, model=MODEL, num_requests=17, concurrency=4, prompts=rows + (bad,),
+                      ignore_eos=True,  # random weights: outputs of a few tokens may show no text (empty_output)
+                      timeout_s=120)
+    router_before = scrape(serve.url + "/metrics")
+    summary, results = run_bench(cfg)
+    router_after = scrape(serve.url + "/metrics")
+    assert summary["num_requests"] == 17 and summary["completed"] == 16 and summary["failed"] == 1, \
+        [(r.error_kind, r.error) for r in results if not r.ok]
+    assert not results[-1].ok and results[-1].error_kind.startswith("http_4"), results[-1]
+    assert list(summary["errors_by_kind"].values()) == [1]
+    ok = results[:16]
+    assert all(r.ok and r.usage_reported for r in ok)
+    for r, row in zip(ok, rows):
+        assert 1 <= r.output_tokens <= row["max_tokens"] and r.prompt_tokens > 0
+        assert 0 < r.ttft_s <= r.e2e_s and len(r.itl_s) == r.output_chunks - 1
+    grown = lambda name: total(router_after, name) - total(router_before, name)  # noqa: E731
+    assert grown("k2serve_router_generation_tokens_total") == summary["total_output_tokens"]
+    assert grown("k2serve_router_prompt_tokens_total") == summary["total_input_tokens"]
+    assert summary["usage_reported"] == 16 and summary["output_throughput"] > 0
+    for key in ("ttft", "e2e", "itl", "tpot"):
+        assert summary[key]["p50_ms"] is not None, key
+    assert summary["ttft"]["max_ms"] <= summary["e2e"]["max_ms"]
+    assert summary["ttft"]["mean_ms"] <= summary["e2e"]["mean_ms"]
 
 
 def test_ctrl_c_stops_every_process_it_started(serve):

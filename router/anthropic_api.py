@@ -18,6 +18,7 @@ from router.errors import APIError, anthropic_error_body
 from router.generation import ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, collect_choice, run_choice
 from router.openai_api import check_schema, prime_all, request_id, sampling_params
 from router.protocol import AnthropicMessage, MessagesRequest, read_request
+from router.sse import anthropic_event, anthropic_text_delta
 from router.tool_ids import next_tool_call_index, normalize_tool_call_ids
 from router.worker_client import GuidedRequest
 
@@ -152,23 +153,19 @@ def _stop_reason(finish_reason: str, stop_string: str | None) -> str:
     return "stop_sequence" if stop_string is not None else STOP_REASONS.get(finish_reason, "end_turn")
 
 
-def event(kind: str, payload: dict) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **payload}, ensure_ascii=False)}\n\n"
-
-
 async def stream_events(ctx: RouterContext, stream, msg_id: str, num_prompt: int) -> AsyncIterator[str]:
     """message_start, ping, content blocks (text_delta / input_json_delta), message_delta, message_stop."""
     start = {"id": msg_id, "type": "message", "role": "assistant", "model": ctx.model_name, "content": [],
              "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": num_prompt, "output_tokens": 0}}
-    yield event("message_start", {"message": start})
-    yield event("ping", {})
+    yield anthropic_event("message_start", {"message": start})
+    yield anthropic_event("ping", {})
     blocks = _BlockWriter()
     try:
         async for ev in stream:
             for chunk in blocks.write(ev):
                 yield chunk
     except APIError as exc:
-        yield event("error", {"error": anthropic_error_body(exc)["error"]})
+        yield anthropic_event("error", {"error": anthropic_error_body(exc)["error"]})
 
 
 class _BlockWriter:
@@ -182,15 +179,14 @@ class _BlockWriter:
         if isinstance(ev, TextEvent):
             if not ev.text:
                 return []
-            return self._ensure("text", {"type": "text", "text": ""}) + [
-                event("content_block_delta", {"index": self._index, "delta": {"type": "text_delta", "text": ev.text}})]
+            return self._ensure("text", {"type": "text", "text": ""}) + [anthropic_text_delta(self._index, ev.text)]
         if isinstance(ev, ToolEvent):
             d = ev.delta
             out = self._close() if d.id is not None else []
             if d.id is not None:
                 out += self._ensure("tool_use", {"type": "tool_use", "id": d.id, "name": d.name, "input": {}})
             if d.arguments and self._open == "tool_use":
-                out.append(event("content_block_delta", {"index": self._index, "delta": {
+                out.append(anthropic_event("content_block_delta", {"index": self._index, "delta": {
                     "type": "input_json_delta", "partial_json": d.arguments}}))
             return out
         return self._finish(ev)
@@ -201,15 +197,15 @@ class _BlockWriter:
         out = self._close()
         self._index += 1
         self._open = kind
-        return out + [event("content_block_start", {"index": self._index, "content_block": block})]
+        return out + [anthropic_event("content_block_start", {"index": self._index, "content_block": block})]
 
     def _close(self) -> list[str]:
         if self._open is None:
             return []
         self._open = None
-        return [event("content_block_stop", {"index": self._index})]
+        return [anthropic_event("content_block_stop", {"index": self._index})]
 
     def _finish(self, ev: DoneEvent) -> list[str]:
         delta = {"stop_reason": _stop_reason(ev.finish_reason, ev.stop_string), "stop_sequence": ev.stop_string}
-        return self._close() + [event("message_delta", {"delta": delta, "usage": _usage(ev.usage)}),
-                                event("message_stop", {})]
+        return self._close() + [anthropic_event("message_delta", {"delta": delta, "usage": _usage(ev.usage)}),
+                                anthropic_event("message_stop", {})]

@@ -98,11 +98,16 @@ class RouterMetrics:
         self.registry = registry
         self.model = model
         self._m = build_metrics(registry, METRICS)
+        self._children: dict[tuple, object] = {}  # labelled series by (name, labels): labels() is slow per token
         self._health: dict[str, bool] = {}
         self._m["k2serve_router_healthy_groups"].set(0)
 
     def _child(self, name: str, **labels):
-        return self._m[name].labels(**labels)
+        key = (name, *labels.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._m[name].labels(**labels)
+        return child
 
     # ---- per request -----------------------------------------------------------------------
     def request_started(self, endpoint: str) -> None:
@@ -172,6 +177,7 @@ class RouterMetrics:
         self._m["k2serve_router_healthy_groups"].set(sum(self._health.values()))
         for spec in METRICS:
             if spec.labels == ("group",):
+                self._children.pop((spec.name, ("group", group)), None)
                 try:
                     self._m[spec.name].remove(group)
                 except KeyError:

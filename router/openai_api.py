@@ -15,6 +15,7 @@ from router.errors import APIError, openai_error_body
 from router.generation import (ChoiceResult, ChoiceSpec, DoneEvent, Event, RouterContext, TextEvent, ToolEvent,
                                Usage, collect_choice, run_choice, sum_usage)
 from router.protocol import ChatCompletionRequest, CompletionRequest, read_request
+from router.sse import DONE, OpenAIFrames, sse
 from router.tool_ids import next_tool_call_index, normalize_tool_call_ids
 from router.worker_client import GenerateParams, GuidedRequest, TokenLogprob
 
@@ -25,13 +26,6 @@ def request_id(request: Request) -> str:
     """The client's x-request-id (sanitized) or a fresh one."""
     rid = request.headers.get("x-request-id", "")
     return rid[:128] if rid and rid.isprintable() else uuid.uuid4().hex
-
-
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # stateless; built once, not per token
-
-
-def sse(payload: Any) -> str:
-    return f"data: {_JSON.encode(payload)}\n\n"
 
 
 def usage_json(usage: Usage) -> dict:
@@ -307,25 +301,22 @@ def chat_response(ctx: RouterContext, results: list[ChoiceResult], meta: dict, l
 
 
 async def chat_stream(ctx: RouterContext, streams, meta: dict, logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(choices: list, usage: Usage | None = None) -> str:
-        payload = {**meta, "object": "chat.completion.chunk", "choices": choices}
-        if include_usage:
-            payload["usage"] = usage_json(usage) if usage is not None else None
-        return sse(payload)
-
+    frames = OpenAIFrames({**meta, "object": "chat.completion.chunk"}, usage_on_every_chunk=include_usage)
     for i in range(len(streams)):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
+        yield frames.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
     usages: list[Usage] = []
     async for i, event in merge_choices(streams):
         if isinstance(event, DoneEvent):
             usages.append(event.usage)
-            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}])
+            yield frames.chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}])
+        elif isinstance(event, TextEvent) and not logprobs:
+            yield frames.chat_content(i, event.text)
         else:
-            yield chunk([_chat_delta(ctx, i, event, logprobs)])
+            yield frames.chunk([_chat_delta(ctx, i, event, logprobs)])
     if include_usage:
-        yield chunk([], sum_usage(usages))
-    yield "data: [DONE]\n\n"
+        yield frames.chunk([], usage_json(sum_usage(usages)))
+    yield DONE
 
 
 def _chat_delta(ctx: RouterContext, i: int, event: TextEvent | ToolEvent, logprobs: bool) -> dict:
@@ -408,18 +399,20 @@ def completion_logprobs(ctx: RouterContext, lps: Sequence[TokenLogprob], offset:
 
 async def completion_stream(ctx: RouterContext, streams, meta: dict, want_lps: bool,
                             include_usage: bool) -> AsyncIterator[str]:
+    frames = OpenAIFrames(meta)
     usages: list[Usage] = []
     async for i, event in merge_choices(streams):
         if isinstance(event, DoneEvent):
             usages.append(event.usage)
-            choice = {"index": i, "text": "", "logprobs": None, "finish_reason": event.finish_reason}
+            yield frames.chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": event.finish_reason}])
+        elif not want_lps:
+            yield frames.completion_text(i, event.text)
         else:
-            lps = completion_logprobs(ctx, event.logprobs) if want_lps else None
-            choice = {"index": i, "text": event.text, "logprobs": lps, "finish_reason": None}
-        yield sse({**meta, "choices": [choice]})
+            lps = completion_logprobs(ctx, event.logprobs)
+            yield frames.chunk([{"index": i, "text": event.text, "logprobs": lps, "finish_reason": None}])
     if include_usage:
-        yield sse({**meta, "choices": [], "usage": usage_json(sum_usage(usages))})
-    yield "data: [DONE]\n\n"
+        yield frames.chunk([], usage_json(sum_usage(usages)))
+    yield DONE
 
 
 # ---------------------------------------------------------------- models

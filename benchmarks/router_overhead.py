@@ -323,10 +323,43 @@ async def measure_grpc(args, address: str, tokenizer, meter: Meter) -> tuple[dic
 
 
 async def measure_router(args, url: str, meter: Meter, layer: int = 2, output_len: int | None = None):
+    """The router layer's summary, CPU seconds, and latencies as the router itself measured them."""
     warm = workload(args, url, layer=5, num_requests=min(4, args.num_requests))
     await run_requests(warm)
     cfg = workload(args, url, layer=layer, output_len=output_len)
-    return await meter.measure(lambda: _with_cfg(cfg, run_requests(cfg)))
+    before = await router_series(url)
+    summary, cpu = await meter.measure(lambda: _with_cfg(cfg, run_requests(cfg)))
+    return summary, cpu, series_means(before, await router_series(url))
+
+
+ROUTER_SERIES = {"queue": "k2serve_router_queue_time_seconds",
+                 "ttft": "k2serve_router_time_to_first_token_seconds",
+                 "request": "k2serve_router_request_duration_seconds"}
+
+
+async def router_series(url: str) -> dict[str, list[float]]:
+    """[sum, count] of the router's own latency histograms, read from its /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        text = (await client.get(url + "/metrics")).text
+    totals = {key: [0.0, 0.0] for key in ROUTER_SERIES}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for key, name in ROUTER_SERIES.items():
+                if sample.name in (name + "_sum", name + "_count"):
+                    totals[key][sample.name.endswith("_count")] += sample.value
+    return totals
+
+
+def series_means(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, float | None]:
+    """Mean milliseconds of each series over the requests between the two readings."""
+    means = {}
+    for key in ROUTER_SERIES:
+        total, count = (after[key][i] - before[key][i] for i in (0, 1))
+        means[f"{key}_mean_ms"] = total / count * 1e3 if count else None
+    return means
 
 
 async def _with_cfg(cfg: BenchConfig, rows) -> tuple[BenchConfig, list[RequestResult], float]:
@@ -353,8 +386,9 @@ async def main_async(args: argparse.Namespace, model_dir: Path) -> dict[str, Any
         async with LayerProcess("router", router_args, args.profile_router) as router:
             meter = Meter({"worker": worker, "router": router})
             url = f"http://127.0.0.1:{router.port}"
-            report["layers"]["router"], report["cpu_s"]["router"] = await measure_router(args, url, meter)
-            _, report["cpu_s"]["router_1tok"] = await measure_router(args, url, meter, layer=6, output_len=1)
+            report["layers"]["router"], report["cpu_s"]["router"], report["router_view"] = \
+                await measure_router(args, url, meter)
+            _, report["cpu_s"]["router_1tok"], _ = await measure_router(args, url, meter, layer=6, output_len=1)
     return report
 
 
@@ -404,8 +438,12 @@ def verdict(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def render(report: dict[str, Any], args: argparse.Namespace) -> str:
     cost, result = router_cost(report, args), verdict(report["layers"])
+    view, client = report["router_view"], report["layers"]["router"]
     return "\n".join([
         overhead_table(report["layers"]), "", cpu_table(report), "",
+        f"router's own view (its /metrics, means): queued {_ms(view['queue_mean_ms'], 0)} ms, dispatch to first "
+        f"token {_ms(view['ttft_mean_ms'], 0)} ms, request {_ms(view['request_mean_ms'], 0)} ms; "
+        f"the client saw TTFT {_ms(client['ttft']['mean_ms'], 0)} ms, e2e {_ms(client['e2e']['mean_ms'], 0)} ms",
         f"router CPU: {cost['per_request_ms']:.2f} ms per request + {cost['per_token_us']:.0f} us per output token",
         f"throughput_ratio: {result['throughput_ratio']:.3f}",
         f"ttft_p50_added_ms: {result['ttft_p50_added_ms']:.2f}",

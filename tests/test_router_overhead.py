@@ -72,7 +72,9 @@ def test_small_run_measures_three_layers_in_processes(tiny_model_dir, tmp_path, 
         assert summary["total_output_tokens"] == 24, name
     assert report["cpu_s"]["router"]["router"] > 0 and report["cpu_s"]["grpc"]["worker"] > 0
     assert "router" not in report["cpu_s"]["grpc"]  # the router process starts after the grpc row
+    view = report["router_view"]  # from the router's /metrics: only the measured requests
+    assert 0 < view["ttft_mean_ms"] < view["request_mean_ms"] and view["queue_mean_ms"] >= 0
     lines = printed.strip().splitlines()
     assert lines[-2].startswith("throughput_ratio: ") and lines[-1].startswith("ttft_p50_added_ms: ")
     assert float(lines[-2].split()[1]) == pytest.approx(report["throughput_ratio"], abs=1e-3)
-    assert "us per output token" in printed
+    assert "us per output token" in printed and "router's own view" in printed

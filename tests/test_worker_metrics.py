@@ -195,3 +195,30 @@ def test_engine_metrics_deltas_and_interval():
     assert value(m.registry, "k2serve_worker_all_to_all_bytes_total", phase="combine") == 32
     with pytest.raises(ValueError, match="moe_interval_s"):
         EngineMetrics(m, moe_interval_s=-1)
+
+
+def test_async_engine_flushes_moe_stats_when_idle(tiny):
+    """Only the first step collects (long interval); going idle records the rest without a new request."""
+    import asyncio
+    import time
+
+    from worker.async_engine import AsyncEngine
+
+    model, _ = tiny
+    engine, reg = make_engine(tiny, moe_interval_s=3600.0)
+    prompt = prompts(1, seed=13)[0]
+    async_engine = AsyncEngine(engine, idle_wait_s=0.05)
+
+    async def generate() -> list[int]:
+        return [t async for out in async_engine.generate("x", prompt, GREEDY) for t in out.new_token_ids]
+
+    try:
+        tokens = asyncio.run(generate())
+        total = len(prompt) + len(tokens) - 1
+        layer, k = moe_layers(model)[0], model.config.num_experts_per_tok
+        deadline = time.monotonic() + 5
+        while expert_tokens(reg, layer) != total * k and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert expert_tokens(reg, layer) == total * k
+    finally:
+        async_engine.shutdown()

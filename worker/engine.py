@@ -207,8 +207,8 @@ class Engine:
         metrics or pending steps. Call it only from the thread that steps the engine."""
         if self.metrics is None or not self.metrics.has_pending_moe_stats:
             return
+        self.metrics.collected()  # first: a failing collective is not retried on every idle tick
         self.runner.execute(StepPlan(block_size=self.config.block_size, collect_moe_stats=True))
-        self.metrics.collected()
         self._record_moe()
 
     def _num_prompt_tokens(self, plan: StepPlan) -> int:

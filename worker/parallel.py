@@ -92,6 +92,12 @@ def token_shard(x: torch.Tensor, info: ParallelInfo) -> torch.Tensor:
     return shard
 
 
+def shard_valid_rows(num_tokens: int, info: ParallelInfo) -> int:
+    """How many rows of this rank's token shard are real tokens (the rest is padding)."""
+    per_rank = padded_token_count(num_tokens, info) // info.world_size
+    return max(0, min(per_rank, num_tokens - info.rank * per_rank))
+
+
 def all_gather_tokens(x: torch.Tensor, num_tokens: int, info: ParallelInfo) -> torch.Tensor:
     """[T_pad / W, H] shards -> [T, H] on every rank (padding dropped)."""
     if info.is_single:

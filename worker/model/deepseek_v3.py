@@ -22,7 +22,7 @@ from worker.model.layers.moe import MoE
 from worker.model.layers.moe_stats import MoEStats
 from worker.model.layers.norm import RMSNorm
 from worker.model.layers.rotary import RotaryEmbedding
-from worker.parallel import ParallelInfo, all_gather_tokens, token_shard
+from worker.parallel import ParallelInfo, all_gather_tokens, shard_valid_rows, token_shard
 
 
 class DecoderLayer(nn.Module):
@@ -49,7 +49,7 @@ class DecoderLayer(nn.Module):
             h = x + attn_out
             return h + self.mlp(self.post_attention_layernorm(h))
         h = token_shard(x, self.info) + attn_out  # [T_pad / W, H]: this rank's tokens
-        y = h + self.mlp(self.post_attention_layernorm(h))
+        y = h + self.mlp(self.post_attention_layernorm(h), shard_valid_rows(x.shape[0], self.info))
         return all_gather_tokens(y, x.shape[0], self.info)
 
 

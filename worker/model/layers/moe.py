@@ -29,9 +29,10 @@ class MoE(nn.Module):
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype, fp8)
         self.dispatcher = make_dispatcher(dispatcher, info, stats)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_valid: int | None = None) -> torch.Tensor:
+        """x [n, H]: this rank's token shard, of which the first `num_valid` rows are real tokens."""
         topk_ids, topk_weights = self.gate(x)  # [n, k], [n, k] float32
         if self.stats is not None:
-            self.stats.record_routing(self.layer_idx, topk_ids)
+            self.stats.record_routing(self.layer_idx, topk_ids, num_valid)
         routed = self.dispatcher.forward(x, topk_ids, topk_weights, self.experts)
         return routed + self.shared_experts(x)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 MAX_SAMPLES = 4096
 
@@ -19,9 +20,13 @@ class MoEStatsSnapshot:
     exchanges: list[tuple[str, float, int]] = field(default_factory=list)  # (phase, seconds, bytes sent)
 
 
-class MoEStats:
+class MoEStats(nn.Module):
+    """A module only so that its counts live on the model's device (they follow `model.to(device)`)."""
+
     def __init__(self, num_layers: int, n_routed_experts: int):
-        self.expert_tokens = torch.zeros(num_layers, n_routed_experts, dtype=torch.long)
+        super().__init__()
+        self.register_buffer("expert_tokens", torch.zeros(num_layers, n_routed_experts, dtype=torch.long),
+                             persistent=False)
         self.exchanges: list[tuple[str, float, int]] = []
 
     def record_routing(self, layer_idx: int, topk_ids: torch.Tensor, num_valid: int | None = None) -> None:

@@ -153,13 +153,13 @@ async def run_choice(backend: Backend, params: GenerateParams, tokenizer: Any, s
     parser = StreamingToolParser(spec.tool_names) if spec.parse_tools else None
     state = _State()
     stream = backend.generate(params)
+    last = None  # the latest item: its cumulative counts are the usage (built once, not per token)
     try:
         async for item in stream:
+            last = item
             if isinstance(item, Finished):
                 state.engine_reason = item.finish_reason
-                state.usage = Usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
                 break
-            state.usage = Usage(item.prompt_tokens, item.completion_tokens, item.cached_tokens)
             timer.chunk(len(item.token_ids))
             text = stops.push(detok.push(list(item.token_ids)))
             for event in _text_events(text, item.logprobs, parser, spec):
@@ -170,6 +170,8 @@ async def run_choice(backend: Backend, params: GenerateParams, tokenizer: Any, s
         raise APIError(exc.status, exc.message) from exc
     finally:
         await stream.aclose()
+    if last is not None:
+        state.usage = Usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
     timer.done(state.usage)
     for event in _final_events(detok, stops, parser, spec, state):
         yield event

@@ -162,7 +162,7 @@ def response_from_proto(resp: worker_pb2.GenerateResponse) -> TokenChunk | Finis
     if kind == "chunk":
         c = resp.chunk
         logprobs = tuple(TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
-                         for lp in c.logprobs)
+                         for lp in c.logprobs) if c.logprobs else ()  # per token: skip the empty generator
         return TokenChunk(tuple(c.token_ids), logprobs, c.prompt_tokens, c.completion_tokens, c.cached_tokens)
     if kind == "complete":
         d = resp.complete

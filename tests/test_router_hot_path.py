@@ -78,3 +78,41 @@ def test_metrics_group_series_come_back_after_removal():
     m.set_group_health("g0", False)
     assert sample(m, "k2serve_router_group_dispatches_total", group="g0") == 1
     assert sample(m, "k2serve_router_group_healthy", group="g0") == 0
+
+
+# ---------------------------------------------------------------- the gRPC leg: built in place, read back
+
+
+def outputs():
+    from worker.request import RequestOutput, TokenLogprob
+
+    lp = [TokenLogprob(5, -0.25, [(5, -0.25), (9, -1.5)]), TokenLogprob(6, -2.0, [])]
+    return [RequestOutput("r", [5], None, 64, 1, 0), RequestOutput("r", [5, 6], lp, 64, 3, 16),
+            RequestOutput("r", [], [TokenLogprob(1, -0.5)], 64, 3, 16)]
+
+
+@pytest.mark.parametrize("out", outputs())
+def test_response_from_output_equals_the_wrapped_chunk(out):
+    from k2serve.v1 import worker_pb2
+    from worker.server import chunk_from_output, response_from_output
+
+    assert response_from_output(out) == worker_pb2.GenerateResponse(chunk=chunk_from_output(out))
+
+
+def test_response_from_output_skips_empty_outputs():
+    from worker.request import RequestOutput
+    from worker.server import response_from_output
+
+    assert response_from_output(RequestOutput("r", [], None, 64, 3, 0, True, "length")) is None
+    assert response_from_output(RequestOutput("r", [], [], 64, 3, 0)) is None
+
+
+@pytest.mark.parametrize("out", outputs())
+def test_router_reads_back_tokens_logprobs_and_counts(out):
+    from router.worker_client import TokenChunk, TokenLogprob, response_from_proto
+    from worker.server import response_from_output
+
+    item = response_from_proto(response_from_output(out))
+    lps = tuple(TokenLogprob(lp.token_id, lp.logprob, tuple(lp.top_logprobs)) for lp in out.new_logprobs or ())
+    assert item == TokenChunk(tuple(out.new_token_ids), lps, out.prompt_tokens, out.completion_tokens,
+                              out.cached_tokens)

@@ -126,12 +126,28 @@ def params_from_request(request: worker_pb2.GenerateRequest) -> SamplingParams:
 
 def chunk_from_output(out: RequestOutput) -> worker_pb2.GenerateChunk:
     """RequestOutput -> GenerateChunk (new tokens, logprobs, cumulative counts)."""
-    chunk = worker_pb2.GenerateChunk(token_ids=out.new_token_ids, prompt_tokens=out.prompt_tokens,
-                                     completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens)
+    chunk = worker_pb2.GenerateChunk()
+    _fill_chunk(chunk, out)
+    return chunk
+
+
+def response_from_output(out: RequestOutput) -> worker_pb2.GenerateResponse | None:
+    """The chunk response for an output's new tokens (None when it has none), built in place: wrapping a
+    finished GenerateChunk copies it, and this runs once per token."""
+    if not out.new_token_ids and not out.new_logprobs:
+        return None
+    response = worker_pb2.GenerateResponse()
+    _fill_chunk(response.chunk, out)
+    return response
+
+
+def _fill_chunk(chunk: worker_pb2.GenerateChunk, out: RequestOutput) -> None:
+    chunk.token_ids.extend(out.new_token_ids)
+    chunk.prompt_tokens, chunk.completion_tokens = out.prompt_tokens, out.completion_tokens
+    chunk.cached_tokens = out.cached_tokens
     for lp in out.new_logprobs or ():
         top = [worker_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top_logprobs]
         chunk.logprobs.append(worker_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=top))
-    return chunk
 
 
 def complete_from_output(out: RequestOutput) -> worker_pb2.GenerateComplete:
@@ -190,9 +206,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def _engine_responses(self, rid, prompt, params) -> AsyncIterator[worker_pb2.GenerateResponse]:
         try:
             async for out in self._engine.generate(rid, prompt, params):
-                chunk = chunk_from_output(out)
-                if chunk.token_ids or chunk.logprobs:
-                    yield worker_pb2.GenerateResponse(chunk=chunk)
+                response = response_from_output(out)
+                if response is not None:
+                    yield response
                 if out.finished:
                     yield _final_response(out)
                     return

@@ -16,8 +16,8 @@ request and per token, which (unlike latency) does not depend on what else the m
 Not a test: run it by hand.
 
     python benchmarks/router_overhead.py [--engine paced|tiny] [--step-ms 5] [--num-requests 64] [--concurrency 8]
-        [--input-len 64] [--output-len 32] [--model-dir DIR] [--http auto|h11|httptools] [--profile-router FILE]
-        [--json FILE]
+        [--input-len 64] [--output-len 32] [--model-dir DIR] [--http auto|h11|httptools] [--loop asyncio|uvloop]
+        [--profile-router FILE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -372,7 +372,7 @@ async def main_async(args: argparse.Namespace, model_dir: Path) -> dict[str, Any
     tokenizer = K2Tokenizer.from_dir(model_dir)
     engine = build_engine(args.engine, model_dir, args.step_ms)
     common = ["--engine", args.engine, "--step-ms", str(args.step_ms), "--model-dir", str(model_dir)]
-    report: dict[str, Any] = {"layers": {}, "cpu_s": {}}
+    report: dict[str, Any] = {"layers": {}, "cpu_s": {}, "machine": machine()}
     try:
         report["layers"]["engine"], report["cpu_s"]["engine"] = await measure_engine(args, engine, tokenizer, Meter({}))
     finally:
@@ -393,6 +393,12 @@ async def main_async(args: argparse.Namespace, model_dir: Path) -> dict[str, Any
 
 
 # ---------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    """CPUs and load when the run began: latencies on a busy machine measure the machine as much as the code."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    return {"cpus": os.cpu_count(), "load_avg_1m": load[0], "python": sys.version.split()[0]}
 
 
 def overhead_table(layers: dict[str, dict[str, Any]]) -> str:
@@ -439,7 +445,11 @@ def verdict(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
 def render(report: dict[str, Any], args: argparse.Namespace) -> str:
     cost, result = router_cost(report, args), verdict(report["layers"])
     view, client = report["router_view"], report["layers"]["router"]
+    m = report["machine"]
     return "\n".join([
+        f"machine: {m['cpus']} CPUs, load average {m['load_avg_1m']:.2f} at the start; engine {args.engine}, "
+        f"concurrency {args.concurrency}, {args.num_requests} requests x {args.output_len} tokens, router http "
+        f"{args.http}, loop {args.loop}",
         overhead_table(report["layers"]), "", cpu_table(report), "",
         f"router's own view (its /metrics, means): queued {_ms(view['queue_mean_ms'], 0)} ms, dispatch to first "
         f"token {_ms(view['ttft_mean_ms'], 0)} ms, request {_ms(view['request_mean_ms'], 0)} ms; "

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.tiny import K2_CHAT_TEMPLATE
+from cluster.tiny_tokenizer import K2_CHAT_TEMPLATE
 from router.chat_template import ChatTemplate, ChatTemplateError
 from router.tokenizer import K2Tokenizer
 

@@ -13,9 +13,11 @@ import torch
 from safetensors import safe_open
 
 from cluster.tiny import (
-    K2_PAT_STR, NUM_BASE_RANKS, TRAINING_CORPUS, make_tiny_model, tiny_config_dict, train_bpe,
+    NUM_BASE_RANKS, make_tiny_model, tiny_config_dict,
 )
+from cluster.tiny_tokenizer import TRAINING_CORPUS, train_bpe
 from kernels.block_fp8 import dequantize_block_fp8
+from router.tokenizer import K2_PAT_STR
 
 FP8 = torch.float8_e4m3fn
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tiny import K2_NON_SPECIAL_MARKERS, K2_SPECIAL_OFFSETS
+from cluster.tiny_tokenizer import K2_NON_SPECIAL_MARKERS, K2_SPECIAL_OFFSETS
 from router.tokenizer import K2Tokenizer
 
 K2_NUM_BASE = 163584

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.hf_reference import load_hf_model
-from cluster.tiny import make_tiny_model, tiny_config_dict
+from cluster.tiny import make_tiny_model
 from worker.loader import load_model
 from worker.model.attention_metadata import AttentionMetadata
 from worker.model.deepseek_v3 import allocate_kv_caches

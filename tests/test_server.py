@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 
 import pytest
 
-from k2serve.v1 import worker_pb2
 from router.worker_client import (Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerClient,
                                   WorkerError, request_to_proto)
 from worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams, TokenLogprob

@@ -414,14 +414,19 @@ def overhead_table(layers: dict[str, dict[str, Any]]) -> str:
 
 
 def cpu_table(report: dict[str, Any]) -> str:
-    """CPU microseconds per output token spent by each process while a layer was measured."""
-    lines = [f"{'layer':<8}{'loadgen':>10}{'worker':>10}{'router':>10}   (CPU us per output token)"]
+    """CPU microseconds per output token spent by each process while a layer was measured, their sum, and
+    the token rate that sum allows on this machine's CPUs (the ceiling when the machine runs nothing else)."""
+    lines = [f"{'layer':<8}{'loadgen':>10}{'worker':>10}{'router':>10}{'all':>10}{'cpu-bound tok/s':>17}"
+             "   (CPU us per output token)"]
+    cpus = report["machine"]["cpus"] or 1
     for name, cpu in report["cpu_s"].items():
         if name not in report["layers"]:
             continue
         tokens = max(report["layers"][name]["total_output_tokens"], 1)
         cells = "".join(f"{_us(cpu.get(p), tokens):>10}" for p in ("loadgen", "worker", "router"))
-        lines.append(f"{name:<8}{cells}")
+        total = sum(cpu.values())
+        ceiling = f"{cpus * tokens / total:.0f}" if total > 0 else "-"
+        lines.append(f"{name:<8}{cells}{_us(total, tokens):>10}{ceiling:>17}")
     return "\n".join(lines)
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from benchmarks.router_overhead import (LayerProcess, PacedEngine, main, process_cpu_s, router_cost,
-                                        verdict)
+from benchmarks.layer_processes import LayerProcess, PacedEngine, process_cpu_s
+from benchmarks.router_overhead import main, router_cost, verdict
 from worker.request import SamplingParams
 
 

@@ -1,0 +1,211 @@
+"""The layers under test of benchmarks/router_overhead.py, each in its own Python process.
+
+    python benchmarks/layer_processes.py --role worker --model-dir DIR [--engine paced|tiny] [--step-ms 5]
+    python benchmarks/layer_processes.py --role router --model-dir DIR --worker HOST:PORT [--http h11] [--loop asyncio]
+
+A role prints `READY <port> <pid>` once it serves and stops cleanly on SIGINT. `LayerProcess` starts one
+(optionally under py-spy) and reads its CPU time from /proc. `PacedEngine` is the engine stand-in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from router.tokenizer import K2Tokenizer
+from worker.request import RequestOutput, SamplingParams
+
+MODEL = "kimi-k2-tiny"
+REPO = Path(__file__).resolve().parent.parent
+READY = "READY"
+
+
+class PacedEngine:
+    """An AsyncEngine stand-in: token i of a request is emitted `(i + 1) * step_s` after it arrived.
+
+    Deadlines are absolute, so a late wake-up does not delay the tokens after it: the engine's pace is
+    the same in every layer, and whatever a layer adds shows up as its own latency.
+    """
+
+    def __init__(self, step_s: float, token_id: int):
+        self.step_s = step_s
+        self.token_id = token_id
+
+    async def generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        n = params.max_tokens or 16
+        start = time.monotonic()
+        for i in range(n):
+            await asyncio.sleep(max(0.0, start + (i + 1) * self.step_s - time.monotonic()))
+            last = i == n - 1
+            yield RequestOutput(rid, [self.token_id], None, len(prompt), i + 1, 0, last, "length" if last else None)
+
+    def abort(self, rid: str) -> bool:
+        return True
+
+    def get_load(self) -> Any:
+        return None
+
+
+def build_engine(kind: str, model_dir: Path, step_ms: float) -> Any:
+    """The paced fake (token id of " the") or the real AsyncEngine on `model_dir`."""
+    if kind == "paced":
+        return PacedEngine(step_ms / 1e3, K2Tokenizer.from_dir(model_dir).encode(" the")[0])
+    from worker.async_engine import AsyncEngine
+    from worker.engine import Engine
+
+    return AsyncEngine(Engine.from_model_dir(model_dir))
+
+
+# ---------------------------------------------------------------- the layer processes
+
+
+async def worker_role(args: argparse.Namespace) -> None:
+    """The worker process: the real gRPC server over the engine until SIGINT/SIGTERM."""
+    from worker.server import ModelInfo, serve_worker
+
+    model_dir = Path(args.model_dir)
+    engine = build_engine(args.engine, model_dir, args.step_ms)
+    server = await serve_worker(engine, "127.0.0.1", 0, ModelInfo.from_model_dir(model_dir, MODEL))
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    print(READY, server.k2serve_port, os.getpid(), flush=True)
+    await stop.wait()
+    await server.stop(1.0)
+    if hasattr(engine, "shutdown"):
+        engine.shutdown()
+
+
+async def router_role(args: argparse.Namespace) -> None:
+    """The router process, wired as `k2serve router` wires it (cluster.router_service), over one group."""
+    import uvicorn
+
+    from cluster.config import ClusterConfig
+    from cluster.router_service import build_router_app
+    from router.discovery import StaticDiscovery
+
+    config = ClusterConfig(model={"name": MODEL})
+    app = build_router_app(config, args.model_dir, StaticDiscovery([("group-0", args.worker)]))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                                           http=args.http, access_log=False))
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(READY, port, os.getpid(), flush=True)
+    await task
+    await app.state.pool.close()
+
+
+def run_role(args: argparse.Namespace) -> int:
+    """Run one layer (`args.role`: worker | router) until SIGINT."""
+    run = asyncio.run
+    if args.loop == "uvloop":
+        import uvloop
+
+        run = uvloop.run
+    try:
+        run(worker_role(args) if args.role == "worker" else router_role(args))
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it drained on
+        pass
+    return 0
+
+
+def py_spy() -> str:
+    """The py-spy beside this interpreter (a virtual environment's bin/) or on PATH."""
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else "py-spy"
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process from /proc (None where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class LayerProcess:
+    """One layer (`--role worker|router`) in its own Python process; it prints `READY <port> <pid>`.
+
+    `profile` (a file name) runs it under `py-spy record` (raw collapsed stacks, written at exit).
+    """
+
+    def __init__(self, role: str, role_args: list[str], profile: str | None = None):
+        self.role = role
+        # --gil: samples only where Python holds the GIL (CPU, not waits); --nonblocking: no pauses
+        spy = [py_spy(), "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking", "-o", str(profile),
+               "--"]
+        prefix = spy if profile else []
+        self.argv = prefix + [sys.executable, str(Path(__file__).resolve()), "--role", role, *role_args]
+        self.port = self.pid = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> "LayerProcess":
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self._proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE, env=env)
+        try:
+            line = await asyncio.wait_for(self._ready_line(), 180)
+        except asyncio.TimeoutError:
+            line = []
+        if len(line) != 3 or line[0] != READY:
+            await self._stop()
+            raise RuntimeError(f"the {self.role} process did not start (said {line!r}, exit code "
+                               f"{self._proc.returncode}); its stderr is above")
+        self.port, self.pid = int(line[1]), int(line[2])
+        return self
+
+    async def _ready_line(self) -> list[str]:
+        """The READY line's words; other output (py-spy's banner) is passed on to stderr."""
+        while raw := await self._proc.stdout.readline():
+            words = raw.decode(errors="replace").split()
+            if words[:1] == [READY]:
+                return words
+            print(raw.decode(errors="replace").rstrip(), file=sys.stderr)
+        return []
+
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.pid) or 0.0
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._stop()
+
+    async def _stop(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            os.kill(self.pid or proc.pid, signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 30)
+        except ProcessLookupError:
+            await proc.wait()
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+def parse_role_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--role", choices=["worker", "router"], required=True)
+    p.add_argument("--model-dir", required=True, help="K2-format checkpoint (tokenizer, template, config)")
+    p.add_argument("--engine", choices=["tiny", "paced"], default="paced")
+    p.add_argument("--step-ms", type=float, default=5.0, help="paced engine: ms per token")
+    p.add_argument("--worker", help="router: the worker's gRPC address")
+    p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto", help="router: uvicorn's HTTP parser")
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="the process's event loop")
+    args = p.parse_args(argv)
+    if args.role == "router" and not args.worker:
+        p.error("--role router needs --worker HOST:PORT")
+    return args
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_role(parse_role_args()))

@@ -12,12 +12,13 @@ The engine is a paced fake that emits one token per `--step-ms` for every reques
 (`--engine paced`, default: it isolates the serving path from model compute) or the real Engine on the
 tiny K2-format checkpoint (`--engine tiny`). Every layer asks for exactly `--output-len` tokens
 (min_tokens = max_tokens). The processes' CPU time is read from /proc: it gives the router's cost per
-request and per token, which (unlike latency) does not depend on what else the machine is running.
-Not a test: run it by hand.
+request and per token, which depends much less than latency on what else the machine runs (it does
+depend on concurrency: with few streams every token wakes the processes on its own). A second router
+run of 1-token requests separates the per-request from the per-token cost. Not a test: run it by hand.
 
     PYTHONPATH=. python benchmarks/router_overhead.py [--engine paced|tiny] [--step-ms 5] [--num-requests 64]
-        [--concurrency 8] [--input-len 64] [--output-len 32] [--model-dir DIR] [--http auto|h11|httptools] [--loop asyncio|uvloop]
-        [--profile-router FILE] [--json FILE]
+        [--concurrency 8] [--input-len 64] [--output-len 32] [--model-dir DIR] [--http auto|h11|httptools]
+        [--loop asyncio|uvloop] [--profile-router FILE] [--json FILE]
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -46,14 +47,14 @@ from worker.request import SamplingParams
 
 
 def workload(args: argparse.Namespace, base_url: str = "", layer: int = 0, num_requests: int | None = None,
-             output_len: int | None = None) -> BenchConfig:
-    """The same request shapes for every layer; prompts differ per layer (`layer` shifts the seed) so
-    that the engine's prefix cache cannot favour the layers measured later."""
+             output_len: int | None = None, repeat: int = 0) -> BenchConfig:
+    """The same request shapes for every layer; prompts differ per layer and repeat (they shift the seed)
+    so that the engine's prefix cache cannot favour the runs measured later."""
     out = output_len or args.output_len
     return BenchConfig(base_url=base_url, model=MODEL, endpoint="completions",
                        num_requests=num_requests or args.num_requests, concurrency=args.concurrency,
                        input_len=LengthDist(args.input_len, args.input_len), output_len=LengthDist(out, out),
-                       force_min_tokens=True, seed=args.seed + 1000 * layer)
+                       force_min_tokens=True, seed=args.seed + 1000 * layer + 100 * repeat)
 
 
 async def timed_stream(stream: AsyncIterator[Any], count_tokens) -> RequestResult:
@@ -138,31 +139,30 @@ class Meter:
         return summarize(cfg, results, duration), {k: after[k] - before[k] for k in after}
 
 
-async def measure_engine(args, engine, tokenizer, meter: Meter) -> tuple[dict, dict]:
-    warm = workload(args, layer=3, num_requests=min(4, args.num_requests))
-    await engine_rows(engine, warm, layer_prompts(warm, tokenizer))
-    cfg = workload(args, layer=0)
+async def warm_up(args, engine, client: WorkerClient, url: str, tokenizer) -> None:
+    """A few requests through every layer first (connections, caches, lazy imports)."""
+    warm = [workload(args, url, layer=layer, num_requests=min(4, args.num_requests)) for layer in (3, 4, 5)]
+    await engine_rows(engine, warm[0], layer_prompts(warm[0], tokenizer))
+    await grpc_rows(client, warm[1], layer_prompts(warm[1], tokenizer))
+    await run_requests(warm[2])
+
+
+async def measure_engine(args, engine, tokenizer, meter: Meter, repeat: int = 0) -> tuple[dict, dict]:
+    cfg = workload(args, layer=0, repeat=repeat)
     prompts = layer_prompts(cfg, tokenizer)
     return await meter.measure(lambda: _with_cfg(cfg, engine_rows(engine, cfg, prompts)))
 
 
-async def measure_grpc(args, address: str, tokenizer, meter: Meter) -> tuple[dict, dict]:
-    client = WorkerClient(address)
-    try:
-        warm = workload(args, layer=4, num_requests=min(4, args.num_requests))
-        await grpc_rows(client, warm, layer_prompts(warm, tokenizer))
-        cfg = workload(args, layer=1)
-        prompts = layer_prompts(cfg, tokenizer)
-        return await meter.measure(lambda: _with_cfg(cfg, grpc_rows(client, cfg, prompts)))
-    finally:
-        await client.close()
+async def measure_grpc(args, client: WorkerClient, tokenizer, meter: Meter, repeat: int = 0) -> tuple[dict, dict]:
+    cfg = workload(args, layer=1, repeat=repeat)
+    prompts = layer_prompts(cfg, tokenizer)
+    return await meter.measure(lambda: _with_cfg(cfg, grpc_rows(client, cfg, prompts)))
 
 
-async def measure_router(args, url: str, meter: Meter, layer: int = 2, output_len: int | None = None):
+async def measure_router(args, url: str, meter: Meter, repeat: int = 0, layer: int = 2,
+                         output_len: int | None = None) -> tuple[dict, dict, dict]:
     """The router layer's summary, CPU seconds, and latencies as the router itself measured them."""
-    warm = workload(args, url, layer=5, num_requests=min(4, args.num_requests))
-    await run_requests(warm)
-    cfg = workload(args, url, layer=layer, output_len=output_len)
+    cfg = workload(args, url, layer=layer, output_len=output_len, repeat=repeat)
     before = await router_series(url)
     summary, cpu = await meter.measure(lambda: _with_cfg(cfg, run_requests(cfg)))
     return summary, cpu, series_means(before, await router_series(url))
@@ -204,28 +204,68 @@ async def _with_cfg(cfg: BenchConfig, rows) -> tuple[BenchConfig, list[RequestRe
 
 
 async def main_async(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    """Measure the three layers (and the router's per-request cost); returns summaries and CPU seconds."""
+    """Measure the three layers `--repeats` times, interleaved (engine, grpc, router, engine, ...), then the
+    router's per-request cost; returns the per-layer medians, the runs, and CPU seconds per run."""
     tokenizer = K2Tokenizer.from_dir(model_dir)
     engine = build_engine(args.engine, model_dir, args.step_ms)
     common = ["--engine", args.engine, "--step-ms", str(args.step_ms), "--model-dir", str(model_dir)]
-    report: dict[str, Any] = {"layers": {}, "cpu_s": {}, "machine": machine()}
+    report: dict[str, Any] = {"machine": machine()}
     try:
-        report["layers"]["engine"], report["cpu_s"]["engine"] = await measure_engine(args, engine, tokenizer, Meter({}))
+        async with LayerProcess("worker", common) as worker:
+            address = f"127.0.0.1:{worker.port}"
+            router_args = common + ["--worker", address, "--http", args.http, "--loop", args.loop]
+            async with LayerProcess("router", router_args, args.profile_router) as router:
+                client, url = WorkerClient(address), f"http://127.0.0.1:{router.port}"
+                try:
+                    report.update(await measure_all(args, engine, client, url, tokenizer, worker, router))
+                finally:
+                    await client.close()
     finally:
         if hasattr(engine, "shutdown"):
             engine.shutdown()
-    async with LayerProcess("worker", common) as worker:
-        address = f"127.0.0.1:{worker.port}"
-        meter = Meter({"worker": worker})
-        report["layers"]["grpc"], report["cpu_s"]["grpc"] = await measure_grpc(args, address, tokenizer, meter)
-        router_args = common + ["--worker", address, "--http", args.http, "--loop", args.loop]
-        async with LayerProcess("router", router_args, args.profile_router) as router:
-            meter = Meter({"worker": worker, "router": router})
-            url = f"http://127.0.0.1:{router.port}"
-            report["layers"]["router"], report["cpu_s"]["router"], report["router_view"] = \
-                await measure_router(args, url, meter)
-            _, report["cpu_s"]["router_1tok"], _ = await measure_router(args, url, meter, layer=6, output_len=1)
     return report
+
+
+async def measure_all(args, engine, client: WorkerClient, url: str, tokenizer, worker: LayerProcess,
+                      router: LayerProcess) -> dict[str, Any]:
+    await warm_up(args, engine, client, url, tokenizer)
+    meters = {"engine": Meter({}), "grpc": Meter({"worker": worker}),
+              "router": Meter({"worker": worker, "router": router})}
+    runs: dict[str, list] = {"engine": [], "grpc": [], "router": []}
+    views = []
+    for r in range(args.repeats):
+        runs["engine"].append(await measure_engine(args, engine, tokenizer, meters["engine"], r))
+        runs["grpc"].append(await measure_grpc(args, client, tokenizer, meters["grpc"], r))
+        summary, cpu, view = await measure_router(args, url, meters["router"], r)
+        runs["router"].append((summary, cpu))
+        views.append(view)
+    _, cpu_1tok, _ = await measure_router(args, url, meters["router"], layer=6, output_len=1)
+    return {"layers": {name: median_summary([s for s, _ in rs]) for name, rs in runs.items()},
+            "cpu_s": {**{name: mean_cpu([c for _, c in rs]) for name, rs in runs.items()}, "router_1tok": cpu_1tok},
+            "router_view": {k: _median([v[k] for v in views]) for k in views[0]},
+            "runs": {name: [s for s, _ in rs] for name, rs in runs.items()}}
+
+
+def median_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary for a layer's runs: medians of the rates and latency statistics, failures summed."""
+    out = dict(summaries[0])
+    for key in ("request_throughput", "output_throughput", "total_output_tokens"):
+        out[key] = _median([s[key] for s in summaries])
+    for key in ("ttft", "itl", "e2e", "tpot"):
+        out[key] = {stat: _median([s[key][stat] for s in summaries]) for stat in summaries[0][key]}
+    out["completed"] = sum(s["completed"] for s in summaries)
+    out["failed"] = sum(s["failed"] for s in summaries)
+    return out
+
+
+def mean_cpu(cpus: list[dict[str, float]]) -> dict[str, float]:
+    """CPU seconds per run (the runs of a layer have the same requests and tokens)."""
+    return {k: sum(c[k] for c in cpus) / len(cpus) for k in cpus[0]}
+
+
+def _median(values: list) -> Any:
+    present = sorted(v for v in values if v is not None)
+    return statistics.median(present) if present else None
 
 
 # ---------------------------------------------------------------- report
@@ -290,7 +330,7 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join([
         f"machine: {m['cpus']} CPUs, load average {m['load_avg_1m']:.2f} at the start; engine {args.engine}, "
         f"concurrency {args.concurrency}, {args.num_requests} requests x {args.output_len} tokens, router http "
-        f"{args.http}, loop {args.loop}",
+        f"{args.http}, loop {args.loop}; medians of {args.repeats} interleaved run(s) per layer",
         overhead_table(report["layers"]), "", cpu_table(report), "",
         f"router's own view (its /metrics, means): queued {_ms(view['queue_mean_ms'], 0)} ms, dispatch to first "
         f"token {_ms(view['ttft_mean_ms'], 0)} ms, request {_ms(view['request_mean_ms'], 0)} ms; "
@@ -322,13 +362,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=64, help="prompt words")
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure each layer this many times, interleaved; the tables show medians")
     p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
                    help="uvicorn's HTTP parser in the router process (auto: httptools when installed)")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="event loop of the router process (k2serve's router runs asyncio's)")
     p.add_argument("--profile-router", metavar="FILE", help="run the router under py-spy; collapsed stacks to FILE")
     p.add_argument("--json", help="write the summaries and CPU seconds as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.num_requests < 1 or args.concurrency < 1:
+        p.error("--repeats, --num-requests and --concurrency must be >= 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from benchmarks.layer_processes import LayerProcess, PacedEngine, process_cpu_s
-from benchmarks.router_overhead import main, router_cost, verdict
+from benchmarks.router_overhead import main, median_summary, router_cost, verdict
 from worker.request import SamplingParams
 
 
@@ -50,6 +50,17 @@ def test_verdict_and_router_cost():
     assert router_cost(report, args) == pytest.approx({"per_request_ms": 10.0, "per_token_us": 2000.0})
 
 
+def test_median_summary_of_runs():
+    def run(tok_s, ttft, failed=0):
+        return {"request_throughput": tok_s / 10, "output_throughput": tok_s, "total_output_tokens": 40,
+                "completed": 4 - failed, "failed": failed, "ttft": {"p50_ms": ttft, "p99_ms": None},
+                "itl": {"p50_ms": 1.0}, "e2e": {"p50_ms": 9.0}, "tpot": {"p50_ms": None}}
+
+    merged = median_summary([run(100.0, 5.0), run(300.0, 9.0, failed=1), run(200.0, 6.0)])
+    assert merged["output_throughput"] == 200.0 and merged["ttft"] == {"p50_ms": 6.0, "p99_ms": None}
+    assert (merged["completed"], merged["failed"], merged["total_output_tokens"]) == (11, 1, 40)
+
+
 def test_layer_process_reports_a_failed_start(tiny_model_dir):
     async def run():
         async with LayerProcess("worker", ["--engine", "paced", "--model-dir", str(tiny_model_dir / "missing")]):
@@ -61,15 +72,16 @@ def test_layer_process_reports_a_failed_start(tiny_model_dir):
 
 def test_small_run_measures_three_layers_in_processes(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "overhead.json"
-    code = main(["--model-dir", str(tiny_model_dir), "--num-requests", "6", "--concurrency", "3",
+    code = main(["--model-dir", str(tiny_model_dir), "--num-requests", "4", "--concurrency", "2", "--repeats", "2",
                  "--input-len", "8", "--output-len", "4", "--step-ms", "2", "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads(out.read_text())
     assert set(report["layers"]) == {"engine", "grpc", "router"}
     for name, summary in report["layers"].items():
-        assert (summary["completed"], summary["failed"]) == (6, 0), name
-        assert summary["total_output_tokens"] == 24, name
+        assert (summary["completed"], summary["failed"]) == (8, 0), name  # both runs
+        assert summary["total_output_tokens"] == 16, name  # per run
+        assert len(report["runs"][name]) == 2, name
     assert report["cpu_s"]["router"]["router"] > 0 and report["cpu_s"]["grpc"]["worker"] > 0
     assert "router" not in report["cpu_s"]["grpc"]  # the router process starts after the grpc row
     view = report["router_view"]  # from the router's /metrics: only the measured requests

@@ -204,13 +204,15 @@ def _observe_chunk(res: RequestResult, chunk: dict[str, Any], now: float, start:
 
 
 async def _read_stream(resp: httpx.Response, res: RequestResult, start: float) -> None:
-    last = [start]
+    """Observe every chunk; read the body to its end (past [DONE]) so the connection is reused."""
+    last, done = [start], False
     async for line in resp.aiter_lines():
-        if not line.startswith("data:"):
+        if done or not line.startswith("data:"):
             continue
         data = line[5:].strip()
         if data == "[DONE]":
-            break
+            done = True
+            continue
         try:
             chunk = json.loads(data)
         except json.JSONDecodeError:

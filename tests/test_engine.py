@@ -225,6 +225,25 @@ def test_async_engine_streams_concurrent_requests_and_rejects_early():
         aengine.shutdown()
 
 
+def test_async_engine_merges_outputs_a_slow_consumer_has_not_taken():
+    aengine = AsyncEngine(make_fake_engine())
+
+    async def main():
+        p = prompts(1, seed=5)[0]
+        outs = []
+        async for out in aengine.generate("slow", p, GREEDY8):
+            outs.append(out)
+            await asyncio.sleep(0.05)  # the engine runs ahead while this consumer sleeps
+        assert [t for o in outs for t in o.new_token_ids] == fake_reference(p, 8)
+        assert len(outs) < 8, "queued outputs arrive merged, not one message per token"
+        assert outs[-1].finished and outs[-1].completion_tokens == 8
+
+    try:
+        asyncio.run(main())
+    finally:
+        aengine.shutdown()
+
+
 def test_async_engine_abort_on_consumer_exit_and_by_id():
     engine = make_fake_engine()
     aengine = AsyncEngine(engine)

@@ -92,6 +92,8 @@ class AsyncEngine:
                 raise
             while not finished:
                 out: RequestOutput = await stream.queue.get()
+                while not out.finished and not stream.queue.empty():  # a slow consumer gets one merged output
+                    out = out.merged(stream.queue.get_nowait())
                 finished = out.finished
                 yield out
         finally:

@@ -204,6 +204,17 @@ class RequestOutput:
     stop_token_id: int | None = None
     error: str | None = None
 
+    def merged(self, later: "RequestOutput") -> "RequestOutput":
+        """This output followed by `later` as one: tokens and logprobs joined, `later`'s counts and finish."""
+        logprobs = None
+        if self.new_logprobs is not None or later.new_logprobs is not None:
+            logprobs = (self.new_logprobs or []) + (later.new_logprobs or [])
+        return RequestOutput(
+            self.request_id, self.new_token_ids + later.new_token_ids, logprobs, later.prompt_tokens,
+            later.completion_tokens, later.cached_tokens, later.finished, later.finish_reason,
+            later.stop_token_id, later.error,
+        )
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to recompute

@@ -8,7 +8,6 @@ request's temperature (default 1.0) times `anthropic_temperature_scale` (0.6), l
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request

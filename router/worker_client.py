@@ -8,7 +8,7 @@ task) cancels the gRPC stream, which aborts the request on the worker and frees 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc

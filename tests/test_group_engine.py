@@ -24,7 +24,8 @@ def params() -> list[SamplingParams]:
 
 @pytest.fixture(scope="module")
 def group(ray_session, tiny_model_dir):
-    g = WorkerGroup(GroupSpec("engine-test", str(tiny_model_dir), tp=2, ep=2, engine=ENGINE)).start()
+    g = WorkerGroup(GroupSpec("engine-test", str(tiny_model_dir), tp=2, ep=2, engine=ENGINE,
+                              collective_timeout_s=3.0)).start()
     yield g
     g.stop()
 
@@ -37,6 +38,16 @@ def test_group_engine_matches_single_process(group, tiny_model_dir):
     got = ray.get(group.driver.generate.remote(PROMPTS, params()))
     assert got == want
     assert [len(g) for g in got] == LENGTHS
+
+
+def test_an_idle_group_outlives_the_collective_timeout(group):
+    """Followers wait for plans on the control group, which has no short timeout: idling is not a fault."""
+    import ray
+
+    time.sleep(4.5)  # longer than collective_timeout_s=3
+    assert group.is_healthy()
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    assert len(ray.get(group.driver.generate.remote([PROMPTS[0]], [params]))[0]) == 4
 
 
 def test_each_rank_holds_only_its_shard(group, tiny_model_dir):

@@ -20,15 +20,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# Followers wait on the control group for rank 0's next plan for as long as the group is idle; a dead
+# peer still fails that wait at once (the connection closes), so only a silent hang could outlast it.
+CONTROL_TIMEOUT = datetime.timedelta(days=7)
+
+
 def init_distributed(
     rank: int, world_size: int, master_addr: str, master_port: int, backend: str, timeout_s: float
 ) -> ParallelInfo:
-    """Rendezvous at rank 0's address; every collective gives up after `timeout_s` seconds."""
+    """Rendezvous at rank 0's address; every tensor collective gives up after `timeout_s` seconds.
+
+    Step plans travel on a separate gloo control group without that limit: an idle group is healthy.
+    """
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size, timeout=timeout
     )
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     log.info("rank %d/%d joined %s:%d over %s", rank, world_size, master_addr, master_port, backend)
     return ParallelInfo(rank=rank, world_size=world_size, group=dist.group.WORLD, control_group=control)
 

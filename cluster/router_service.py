@@ -8,7 +8,8 @@ from prometheus_client import CollectorRegistry
 
 from cluster.config import ClusterConfig
 from router.app import create_app
-from router.balancer import AdmissionControl, Balancer
+from router.admission import AdmissionControl
+from router.balancer import Balancer
 from router.chat_template import ChatTemplate
 from router.discovery import Discovery
 from router.group_pool import GroupPool, GroupPoolConfig

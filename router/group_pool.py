@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from router.balancer import AdmissionControl, Backend, Balancer, BackendSpec
+from router.admission import AdmissionControl
+from router.balancer import Backend, Balancer, BackendSpec
 from router.discovery import Discovery, DiscoveryError, GroupInfo
 from router.errors import APIError
 from router.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError

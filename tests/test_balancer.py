@@ -6,16 +6,15 @@ from dataclasses import dataclass
 
 import pytest
 
+from router.admission import AdmissionControl, Overloaded
 from router.balancer import (
     POLICIES,
-    AdmissionControl,
     Balancer,
     BalancerConfig,
     BackendSpec,
     BreakerState,
     CacheAwarePolicy,
     CircuitBreaker,
-    Overloaded,
     PrefixTable,
     prefix_block_hashes,
 )

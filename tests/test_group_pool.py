@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from router.app import create_app
-from router.balancer import AdmissionControl, Balancer, BalancerConfig, BreakerState
+from router.admission import AdmissionControl
+from router.balancer import Balancer, BalancerConfig, BreakerState
 from router.chat_template import ChatTemplate
 from router.config import RouterConfig
 from router.discovery import CallableDiscovery, DiscoveryError, GroupInfo, HttpDiscovery, StaticDiscovery, group_info

@@ -23,6 +23,29 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 4}
 
 
 @triton.jit
+def block_scaled_dot(
+    a_ptrs, w_ptrs, as_ptrs, ws_ptrs, m_ok, n_ok, offs_k, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The block-scaled K loop shared by the GEMM and the MoE kernels: fp32 [BLOCK_M, BLOCK_N] of
+    sum_kb a_scale[m, kb] * w_scale[n, kb] * (a[m, chunk kb] . w[n, chunk kb])."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
+        w_s = tl.load(ws_ptrs + kb, mask=n_ok, other=0.0)
+        if INTERPRET:  # numpy has no fp8 matmul
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
 def _w8a8_block_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, M_BUCKET,
     stride_am, stride_asm, stride_wn, stride_wsn, stride_cm,
@@ -49,19 +72,8 @@ def _w8a8_block_gemm_kernel(
     as_ptrs = as_ptr + offs_m.to(tl.int64) * stride_asm  # [BLOCK_M]
     ws_ptrs = ws_ptr + (offs_n // GROUP_N) * stride_wsn  # [BLOCK_N]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb, mask=m_ok, other=0.0)
-        w_s = tl.load(ws_ptrs + kb, mask=n_ok, other=0.0)
-        if INTERPRET:  # numpy has no fp8 matmul
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = block_scaled_dot(a_ptrs, w_ptrs, as_ptrs, ws_ptrs, m_ok, n_ok, offs_k, K,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET)
 
     c = cast_for_store(acc, c_ptr.dtype.element_ty, INTERPRET)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]

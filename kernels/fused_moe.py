@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX
+from kernels.fp8_gemm import block_scaled_dot
 from kernels.fp8_quant import ACTIVATION_DTYPES, per_token_group_quant_fp8
 from kernels.moe_align import MoeAlignment, align_tokens_to_experts
 from kernels.reference import AMAX_EPS, num_groups
@@ -79,19 +80,8 @@ def _moe_gemm_kernel(
     as_ptrs = as_ptr + a_row * stride_asm  # [BLOCK_M]
     ws_ptrs = ws_ptr + expert * stride_wse + srow * stride_wsn  # [BLOCK_N]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb, mask=row_ok, other=0.0)
-        w_s = tl.load(ws_ptrs + kb, mask=n_ok, other=0.0)
-        if INTERPRET:  # numpy has no fp8 matmul
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = block_scaled_dot(a_ptrs, w_ptrs, as_ptrs, ws_ptrs, row_ok, n_ok, offs_k, K,
+                           BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET)
 
     if MUL_WEIGHT:
         acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]

@@ -8,6 +8,10 @@ stated SLO (TTFT and/or TPOT). Output token counts come from the server's `usage
 (`stream_options.include_usage`), else from the number of output chunks. A failed request is counted
 by kind (`http_<status>`, `timeout`, `connect`, `transport`, `stream_error`, `bad_chunk`, `empty_output`)
 and never contributes to latencies.
+
+The client is aiohttp, as in vLLM's `benchmark_serving`: the load generator shares the machine with the
+server under test, and aiohttp spends about a third of httpx's CPU per streamed token
+(benchmarks/router_overhead.py, `loadgen` column).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
 WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one "
@@ -203,43 +207,61 @@ def _observe_chunk(res: RequestResult, chunk: dict[str, Any], now: float, start:
     last[0] = now
 
 
-async def _read_stream(resp: httpx.Response, res: RequestResult, start: float) -> None:
-    """Observe every chunk; read the body to its end (past [DONE]) so the connection is reused."""
-    last, done = [start], False
-    async for line in resp.aiter_lines():
-        if done or not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            done = True
-            continue
-        try:
-            chunk = json.loads(data)
-        except json.JSONDecodeError:
-            res.error_kind, res.error = "bad_chunk", data[:200]
-            return
-        if chunk.get("error"):
-            res.error_kind, res.error = "stream_error", json.dumps(chunk["error"])[:200]
-            return
-        _observe_chunk(res, chunk, time.perf_counter(), start, last)
+def _observe_data(res: RequestResult, data: bytes, now: float, start: float, last: list[float]) -> bool:
+    """Observe one `data:` payload; True when nothing more is to be observed ([DONE], or an error kept in res)."""
+    if data == b"[DONE]":
+        return True
+    try:
+        chunk = json.loads(data)
+    except ValueError:  # not JSON, or not UTF-8
+        chunk = None
+    if not isinstance(chunk, dict):
+        res.error_kind, res.error = "bad_chunk", data[:200].decode(errors="replace")
+        return True
+    if chunk.get("error"):
+        res.error_kind, res.error = "stream_error", json.dumps(chunk["error"])[:200]
+        return True
+    _observe_chunk(res, chunk, now, start, last)
+    return False
 
 
-async def send_request(client: httpx.AsyncClient, cfg: BenchConfig, spec: RequestSpec) -> RequestResult:
+async def _read_stream(resp: aiohttp.ClientResponse, res: RequestResult, start: float) -> None:
+    """Observe every `data:` line, then read the body to its end (past [DONE]) so the connection is reused.
+
+    Lines are split out of each network read here rather than awaited one by one (`readline`): a token's
+    event is two lines, and lines that arrived in one read share its timestamp anyway. An unterminated last
+    line is an incomplete event, which SSE discards."""
+    last, tail, done = [start], b"", False
+    async for data in resp.content.iter_any():
+        if done:
+            continue
+        lines = (tail + data).split(b"\n")
+        tail = lines.pop()
+        now = time.perf_counter()
+        for line in lines:
+            if line.startswith(b"data:") and _observe_data(res, line[5:].strip(), now, start, last):
+                done = True
+                break
+        if res.error_kind is not None:
+            return
+
+
+async def send_request(session: aiohttp.ClientSession, cfg: BenchConfig, spec: RequestSpec) -> RequestResult:
     """Send one streaming request and measure it; never raises for request failures."""
     res = RequestResult()
     start = time.perf_counter()
     try:
-        async with client.stream("POST", cfg.base_url.rstrip("/") + cfg.path, json=request_body(cfg, spec)) as resp:
-            if resp.status_code != 200:
-                body = (await resp.aread()).decode(errors="replace")
-                res.error_kind, res.error = f"http_{resp.status_code}", body[:200]
+        async with session.post(cfg.base_url.rstrip("/") + cfg.path, json=request_body(cfg, spec)) as resp:
+            if resp.status != 200:
+                body = (await resp.read()).decode(errors="replace")
+                res.error_kind, res.error = f"http_{resp.status}", body[:200]
             else:
                 await _read_stream(resp, res, start)
-    except httpx.TimeoutException as e:
+    except asyncio.TimeoutError as e:  # aiohttp's connect and read timeouts derive from it
         res.error_kind, res.error = "timeout", repr(e)
-    except httpx.ConnectError as e:
+    except aiohttp.ClientConnectorError as e:
         res.error_kind, res.error = "connect", repr(e)
-    except httpx.HTTPError as e:
+    except aiohttp.ClientError as e:
         res.error_kind, res.error = "transport", repr(e)
     res.e2e_s = time.perf_counter() - start
     if res.error_kind is None and res.ttft_s is None:
@@ -259,27 +281,35 @@ def arrival_delays(cfg: BenchConfig) -> list[float]:
     return [rng.expovariate(cfg.request_rate) for _ in range(cfg.num_requests)]
 
 
+def _session(api_key: str | None, timeout_s: float, pool_size: int) -> aiohttp.ClientSession:
+    """A session with keep-alive connections, at most `pool_size` of them: one per request in flight.
+
+    `timeout_s` bounds connecting and each wait for data, not a whole stream (a long generation is fine
+    while tokens keep coming)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+    return aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=pool_size))
+
+
 async def run_requests(cfg: BenchConfig, progress: Any = None) -> tuple[list[RequestResult], float]:
     """Run the whole benchmark; returns per-request results (in request order) and the wall time."""
     specs = make_requests(cfg)
     limit = asyncio.Semaphore(cfg.concurrency or cfg.num_requests)
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    pool = httpx.Limits(max_connections=cfg.concurrency or cfg.num_requests, max_keepalive_connections=None)
 
-    async def one(client: httpx.AsyncClient, spec: RequestSpec) -> RequestResult:
+    async def one(session: aiohttp.ClientSession, spec: RequestSpec) -> RequestResult:
         async with limit:
-            result = await send_request(client, cfg, spec)
+            result = await send_request(session, cfg, spec)
         if progress is not None:
             progress.update(1)
         return result
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), headers=headers, limits=pool) as client:
+    async with _session(cfg.api_key, cfg.timeout_s, pool_size=cfg.concurrency or cfg.num_requests) as session:
         start = time.perf_counter()
         tasks = []
         for spec, delay in zip(specs, arrival_delays(cfg)):
             if delay:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(client, spec)))
+            tasks.append(asyncio.create_task(one(session, spec)))
         results = await asyncio.gather(*tasks)
     return list(results), time.perf_counter() - start
 
@@ -337,11 +367,13 @@ def run_bench(cfg: BenchConfig, progress: Any = None) -> tuple[dict[str, Any], l
 
 
 def discover_model(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
-    """The first model id that GET /v1/models lists."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    resp = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout_s)
-    resp.raise_for_status()
-    models = resp.json().get("data") or []
+    """The first model id that GET /v1/models lists; raises aiohttp.ClientError or OSError when unreachable."""
+    models = asyncio.run(_get_models(base_url.rstrip("/") + "/v1/models", api_key, timeout_s)).get("data") or []
     if not models:
         raise ValueError(f"{base_url}/v1/models lists no models; pass --model")
     return str(models[0]["id"])
+
+
+async def _get_models(url: str, api_key: str | None, timeout_s: float) -> dict[str, Any]:
+    async with _session(api_key, timeout_s, pool_size=1) as session, session.get(url, raise_for_status=True) as resp:
+        return await resp.json(content_type=None)

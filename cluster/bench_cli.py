@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
+import aiohttp
 from tqdm import tqdm
 
 from cluster.bench import BenchConfig, LengthDist, RequestResult, discover_model, load_prompts, run_bench
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         levels = parse_sweep(args.sweep, args.concurrency)
         runs = [bench_one(config_from_args(args, c), args.no_progress) for c in levels]
-    except (ValueError, OSError, httpx.HTTPError) as e:
+    except (ValueError, OSError, aiohttp.ClientError) as e:
         print(f"k2serve bench: {e}", file=sys.stderr)
         return 2
     for summary, _ in runs:

@@ -1,7 +1,8 @@
 """`k2serve bench` against a small in-test OpenAI-compatible server that streams known token counts
 and fails some requests on purpose (request number % 7: 3 -> HTTP 500, 5 -> HTTP 429, 6 -> an error
 chunk mid-stream). Chat streams 2 tokens per chunk and reports usage; completions stream 1 token per
-chunk and never report usage (the chunk-count fallback)."""
+chunk and never report usage (the chunk-count fallback). Prompts with SPLIT stream every event in two
+network writes; BADJSON gets a stream whose only event is not JSON."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import socket
 import threading
 import time
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -28,6 +30,17 @@ CHUNK_DELAY_S = 0.001
 def make_app() -> FastAPI:
     app = FastAPI()
     counter = itertools.count()
+    client_ports: set[int] = set()
+
+    @app.middleware("http")
+    async def record_port(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            client_ports.add(request.client.port)
+        return await call_next(request)
+
+    @app.get("/client_ports")
+    async def ports():
+        return sorted(client_ports)
 
     @app.get("/v1/models")
     async def models():
@@ -50,13 +63,24 @@ def make_app() -> FastAPI:
 async def respond(body: dict, prompt: str, n: int, chat: bool):
     if "SLOW" in prompt:
         await asyncio.sleep(2.0)
+    if "BADJSON" in prompt:
+        return StreamingResponse(iter(["data: {not json\n\n"]), media_type="text/event-stream")
     if n % 7 == 3:
         return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
     if n % 7 == 5:
         return JSONResponse({"error": {"message": "slow down", "type": "rate_limit"}}, status_code=429)
     usage = chat and body.get("stream_options", {}).get("include_usage")
     events = stream_events(body["max_tokens"], len(prompt.split()), chat, usage, fail=n % 7 == 6)
-    return StreamingResponse(events, media_type="text/event-stream")
+    return StreamingResponse(split_writes(events) if "SPLIT" in prompt else events, media_type="text/event-stream")
+
+
+async def split_writes(events):
+    """Every event in two writes cut inside its JSON, so that the client has to join a line across reads."""
+    async for event in events:
+        half = len(event) // 2
+        yield event[:half]
+        await asyncio.sleep(CHUNK_DELAY_S)
+        yield event[half:]
 
 
 async def stream_events(max_tokens: int, prompt_tokens: int, chat: bool, usage: bool, fail: bool):
@@ -173,6 +197,18 @@ def test_prompts_file_and_timeouts(base_url, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="needs a 'prompt' or 'messages'"):
         load_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_lines_split_across_reads_bad_chunks_and_connection_reuse(base_url):
+    rows = ({"prompt": "SPLIT one", "max_tokens": 5}, {"prompt": "SPLIT two", "max_tokens": 3},
+            {"prompt": "BADJSON", "max_tokens": 5})
+    cfg = BenchConfig(base_url=base_url, model="tiny-k2", endpoint="completions", num_requests=3, concurrency=1,
+                      prompts=rows)
+    summary, results = run_bench(cfg)
+    assert summary["errors_by_kind"] == {"bad_chunk": 1} and "not json" in results[2].error
+    assert [(r.output_tokens, r.output_chunks) for r in results] == [(5, 5), (3, 3), (0, 0)]
+    # concurrency 1: one connection, reused because each stream was read past [DONE]
+    assert len(httpx.get(base_url + "/client_ports").json()) == 1
 
 
 @pytest.mark.parametrize("text", ["0", "9:3", "a", "1:2:3"])

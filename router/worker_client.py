@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
+from router.worker_session import RequestMux
 
 SERVICE_NAME = "k2serve.v1.Worker"
 KEEPALIVE_OPTIONS = (
@@ -178,16 +179,22 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> WorkerError:
     return WorkerError(f"worker {exc.code().name.lower()}: {exc.details()}", status)
 
 
+def _session_error(exc: grpc.aio.AioRpcError | None) -> WorkerError:
+    return _rpc_error(exc) if exc is not None else WorkerError("the worker ended the session", 503)
+
+
 class WorkerClient:
     """A gRPC channel (with keepalive) to one worker group.
 
     The channel opens on first use, inside the event loop that uses it (grpc.aio channels belong to
-    one loop), so a client may be built before the router's server loop starts.
+    one loop), so a client may be built before the router's server loop starts. `generate` sends every
+    request over one multiplexed Session call (router/worker_session.py), reopened after a failure.
     """
 
     def __init__(self, address: str):
         self.address = address
         self._channel: grpc.aio.Channel | None = None
+        self._mux: RequestMux | None = None
 
     def _open(self) -> None:
         if self._channel is None:
@@ -198,17 +205,17 @@ class WorkerClient:
     async def generate(self, params: GenerateParams) -> AsyncIterator[TokenChunk | Finished]:
         """Stream TokenChunks then one Finished; raises WorkerError on an in-stream or transport error."""
         self._open()
-        call = self._stub.Generate(request_to_proto(params), metadata=(("x-request-id", params.request_id),))
+        if self._mux is None or self._mux.closed:
+            self._mux = RequestMux(self._stub, _session_error)
+        stream = self._mux.generate(request_to_proto(params))
         try:
-            async for resp in call:
+            async for resp in stream:
                 item = response_from_proto(resp)
                 yield item
                 if isinstance(item, Finished):
                     return
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from exc
         finally:
-            call.cancel()  # no-op when the stream already ended; aborts the request otherwise
+            await stream.aclose()  # leaving early aborts the request on the worker
 
     async def abort(self, request_id: str, timeout: float = 5.0) -> bool:
         """Abort a request by id; True if the worker knew it."""
@@ -235,7 +242,10 @@ class WorkerClient:
         return r.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Close the session and the channel."""
+        if self._mux is not None:
+            await self._mux.close()
+            self._mux = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

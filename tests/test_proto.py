@@ -41,7 +41,7 @@ def test_generate_response_is_a_oneof_and_service_is_complete():
     resp = worker_pb2.GenerateResponse(error=worker_pb2.GenerateError(message="x", status=400))
     assert resp.WhichOneof("response") == "error"
     methods = {m.name for m in worker_pb2.DESCRIPTOR.services_by_name["Worker"].methods}
-    assert methods == {"Generate", "Abort", "GetLoad", "GetModelInfo"}
+    assert methods == {"Generate", "Session", "Abort", "GetLoad", "GetModelInfo"}
     assert hasattr(worker_pb2_grpc, "WorkerServicer") and hasattr(worker_pb2_grpc, "WorkerStub")
 
 

@@ -92,27 +92,29 @@ def outputs():
 
 
 @pytest.mark.parametrize("out", outputs())
-def test_response_from_output_equals_the_wrapped_chunk(out):
+def test_fill_chunk_writes_tokens_logprobs_and_counts(out):
     from k2serve.v1 import worker_pb2
-    from worker.server import chunk_from_output, response_from_output
+    from worker.responses import fill_chunk
 
-    assert response_from_output(out) == worker_pb2.GenerateResponse(chunk=chunk_from_output(out))
-
-
-def test_response_from_output_skips_empty_outputs():
-    from worker.request import RequestOutput
-    from worker.server import response_from_output
-
-    assert response_from_output(RequestOutput("r", [], None, 64, 3, 0, True, "length")) is None
-    assert response_from_output(RequestOutput("r", [], [], 64, 3, 0)) is None
+    response = worker_pb2.GenerateResponse()
+    fill_chunk(response.chunk, out)
+    logprobs = [worker_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                        top=[worker_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top_logprobs])
+                for lp in out.new_logprobs or ()]
+    assert response.chunk == worker_pb2.GenerateChunk(
+        token_ids=out.new_token_ids, logprobs=logprobs, prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens)
 
 
 @pytest.mark.parametrize("out", outputs())
 def test_router_reads_back_tokens_logprobs_and_counts(out):
+    from k2serve.v1 import worker_pb2
     from router.worker_client import TokenChunk, TokenLogprob, response_from_proto
-    from worker.server import response_from_output
+    from worker.responses import fill_chunk
 
-    item = response_from_proto(response_from_output(out))
+    response = worker_pb2.GenerateResponse()
+    fill_chunk(response.chunk, out)
+    item = response_from_proto(response)
     lps = tuple(TokenLogprob(lp.token_id, lp.logprob, tuple(lp.top_logprobs)) for lp in out.new_logprobs or ())
     assert item == TokenChunk(tuple(out.new_token_ids), lps, out.prompt_tokens, out.completion_tokens,
                               out.cached_tokens)

@@ -1,6 +1,6 @@
 """WorkerServicer: the k2serve.v1.Worker gRPC service over an AsyncEngine (grpc.aio).
 
-Protobuf objects live only here (and in router/worker_client.py): the servicer converts requests
+Protobuf objects live only here, in worker/responses.py and worker/session.py (and in router/worker_client.py): the servicer converts requests
 into the engine's own SamplingParams / GuidedSpec and RequestOutputs back into GenerateResponses.
 
 Error scheme (documented in worker.proto): an engine rejection or bad parameters end the stream
@@ -24,6 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
 from worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams
+from worker.responses import ResponseFactory, fill_chunk, fill_error, fill_final
+from worker.session import WorkerSession
 
 log = logging.getLogger(__name__)
 
@@ -124,45 +126,6 @@ def params_from_request(request: worker_pb2.GenerateRequest) -> SamplingParams:
         raise RequestRejected(f"invalid sampling parameters: {exc}") from None
 
 
-def chunk_from_output(out: RequestOutput) -> worker_pb2.GenerateChunk:
-    """RequestOutput -> GenerateChunk (new tokens, logprobs, cumulative counts)."""
-    chunk = worker_pb2.GenerateChunk()
-    _fill_chunk(chunk, out)
-    return chunk
-
-
-def response_from_output(out: RequestOutput) -> worker_pb2.GenerateResponse | None:
-    """The chunk response for an output's new tokens (None when it has none), built in place: wrapping a
-    finished GenerateChunk copies it, and this runs once per token."""
-    if not out.new_token_ids and not out.new_logprobs:
-        return None
-    response = worker_pb2.GenerateResponse()
-    _fill_chunk(response.chunk, out)
-    return response
-
-
-def _fill_chunk(chunk: worker_pb2.GenerateChunk, out: RequestOutput) -> None:
-    chunk.token_ids.extend(out.new_token_ids)
-    chunk.prompt_tokens, chunk.completion_tokens = out.prompt_tokens, out.completion_tokens
-    chunk.cached_tokens = out.cached_tokens
-    for lp in out.new_logprobs or ():
-        top = [worker_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top_logprobs]
-        chunk.logprobs.append(worker_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=top))
-
-
-def complete_from_output(out: RequestOutput) -> worker_pb2.GenerateComplete:
-    """The last RequestOutput -> GenerateComplete."""
-    done = worker_pb2.GenerateComplete(finish_reason=out.finish_reason or "stop", prompt_tokens=out.prompt_tokens,
-                                       completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens)
-    if out.stop_token_id is not None:
-        done.matched_stop_token_id = out.stop_token_id
-    return done
-
-
-def _error(message: str, status: int) -> worker_pb2.GenerateResponse:
-    return worker_pb2.GenerateResponse(error=worker_pb2.GenerateError(message=message, status=status))
-
-
 def _load_field(load: Any, name: str) -> float:
     """GetLoad reads the engine's load snapshot (a dataclass or a dict) by field name."""
     value = load.get(name, 0) if isinstance(load, dict) else getattr(load, name, 0)
@@ -182,43 +145,58 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._params_factory = params_factory or params_from_request
 
     async def Generate(self, request, context) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        async for response in self.responses(request, worker_pb2.GenerateResponse):
+            yield response
+
+    async def Session(self, request_iterator, context) -> None:
+        await WorkerSession(self.responses).run(request_iterator, context)
+
+    async def responses(self, request: worker_pb2.GenerateRequest,
+                        new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """One request's responses, each filled into a fresh `new()` (a session adds them to its batch in
+        place; per token, building a response and then copying it would cost as much again)."""
         rid = request.request_id
         try:
             if not rid or not request.prompt_token_ids:
                 raise RequestRejected("request_id and a non-empty prompt_token_ids are required")
             params = self._params_factory(request)
         except RequestRejected as exc:
-            yield _error(exc.message, exc.status)
+            yield fill_error(new(), exc.message, exc.status)
             return
-        async for response in self._stream(rid, list(request.prompt_token_ids), params):
+        async for response in self._stream(rid, list(request.prompt_token_ids), params, new):
             yield response
 
-    async def _stream(self, rid: str, prompt: list[int], params: Any) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _stream(self, rid: str, prompt: list[int], params: Any,
+                      new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
         finished = False
         try:
-            async for response in self._engine_responses(rid, prompt, params):
+            async for response in self._engine_responses(rid, prompt, params, new):
                 finished = response.WhichOneof("response") != "chunk"
                 yield response
         finally:
             if not finished:  # the client cancelled (or the stream broke): free the request's blocks
                 await self._abort(rid)
 
-    async def _engine_responses(self, rid, prompt, params) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _engine_responses(self, rid, prompt, params,
+                                new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
         try:
             async for out in self._engine.generate(rid, prompt, params):
-                response = response_from_output(out)
-                if response is not None:
+                if out.new_token_ids or out.new_logprobs:
+                    response = new()
+                    fill_chunk(response.chunk, out)
                     yield response
                 if out.finished:
-                    yield _final_response(out)
+                    response = new()
+                    fill_final(response, out)
+                    yield response
                     return
         except Exception as exc:  # noqa: BLE001 - every failure becomes an in-stream error
             status = getattr(exc, "status", None)
             if not isinstance(status, int):
                 log.exception("request %s failed", rid)
-            yield _error(str(exc) or type(exc).__name__, status if isinstance(status, int) else 500)
+            yield fill_error(new(), str(exc) or type(exc).__name__, status if isinstance(status, int) else 500)
             return
-        yield _error("engine ended the stream without finishing the request", 500)
+        yield fill_error(new(), "engine ended the stream without finishing the request", 500)
 
     async def _abort(self, rid: str) -> bool:
         try:
@@ -245,12 +223,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.GetModelInfoResponse(
             model_name=info.model_name, context_length=info.context_length, vocab_size=info.vocab_size,
             stop_token_ids=list(info.stop_token_ids), tokenizer_id=info.tokenizer_id)
-
-
-def _final_response(out: RequestOutput) -> worker_pb2.GenerateResponse:
-    if out.finish_reason == "error":
-        return _error(out.error or "the engine failed this request", 500)
-    return worker_pb2.GenerateResponse(complete=complete_from_output(out))
 
 
 async def serve_worker(engine: Any, host: str, port: int, model_info: ModelInfo,

@@ -40,6 +40,11 @@ class WorkerStub:
                 request_serializer=k2serve_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=k2serve_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/k2serve.v1.Worker/Session',
+                request_serializer=k2serve_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+                response_deserializer=k2serve_dot_v1_dot_worker__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/k2serve.v1.Worker/Abort',
                 request_serializer=k2serve_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -63,6 +68,13 @@ class WorkerServicer:
 
     def Generate(self, request, context):
         """Generate tokens for one request; the stream ends after one `complete` or one `error` response.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Many requests over one stream: send generate / abort requests, receive batches of responses.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +108,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=k2serve_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=k2serve_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=k2serve_dot_v1_dot_worker__pb2.SessionRequest.FromString,
+                    response_serializer=k2serve_dot_v1_dot_worker__pb2.SessionResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -141,6 +158,33 @@ class Worker:
             '/k2serve.v1.Worker/Generate',
             k2serve_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             k2serve_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/k2serve.v1.Worker/Session',
+            k2serve_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+            k2serve_dot_v1_dot_worker__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

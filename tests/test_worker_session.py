@@ -1,0 +1,236 @@
+"""The Session RPC: many requests multiplexed over one gRPC call, batched per engine step.
+
+Driven by the real router RequestMux / WorkerClient and by the raw generated stub against the real
+grpc.aio server, over a fake engine that steps like the real one: every `step_s` it emits one token for
+every running request, all in the same event-loop pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from k2serve.v1 import worker_pb2, worker_pb2_grpc
+from router.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError, request_to_proto
+from worker.request import RequestOutput, SamplingParams
+from worker.server import ModelInfo, serve_worker
+
+INFO = ModelInfo("tiny-k2", 4096, 1000, (2,), "sha256:abc")
+
+
+class SteppingEngine:
+    """A continuous batch: one step every `step_s` gives each running request its next token."""
+
+    def __init__(self, step_s: float = 0.01):
+        self.step_s = step_s
+        self.running: dict[str, asyncio.Queue] = {}
+        self.aborted: list[str] = []
+        self._ticker: asyncio.Task | None = None
+
+    async def generate(self, rid: str, prompt: list[int], params: SamplingParams):
+        if rid in self.running:
+            from worker.request import RequestRejected
+            raise RequestRejected(f"request id {rid!r} is already in use")
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick())
+        ticks = self.running[rid] = asyncio.Queue()
+        try:
+            n = params.max_tokens
+            for i in range(n):
+                await ticks.get()
+                last = i == n - 1
+                yield RequestOutput(rid, [100 + i], None, len(prompt), i + 1, 0, last, "length" if last else None)
+        finally:
+            self.running.pop(rid, None)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.step_s)
+            for ticks in list(self.running.values()):
+                ticks.put_nowait(None)
+
+    def abort(self, rid: str) -> bool:
+        self.aborted.append(rid)
+        return rid in self.running
+
+    def get_load(self):
+        return {"num_running": len(self.running)}
+
+
+def run(scenario, step_s: float = 0.01):
+    async def main():
+        engine = SteppingEngine(step_s)
+        server = await serve_worker(engine, "127.0.0.1", 0, INFO)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            return await scenario(engine, server, worker_pb2_grpc.WorkerStub(channel))
+        finally:
+            await channel.close()
+            await server.stop(0)
+    return asyncio.run(main())
+
+
+def generate_msg(rid: str, n: int, prompt=(1, 2, 3)) -> worker_pb2.SessionRequest:
+    return worker_pb2.SessionRequest(generate=request_to_proto(GenerateParams(rid, prompt, max_tokens=n)))
+
+
+async def until(predicate, timeout_s: float = 5.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_one_step_of_many_requests_travels_in_one_message():
+    async def scenario(engine, server, stub):
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (msg := await outbox.get()) is not None:
+                yield msg
+
+        for i in range(16):
+            outbox.put_nowait(generate_msg(f"r{i}", 8))
+        call = stub.Session(requests())
+        batches, per_request = 0, {}
+        async for batch in call:
+            batches += 1
+            for response in batch.responses:
+                per_request.setdefault(response.request_id, []).append(response)
+            if sum(r[-1].WhichOneof("response") == "complete" for r in per_request.values()) == 16:
+                outbox.put_nowait(None)  # half-close: the worker ends the call once all are done
+        assert await call.code() == grpc.StatusCode.OK
+        return batches, per_request
+    batches, per_request = run(scenario)
+    assert sorted(per_request) == sorted(f"r{i}" for i in range(16))
+    for responses in per_request.values():
+        assert [t for r in responses[:-1] for t in r.chunk.token_ids] == list(range(100, 108))
+        assert responses[-1].complete.finish_reason == "length" and responses[-1].complete.completion_tokens == 8
+    # 16 requests x (8 chunks + 1 complete) = 144 responses in about 8 steps' worth of messages
+    assert batches <= 24, batches
+
+
+def test_per_request_generate_rpc_still_serves_other_clients():
+    async def scenario(engine, server, stub):
+        request = request_to_proto(GenerateParams("solo", (1,), max_tokens=3))
+        responses = [r async for r in stub.Generate(request)]
+        assert [r.WhichOneof("response") for r in responses] == ["chunk"] * 3 + ["complete"]
+        assert all(r.request_id == "" for r in responses)
+        call = stub.Generate(request_to_proto(GenerateParams("cancelled", (1,), max_tokens=1000)))
+        await call.read()
+        call.cancel()
+        await until(lambda: "cancelled" in engine.aborted and not engine.running)
+    run(scenario)
+
+
+def test_leaving_one_request_aborts_only_it():
+    async def scenario(engine, server, stub):
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            long = client.generate(GenerateParams("long", (1,), max_tokens=10_000))
+            assert isinstance(await long.__anext__(), TokenChunk)
+            short = [item async for item in client.generate(GenerateParams("short", (1,), max_tokens=5))]
+            assert short[-1] == Finished("length", None, 1, 5, 0)
+            await long.aclose()
+            await until(lambda: "long" in engine.aborted and not engine.running)
+            assert engine.aborted == ["long"]
+        finally:
+            await client.close()
+    run(scenario)
+
+
+def test_a_reused_request_id_is_refused_like_the_engine_refuses_it():
+    async def scenario(engine, server, stub):
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            first = client.generate(GenerateParams("same", (1,), max_tokens=10_000))
+            await first.__anext__()
+            with pytest.raises(WorkerError) as err:
+                [item async for item in client.generate(GenerateParams("same", (1,), max_tokens=2))]
+            assert err.value.status == 400 and "already in use" in err.value.message
+            await first.aclose()
+        finally:
+            await client.close()
+    run(scenario)
+
+
+def test_a_duplicate_id_on_the_raw_session_gets_an_error_and_the_first_keeps_going():
+    async def scenario(engine, server, stub):
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (msg := await outbox.get()) is not None:
+                yield msg
+
+        outbox.put_nowait(generate_msg("dup", 3))
+        outbox.put_nowait(generate_msg("dup", 3))
+        outbox.put_nowait(None)
+        responses = [r for batch in [b async for b in stub.Session(requests())] for r in batch.responses]
+        kinds = [r.WhichOneof("response") for r in responses]
+        assert kinds.count("error") == 1 and kinds.count("complete") == 1 and kinds.count("chunk") == 3
+        assert next(r for r in responses if r.error.message).error.status == 400
+    run(scenario)
+
+
+def test_ending_the_session_aborts_every_request_in_flight():
+    async def scenario(engine, server, stub):
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        streams = [client.generate(GenerateParams(f"r{i}", (1,), max_tokens=10_000)) for i in range(3)]
+        for stream in streams:
+            await stream.__anext__()
+        assert len(engine.running) == 3
+        await client.close()  # the router goes away without aborting anything itself
+        await until(lambda: not engine.running)
+        assert sorted(engine.aborted) == ["r0", "r1", "r2"]
+        for stream in streams:
+            with pytest.raises(WorkerError) as err:
+                async for _ in stream:  # tokens that arrived before the close, then the failure
+                    pass
+            assert err.value.status == 503
+    run(scenario)
+
+
+def test_a_dead_worker_fails_every_request_in_flight_then_new_ones_fast():
+    async def scenario(engine, server, stub):
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            streams = [client.generate(GenerateParams(f"r{i}", (1,), max_tokens=10_000)) for i in range(2)]
+            for stream in streams:
+                await stream.__anext__()
+            await server.stop(0)
+            for stream in streams:
+                with pytest.raises(WorkerError) as err:
+                    async for _ in stream:
+                        pass
+                assert err.value.status == 503
+            with pytest.raises(WorkerError) as err:
+                await asyncio.wait_for(client.generate(GenerateParams("after", (1,), max_tokens=2)).__anext__(), 10)
+            assert err.value.status == 503
+        finally:
+            await client.close()
+    run(scenario)
+
+
+def test_a_request_that_breaks_the_servicer_fails_alone():
+    def factory(request):
+        if request.request_id == "boom":
+            raise KeyError("a bug, not a rejection")
+        return SamplingParams(max_tokens=request.sampling.max_tokens)
+
+    async def main():
+        engine = SteppingEngine()
+        server = await serve_worker(engine, "127.0.0.1", 0, INFO, params_factory=factory)
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            with pytest.raises(WorkerError) as err:
+                [item async for item in client.generate(GenerateParams("boom", (1,), max_tokens=2))]
+            assert err.value.status == 500
+            ok = [item async for item in client.generate(GenerateParams("fine", (1,), max_tokens=2))]
+            assert ok[-1].finish_reason == "length"
+        finally:
+            await client.close()
+            await server.stop(0)
+    asyncio.run(main())

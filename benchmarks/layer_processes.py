@@ -27,23 +27,55 @@ READY = "READY"
 
 
 class PacedEngine:
-    """An AsyncEngine stand-in: token i of a request is emitted `(i + 1) * step_s` after it arrived.
+    """An AsyncEngine stand-in that steps like the real engine: every `step_s` one step gives each running
+    request its next token, all of them in the same event-loop pass (the engine thread hands a step's
+    outputs over together). A request joins at the next step; a consumer that falls behind gets the
+    tokens it missed merged into one output, as AsyncEngine merges queued outputs.
 
-    Deadlines are absolute, so a late wake-up does not delay the tokens after it: the engine's pace is
-    the same in every layer, and whatever a layer adds shows up as its own latency.
+    Steps run on absolute deadlines, so a late wake-up does not delay the steps after it: the engine's
+    pace is the same in every layer, and whatever a layer adds shows up as its own latency.
     """
 
     def __init__(self, step_s: float, token_id: int):
         self.step_s = step_s
         self.token_id = token_id
+        self._steps = 0
+        self._stepped = asyncio.Event()
+        self._running = 0
+        self._ticker: asyncio.Task | None = None
 
     async def generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         n = params.max_tokens or 16
-        start = time.monotonic()
-        for i in range(n):
-            await asyncio.sleep(max(0.0, start + (i + 1) * self.step_s - time.monotonic()))
-            last = i == n - 1
-            yield RequestOutput(rid, [self.token_id], None, len(prompt), i + 1, 0, last, "length" if last else None)
+        seen, done = self._steps, 0
+        self._join()
+        try:
+            while done < n:
+                while self._steps == seen:
+                    await self._stepped.wait()
+                new = min(n - done, self._steps - seen)
+                seen, done = self._steps, done + new
+                last = done == n
+                yield RequestOutput(rid, [self.token_id] * new, None, len(prompt), done, 0, last,
+                                    "length" if last else None)
+        finally:
+            self._running -= 1
+
+    def _join(self) -> None:
+        self._running += 1
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Step while any request runs; stop when idle (the next request starts a new ticker). After a
+        late wake-up the missed steps count at once (their tokens come merged)."""
+        start, steps = time.monotonic(), 0
+        while self._running:
+            await asyncio.sleep(max(0.0, start + (steps + 1) * self.step_s - time.monotonic()))
+            due = max(steps + 1, int((time.monotonic() - start) / self.step_s))
+            self._steps += due - steps
+            steps = due
+            stepped, self._stepped = self._stepped, asyncio.Event()
+            stepped.set()
 
     def abort(self, rid: str) -> bool:
         return True

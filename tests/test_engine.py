@@ -225,6 +225,33 @@ def test_async_engine_streams_concurrent_requests_and_rejects_early():
         aengine.shutdown()
 
 
+def test_async_engine_wakes_the_loop_once_per_step_not_once_per_output():
+    from worker import async_engine
+
+    aengine = AsyncEngine(make_fake_engine())
+    wakes = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        plain = loop.call_soon_threadsafe
+
+        def counting(callback, *args):
+            if callback is async_engine._deliver:
+                wakes.append(len(args[0]))
+            return plain(callback, *args)
+
+        loop.call_soon_threadsafe = counting
+        ps = prompts(6, seed=4)
+        return await asyncio.gather(*[_collect(aengine.generate(f"w{i}", p, GREEDY8)) for i, p in enumerate(ps)])
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        aengine.shutdown()
+    assert sum(wakes) == sum(len(outs) for outs in results) == 6 * 8  # every output delivered, in order
+    assert max(wakes) == 6 and len(wakes) <= 8 + 2, wakes  # a step's six outputs share one wake-up
+
+
 def test_async_engine_merges_outputs_a_slow_consumer_has_not_taken():
     aengine = AsyncEngine(make_fake_engine())
 

@@ -1,8 +1,8 @@
 """AsyncEngine: an asyncio front for Engine, stepping it on a background thread while there is work.
 
 Only the engine thread touches the Engine: submissions and aborts travel to it through a command queue,
-outputs come back to each stream's event loop with call_soon_threadsafe. If a step raises, every
-in-flight request ends with an error output instead of hanging.
+and a step's outputs come back to their streams' event loop with one call_soon_threadsafe per loop. If a
+step raises, every in-flight request ends with an error output instead of hanging.
 """
 
 from __future__ import annotations
@@ -24,12 +24,6 @@ log = logging.getLogger(__name__)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-
-    def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening
-            pass
 
 
 class AsyncEngine:
@@ -165,11 +159,24 @@ class AsyncEngine:
             return self.engine.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            with self._lock:
+        """Hand a step's outputs to their streams: one wake-up per event loop for the whole step (waking a
+        loop is a syscall, and each consumer would otherwise run in a pass of its own)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for out in outputs:
                 stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put(out)
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the consumers' loop is closed: nobody is listening
+                pass
+
+
+def _deliver(batch: list) -> None:
+    for queue_, out in batch:
+        queue_.put_nowait(out)
 
 
 def _set_result(future: asyncio.Future) -> None:

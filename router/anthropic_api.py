@@ -11,11 +11,11 @@ import json
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from router.errors import APIError, anthropic_error_body
 from router.generation import ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, collect_choice, run_choice
-from router.openai_api import check_schema, prime_all, request_id, sampling_params
+from router.openai_api import check_schema, prime_all, request_id, sampling_params, streaming_response
 from router.protocol import AnthropicMessage, MessagesRequest, read_request
 from router.sse import anthropic_event, anthropic_text_delta
 from router.tool_ids import next_tool_call_index, normalize_tool_call_ids
@@ -136,8 +136,7 @@ async def messages(request: Request):
     msg_id = f"msg_{rid}"
     if req.stream:
         [stream] = await prime_all([stream])
-        return StreamingResponse(stream_events(ctx, stream, msg_id, len(params.prompt_token_ids)), media_type="text/event-stream",
-                                 headers={"x-request-id": rid, "cache-control": "no-cache"})
+        return streaming_response(ctx, request, stream_events(ctx, stream, msg_id, len(params.prompt_token_ids)), rid)
     r = await collect_choice(stream)
     content: list[dict] = [{"type": "text", "text": r.text}] if r.text else []
     content += [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": _tool_input(c["arguments"])}

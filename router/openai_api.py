@@ -9,13 +9,14 @@ import uuid
 from typing import Any, AsyncIterator, Sequence
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from router.errors import APIError, openai_error_body
 from router.generation import (ChoiceResult, ChoiceSpec, DoneEvent, Event, RouterContext, TextEvent, ToolEvent,
                                Usage, collect_choice, run_choice, sum_usage)
 from router.protocol import ChatCompletionRequest, CompletionRequest, read_request
 from router.sse import DONE, OpenAIFrames, sse
+from router.sse_response import EventStreamResponse
 from router.tool_ids import next_tool_call_index, normalize_tool_call_ids
 from router.worker_client import GenerateParams, GuidedRequest, TokenLogprob
 
@@ -153,9 +154,11 @@ def logprob_entry(tokenizer, lp: TokenLogprob) -> dict:
     return entry
 
 
-def streaming_response(body: AsyncIterator[str], rid: str) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream",
-                             headers={"x-request-id": rid, "cache-control": "no-cache"})
+def streaming_response(ctx: RouterContext, request: Request, body: AsyncIterator[str], rid: str) -> EventStreamResponse:
+    """The SSE response; a client that leaves mid-stream is counted in the metrics."""
+    metrics, path = ctx.metrics, request.scope["path"]
+    on_disconnect = (lambda: metrics.client_disconnect(path)) if metrics is not None else None
+    return EventStreamResponse(body, rid, on_disconnect)
 
 
 async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -281,7 +284,7 @@ async def chat_completions(request: Request):
         streams = await prime_all(streams)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = chat_stream(ctx, streams, meta, req.logprobs, include_usage)
-        return streaming_response(sse_with_errors(body), rid)
+        return streaming_response(ctx, request, sse_with_errors(body), rid)
     results = await collect_all(streams)
     return JSONResponse(chat_response(ctx, results, meta, req.logprobs), headers={"x-request-id": rid})
 
@@ -376,7 +379,8 @@ async def completions(request: Request):
     if req.stream:
         streams = await prime_all(streams)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return streaming_response(sse_with_errors(completion_stream(ctx, streams, meta, want_lps, include_usage)), rid)
+        body = completion_stream(ctx, streams, meta, want_lps, include_usage)
+        return streaming_response(ctx, request, sse_with_errors(body), rid)
     results = await collect_all(streams)
     choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
                 "logprobs": completion_logprobs(ctx, r.logprobs) if want_lps else None} for i, r in enumerate(results)]

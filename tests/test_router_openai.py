@@ -204,6 +204,9 @@ def test_client_disconnect_cancels_worker_request(stack):
         backend.delay = 0.0
     assert wait_until(lambda: rid not in backend.active)
     assert rid in backend.cancelled
+    registry = server.server.config.app.state.ctx.metrics.registry
+    assert registry.get_sample_value("k2serve_router_client_disconnects_total",
+                                     {"endpoint": "/v1/chat/completions"}) == 1
 
 
 def test_request_id_header_travels(stack):

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.config import RouterConfig
 from router.errors import APIError, error_body, validation_message
+from router.fast_routes import FastRoutes, post_endpoints
 from router.generation import Backend, RoundRobin, RouterContext
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def create_app(config: RouterConfig, backends: Sequence[Backend] | Any, tokenize
     app = FastAPI(title="k2serve router", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = RouterContext(config=config, picker=picker, tokenizer=tokenizer, template=template,
                                   detokenizer_factory=detokenizer_factory or _default_detokenizer, metrics=metrics)
+    # Added first, so innermost: auth and the request metrics still see every request.
+    app.add_middleware(FastRoutes, endpoints=post_endpoints([openai_routes, anthropic_routes]))
     _install_auth(app, config)
     if metrics is not None:
         _install_request_metrics(app, metrics)

@@ -23,6 +23,8 @@ def script(params, prompt: str):
         return WorkerError("waiting queue is full", 429)
     if "CRASH" in prompt:
         return WorkerError("engine failed", 500)
+    if "BUG" in prompt:
+        raise RuntimeError("a bug in the worker client")
     return "ok"
 
 
@@ -146,3 +148,18 @@ def test_anthropic_bad_input(server, name, body, status, kind):
 def test_unknown_path_is_404_in_format(server):
     r = httpx.get(server.url + "/v1/nothing", headers={"authorization": f"Bearer {KEY}"})
     openai_error(r, 404)
+
+
+def test_wrong_method_on_an_api_path_is_405_in_format(server):
+    r = httpx.get(server.url + CHAT, headers={"authorization": f"Bearer {KEY}"})
+    openai_error(r, 405)
+
+
+@pytest.mark.parametrize("path,body", [
+    (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "BUG"}]}),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "BUG"}]})])
+def test_unexpected_error_is_500_in_format(server, path, body):
+    r = post(server, path, body)
+    assert r.status_code == 500
+    assert r.json()["error"]["message"] == "internal server error"
+    assert post(server, CHAT, {"model": MODEL, "messages": MSGS}).status_code == 200

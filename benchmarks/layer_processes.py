@@ -99,7 +99,7 @@ def build_engine(kind: str, model_dir: Path, step_ms: float) -> Any:
 
 async def worker_role(args: argparse.Namespace) -> None:
     """The worker process: the real gRPC server over the engine until SIGINT/SIGTERM."""
-    from worker.server import ModelInfo, serve_worker
+    from worker.server import ModelInfo, serve_worker, stop_worker
 
     model_dir = Path(args.model_dir)
     engine = build_engine(args.engine, model_dir, args.step_ms)
@@ -109,7 +109,7 @@ async def worker_role(args: argparse.Namespace) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     print(READY, server.k2serve_port, os.getpid(), flush=True)
     await stop.wait()
-    await server.stop(1.0)
+    await stop_worker(server, 1.0)
     if hasattr(engine, "shutdown"):
         engine.shutdown()
 

@@ -122,7 +122,9 @@ class RankActor:
             self._metrics_server.server_close()
             self._metrics_server = None
         if self._serving and self._loop:
-            fut = asyncio.run_coroutine_threadsafe(self._serving["server"].stop(1.0), self._loop)
+            from worker.server import stop_worker
+
+            fut = asyncio.run_coroutine_threadsafe(stop_worker(self._serving["server"], 1.0), self._loop)
             try:
                 fut.result(timeout=5)
             except Exception as e:  # stopping anyway: the actor is killed next

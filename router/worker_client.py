@@ -1,8 +1,8 @@
 """WorkerClient: the router's gRPC client for one worker group (k2serve.v1.Worker).
 
-Protobuf objects live only here (and in worker/server.py): callers pass and receive the plain
-dataclasses below. Cancelling the consumer of `generate` (closing the iterator or cancelling its
-task) cancels the gRPC stream, which aborts the request on the worker and frees its blocks.
+Protobuf objects stay in the gRPC modules (here and router/worker_session.py on the router's side):
+callers pass and receive the plain dataclasses below. Cancelling the consumer of `generate` (closing
+the iterator or cancelling its task) aborts the request on the worker, which frees its blocks.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> WorkerError:
     return WorkerError(f"worker {exc.code().name.lower()}: {exc.details()}", status)
 
 
-def _session_error(exc: grpc.aio.AioRpcError | None) -> WorkerError:
-    return _rpc_error(exc) if exc is not None else WorkerError("the worker ended the session", 503)
+def _session_error(exc: grpc.aio.AioRpcError | None, reason: str) -> WorkerError:
+    return _rpc_error(exc) if exc is not None else WorkerError(reason, 503)
 
 
 class WorkerClient:
@@ -243,12 +243,13 @@ class WorkerClient:
 
     async def close(self) -> None:
         """Close the session and the channel."""
-        if self._mux is not None:
-            await self._mux.close()
-            self._mux = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        mux, channel, self._mux, self._channel = self._mux, self._channel, None, None
+        try:
+            if mux is not None:
+                await mux.close()
+        finally:
+            if channel is not None:
+                await channel.close()
 
     async def _unary(self, name: str, request, timeout: float):
         self._open()

@@ -7,46 +7,64 @@ thus arrive in one message instead of one message per request, which is most of 
 on both ends. When the call fails (the worker died, the network broke) every request in flight gets the
 same WorkerError, exactly as its own stream would have failed, and the mux is closed; the owner opens a
 new one for the next request.
+
+On the wire a request travels under an id unique to this mux (`<request id>@<mux tag>.<n>`): request
+ids come from clients (x-request-id) and may repeat, and a reused id must never receive the tokens of
+the request that had it before (whose late responses may still be on their way) nor collide in the
+engine with another router's request.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+import itertools
+import uuid
+from typing import Any, AsyncIterator, Callable
 
 import grpc
 
 from k2serve.v1 import worker_pb2
 
+# What one request may carry to the worker. The worker accepts up to this (worker/server.py sets the
+# same receive limit); a request over it fails alone instead of failing the session of every request.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024 - 1024
+
+FailureFactory = Callable[[grpc.aio.AioRpcError | None, str], Exception]
+
 
 class RequestMux:
     """Many requests over one Session call. Build it inside the event loop that will use it.
 
-    `on_failure(exc)` maps the call's gRPC error (or None when the worker ended the session) to the
-    exception every request in flight raises.
+    `on_failure(rpc_error, reason)` makes the exception every request in flight raises when the call
+    ends: from its gRPC error, or from `reason` when there is none (the worker or the router ended it).
     """
 
-    def __init__(self, stub: Any, on_failure):
+    def __init__(self, stub: Any, on_failure: FailureFactory):
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._inboxes: dict[str, asyncio.Queue] = {}
         self._on_failure = on_failure
-        self.closed = False
+        self._tag = uuid.uuid4().hex[:8]
+        self._serial = itertools.count()
+        self._failure: Exception | None = None
         self._call = stub.Session(self._requests())
         self._reader = asyncio.create_task(self._read())
+
+    @property
+    def closed(self) -> bool:
+        return self._failure is not None
 
     async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """Send one request and yield its responses up to its last (`complete` or `error`).
 
         Leaving early (break, cancellation, an exception in the consumer) aborts it on the worker.
         """
-        rid = request.request_id
-        if self.closed:
-            raise self._on_failure(None)
-        if rid in self._inboxes:  # what the engine answers for an id in use, without the round trip
-            message = f"request id {rid!r} is already in use"
-            yield worker_pb2.GenerateResponse(error=worker_pb2.GenerateError(message=message, status=400))
+        if self._failure is not None:
+            raise self._failure
+        if request.ByteSize() > MAX_REQUEST_BYTES:
+            yield _error(f"the request is {request.ByteSize()} bytes; at most {MAX_REQUEST_BYTES} go to a worker", 413)
             return
-        inbox = self._inboxes[rid] = asyncio.Queue()
+        wire_id = request.request_id = f"{request.request_id}@{self._tag}.{next(self._serial)}"
+        inbox = self._inboxes[wire_id] = asyncio.Queue()
         finished = False
         try:
             self._outbox.put_nowait(worker_pb2.SessionRequest(generate=request))
@@ -58,24 +76,21 @@ class RequestMux:
                 finished = response.WhichOneof("response") != "chunk"
                 yield response
         finally:
-            del self._inboxes[rid]
-            if not finished and not self.closed:
-                self._outbox.put_nowait(worker_pb2.SessionRequest(abort=worker_pb2.AbortRequest(request_id=rid)))
+            del self._inboxes[wire_id]
+            if not finished and self._failure is None:
+                self._outbox.put_nowait(worker_pb2.SessionRequest(abort=worker_pb2.AbortRequest(request_id=wire_id)))
 
     async def close(self) -> None:
         """End the call; requests still in flight fail as if the worker had gone."""
         self._call.cancel()
-        try:
-            await self._reader
-        except asyncio.CancelledError:
-            pass
+        await asyncio.wait({self._reader})  # not cancelled with its caller: the reader must run its cleanup
 
     async def _requests(self) -> AsyncIterator[worker_pb2.SessionRequest]:
-        while True:
-            yield await self._outbox.get()
+        while (request := await self._outbox.get()) is not None:
+            yield request
 
     async def _read(self) -> None:
-        failure: Exception = self._on_failure(None)
+        failure = self._on_failure(None, "the worker ended the session")
         try:
             async for batch in self._call:
                 for response in batch.responses:
@@ -83,10 +98,17 @@ class RequestMux:
                     if inbox is not None:  # None: a request that left (and was aborted) meanwhile
                         inbox.put_nowait(response)
         except grpc.aio.AioRpcError as exc:
-            failure = self._on_failure(exc)
-        except asyncio.CancelledError:  # how grpc.aio ends reading a call that close() cancelled
-            failure = self._on_failure(None)
+            failure = self._on_failure(exc, "")
+        except asyncio.CancelledError:
+            if not self._call.cancelled():
+                raise
+            failure = self._on_failure(None, "the router closed the session")  # close() cancelled the call
         finally:
-            self.closed = True
+            self._failure = failure
+            self._outbox.put_nowait(None)  # ends gRPC's task that drains the outbox, whatever ended the call
             for inbox in self._inboxes.values():
                 inbox.put_nowait(failure)
+
+
+def _error(message: str, status: int) -> worker_pb2.GenerateResponse:
+    return worker_pb2.GenerateResponse(error=worker_pb2.GenerateError(message=message, status=status))

@@ -303,6 +303,36 @@ def test_async_engine_abort_on_consumer_exit_and_by_id():
         aengine.shutdown()
 
 
+def test_async_engine_an_id_is_taken_until_its_last_output_is_delivered():
+    engine = make_fake_engine()
+    aengine = AsyncEngine(engine)
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        for attempt in range(10):
+            leaving = aengine.generate(f"x{attempt}", [1, 2, 3], long)
+            await leaving.__anext__()
+            await leaving.aclose()  # its abort is on its way to the engine thread
+            try:
+                outs = await asyncio.wait_for(_collect(aengine.generate(f"x{attempt}", [4, 5], GREEDY8)), 5)
+            except RequestRejected as exc:
+                assert "already in use" in str(exc)
+                continue
+            # accepted: it must be a whole request of its own, never ended by the old one's abort
+            assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 8, attempt
+            assert outs[-1].prompt_tokens == 2
+        for _ in range(100):
+            if engine.scheduler.kv_cache.num_free_blocks == 256 and not engine.scheduler.requests:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+        assert engine.scheduler.kv_cache.num_free_blocks == 256 and not engine.scheduler.requests
+    finally:
+        aengine.shutdown()
+
+
 def test_async_engine_step_failure_ends_requests_with_error():
     engine = make_fake_engine()
 

@@ -28,7 +28,7 @@ class FakeEngine:
             raise RequestRejected("waiting queue is full", 429)
         if prompt == [500]:
             raise RuntimeError("boom")
-        self.seen[rid] = params
+        self.seen[rid.split("@")[0]] = params  # the router's session sends "<id>@<session>.<n>"
         self.active[rid] = len(prompt)
         try:
             n = params.max_tokens
@@ -41,7 +41,7 @@ class FakeEngine:
             self.active.pop(rid, None)
 
     async def abort(self, rid):
-        self.aborted.append(rid)
+        self.aborted.append(rid.split("@")[0])
         return self.active.pop(rid, None) is not None
 
     def get_load(self):
@@ -210,3 +210,22 @@ def test_real_model_info(real_worker):
     info = with_client(real_worker, lambda client: client.get_model_info())
     assert info.context_length == 1024 and info.vocab_size == 1280
     assert set(info.stop_token_ids) == {1025, 1026} and info.tokenizer_id.startswith("sha256:")
+
+
+def test_real_engine_a_router_that_goes_away_frees_every_block(real_worker):
+    async def scenario(probe):
+        router = WorkerClient(real_worker.address)  # its session carries all three requests
+        streams = [router.generate(GenerateParams(f"gone{i}", tuple(range(1, 30 + i)), max_tokens=500,
+                                                  ignore_eos=True)) for i in range(3)]
+        for stream in streams:
+            await stream.__anext__()
+        load = await probe.get_load()
+        assert load.num_running == 3 and load.kv_cache_usage > 0
+        await router.close()  # no aborts sent: ending the session must abort them
+        for _ in range(200):
+            load = await probe.get_load()
+            if load.num_running == 0 and load.kv_cache_usage == 0.0:
+                break
+            await asyncio.sleep(0.05)
+        assert (load.num_running, load.num_waiting, load.kv_cache_usage) == (0, 0, 0.0)
+    with_client(real_worker, scenario)

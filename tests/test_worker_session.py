@@ -135,23 +135,8 @@ def test_leaving_one_request_aborts_only_it():
             short = [item async for item in client.generate(GenerateParams("short", (1,), max_tokens=5))]
             assert short[-1] == Finished("length", None, 1, 5, 0)
             await long.aclose()
-            await until(lambda: "long" in engine.aborted and not engine.running)
-            assert engine.aborted == ["long"]
-        finally:
-            await client.close()
-    run(scenario)
-
-
-def test_a_reused_request_id_is_refused_like_the_engine_refuses_it():
-    async def scenario(engine, server, stub):
-        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
-        try:
-            first = client.generate(GenerateParams("same", (1,), max_tokens=10_000))
-            await first.__anext__()
-            with pytest.raises(WorkerError) as err:
-                [item async for item in client.generate(GenerateParams("same", (1,), max_tokens=2))]
-            assert err.value.status == 400 and "already in use" in err.value.message
-            await first.aclose()
+            await until(lambda: engine.aborted and not engine.running)
+            assert [rid.split("@")[0] for rid in engine.aborted] == ["long"]  # on the wire: long@<session>.<n>
         finally:
             await client.close()
     run(scenario)
@@ -184,7 +169,7 @@ def test_ending_the_session_aborts_every_request_in_flight():
         assert len(engine.running) == 3
         await client.close()  # the router goes away without aborting anything itself
         await until(lambda: not engine.running)
-        assert sorted(engine.aborted) == ["r0", "r1", "r2"]
+        assert sorted(rid.split("@")[0] for rid in engine.aborted) == ["r0", "r1", "r2"]
         for stream in streams:
             with pytest.raises(WorkerError) as err:
                 async for _ in stream:  # tokens that arrived before the close, then the failure
@@ -216,7 +201,7 @@ def test_a_dead_worker_fails_every_request_in_flight_then_new_ones_fast():
 
 def test_a_request_that_breaks_the_servicer_fails_alone():
     def factory(request):
-        if request.request_id == "boom":
+        if request.request_id.startswith("boom@"):
             raise KeyError("a bug, not a rejection")
         return SamplingParams(max_tokens=request.sampling.max_tokens)
 
@@ -234,3 +219,117 @@ def test_a_request_that_breaks_the_servicer_fails_alone():
             await client.close()
             await server.stop(0)
     asyncio.run(main())
+
+
+def test_a_reused_id_never_gets_the_tokens_of_the_request_that_had_it():
+    async def scenario(engine, server, stub):
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            for _ in range(5):
+                first = client.generate(GenerateParams("idem", (1,) * 7, max_tokens=10_000))
+                await first.__anext__()
+                await asyncio.sleep(0.03)  # more of its tokens are on their way when it leaves
+                await first.aclose()
+                again = [item async for item in client.generate(GenerateParams("idem", (1, 2), max_tokens=3))]
+                assert [t for c in again[:-1] for t in c.token_ids] == [100, 101, 102]
+                assert all(c.prompt_tokens == 2 for c in again)
+        finally:
+            await client.close()
+        await until(lambda: not engine.running)
+    run(scenario)
+
+
+def test_an_oversized_request_fails_alone(monkeypatch):
+    from router import worker_session
+
+    monkeypatch.setattr(worker_session, "MAX_REQUEST_BYTES", 1000)
+
+    async def scenario(engine, server, stub):
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            other = client.generate(GenerateParams("other", (1,), max_tokens=20))
+            await other.__anext__()
+            with pytest.raises(WorkerError) as err:
+                [item async for item in client.generate(GenerateParams("huge", (1,) * 2000, max_tokens=2))]
+            assert err.value.status == 413
+            rest = [item async for item in other]
+            assert rest[-1] == Finished("length", None, 1, 20, 0)
+        finally:
+            await client.close()
+    run(scenario)
+
+
+def test_the_worker_takes_messages_as_large_as_the_router_sends():
+    async def scenario(engine, server, stub):
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (msg := await outbox.get()) is not None:
+                yield msg
+
+        big = generate_msg("big", 2)
+        big.generate.guided.regex = "a" * (5 * 1024 * 1024)  # over gRPC's 4 MiB default
+        outbox.put_nowait(big)
+        outbox.put_nowait(None)
+        responses = [r for batch in [b async for b in stub.Session(requests())] for r in batch.responses]
+        assert responses[-1].complete.completion_tokens == 2
+    run(scenario)
+
+
+def test_stopping_the_worker_drains_its_sessions():
+    from worker.server import stop_worker
+
+    async def scenario(engine, server, stub):
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            running = client.generate(GenerateParams("running", (1,), max_tokens=40))
+            await running.__anext__()
+            stopping = asyncio.create_task(stop_worker(server, 30.0))
+            await asyncio.sleep(0.05)
+            with pytest.raises(WorkerError) as err:  # refused so that a router retries it elsewhere
+                [item async for item in client.generate(GenerateParams("late", (1,), max_tokens=2))]
+            assert err.value.status == 503
+            rest = [item async for item in running]  # the request in flight finishes
+            assert rest[-1] == Finished("length", None, 1, 40, 0)
+            await asyncio.wait_for(stopping, 10)  # without waiting out the 30 s grace
+            assert not await client.health(timeout=1)
+        finally:
+            await client.close()
+    run(scenario)
+
+
+def test_a_failed_session_leaves_no_task_behind():
+    async def scenario(engine, server, stub):
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            stream = client.generate(GenerateParams("r", (1,), max_tokens=10_000))
+            await stream.__anext__()
+            await server.stop(0)
+            with pytest.raises(WorkerError):
+                async for _ in stream:
+                    pass
+            await asyncio.sleep(0.1)
+            left = [t for t in asyncio.all_tasks() if "request_iterator" in repr(t)]
+            assert not left, left  # gRPC's task draining the old session's outbox ended with it
+        finally:
+            await client.close()
+    run(scenario)
+
+
+def test_outputs_without_tokens_send_no_empty_chunks():
+    class Sparse(SteppingEngine):
+        async def generate(self, rid, prompt, params):
+            yield RequestOutput(rid, [], None, len(prompt), 0, 0)
+            yield RequestOutput(rid, [5], None, len(prompt), 1, 0)
+            yield RequestOutput(rid, [], None, len(prompt), 1, 0, True, "stop", stop_token_id=2)
+
+    async def main():
+        server = await serve_worker(Sparse(), "127.0.0.1", 0, INFO)
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            return [item async for item in client.generate(GenerateParams("s", (1,), max_tokens=4))]
+        finally:
+            await client.close()
+            await server.stop(0)
+    items = asyncio.run(main())
+    assert items == [TokenChunk((5,), (), 1, 1, 0), Finished("stop", 2, 1, 1, 0)]

@@ -143,6 +143,9 @@ class AsyncEngine:
             return
         _, request_id, prompt_ids, params, stream, accepted = command
         try:
+            with self._lock:
+                if request_id in self._streams:  # until its last output is delivered, an id stays taken
+                    raise RequestRejected(f"request id {request_id!r} is already in use")
             self.engine.add_request(request_id, prompt_ids, params)
         except Exception as exc:  # noqa: BLE001 - rejections and bad input go back to the caller
             stream.loop.call_soon_threadsafe(_set_exception, accepted, exc)

@@ -1,7 +1,9 @@
 """WorkerServicer: the k2serve.v1.Worker gRPC service over an AsyncEngine (grpc.aio).
 
-Protobuf objects live only here, in worker/responses.py and worker/session.py (and in router/worker_client.py): the servicer converts requests
-into the engine's own SamplingParams / GuidedSpec and RequestOutputs back into GenerateResponses.
+Protobuf objects stay in the gRPC modules (here, worker/session.py and worker/responses.py on the worker's
+side): the servicer converts requests into the engine's own SamplingParams / GuidedSpec and
+RequestOutputs into GenerateResponses. Routers use Session (worker/session.py), other gRPC clients may
+use Generate: one stream per request.
 
 Error scheme (documented in worker.proto): an engine rejection or bad parameters end the stream
 with one `GenerateResponse.error` carrying an HTTP-like status; the gRPC call itself ends OK.
@@ -30,6 +32,7 @@ from worker.session import WorkerSession
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "k2serve.v1.Worker"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as the router's channel: one request must never exceed what a session carries
 
 
 @dataclass(frozen=True)
@@ -143,13 +146,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._engine = engine
         self._model_info = model_info
         self._params_factory = params_factory or params_from_request
+        self._sessions: set[WorkerSession] = set()
 
     async def Generate(self, request, context) -> AsyncIterator[worker_pb2.GenerateResponse]:
         async for response in self.responses(request, worker_pb2.GenerateResponse):
             yield response
 
     async def Session(self, request_iterator, context) -> None:
-        await WorkerSession(self.responses).run(request_iterator, context)
+        session = WorkerSession(self.responses)
+        self._sessions.add(session)
+        try:
+            await session.run(request_iterator, context)
+        finally:
+            self._sessions.discard(session)
+
+    def drain(self) -> None:
+        """The worker is stopping: open sessions refuse new requests (503) and end after their last one."""
+        for session in self._sessions:
+            session.drain()
 
     async def responses(self, request: worker_pb2.GenerateRequest,
                         new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
@@ -232,8 +246,11 @@ async def serve_worker(engine: Any, host: str, port: int, model_info: ModelInfo,
     `port` 0 picks a free port: read it from `server.k2serve_port`. Stop with `await server.stop(grace)`.
     """
     server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
-                                      ("grpc.http2.min_ping_interval_without_data_ms", 5000)])
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine, model_info, params_factory), server)
+                                      ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    servicer = WorkerServicer(engine, model_info, params_factory)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -243,4 +260,18 @@ async def serve_worker(engine: Any, host: str, port: int, model_info: ModelInfo,
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     server.k2serve_port = bound
+    server.k2serve_drain = lambda: _drain(servicer, health_servicer)
     return server
+
+
+async def stop_worker(server: grpc.aio.Server, grace_s: float) -> None:
+    """Stop a server from serve_worker gracefully: requests in flight get `grace_s` to finish, new ones
+    are refused with statuses a router retries elsewhere, health probes say NOT_SERVING."""
+    await server.k2serve_drain()
+    await server.stop(grace_s)
+
+
+async def _drain(servicer: WorkerServicer, health_servicer: health.aio.HealthServicer) -> None:
+    servicer.drain()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -333,3 +333,43 @@ def test_outputs_without_tokens_send_no_empty_chunks():
             await server.stop(0)
     items = asyncio.run(main())
     assert items == [TokenChunk((5,), (), 1, 1, 0), Finished("stop", 2, 1, 1, 0)]
+
+
+def test_a_full_batch_holds_the_requests_until_the_write_goes_out(monkeypatch):
+    from worker import session as worker_session
+
+    monkeypatch.setattr(worker_session, "MAX_BATCH_RESPONSES", 8)
+    produced = []
+
+    async def responses(request, new):  # an engine far faster than the router reads
+        for i in range(100):
+            new().chunk.token_ids.append(i)
+            produced.append(i)
+            yield None
+            await asyncio.sleep(0)
+
+    class SlowRouter:
+        def __init__(self):
+            self.release, self.written = asyncio.Event(), []
+
+        async def write(self, batch):
+            await self.release.wait()
+            self.written.append(len(batch.responses))
+
+    async def main():
+        context = SlowRouter()
+
+        async def requests():
+            yield generate_msg("r", 100)
+
+        session = worker_session.WorkerSession(responses)
+        task = asyncio.create_task(session.run(requests(), context))
+        await asyncio.sleep(0.1)
+        held = len(produced)  # first batch in the stuck write, the next one full, the producer waiting
+        context.release.set()
+        await asyncio.wait_for(task, 5)
+        return held, context.written
+
+    held, written = asyncio.run(main())
+    assert held <= 2 * 8 + 1, held
+    assert sum(written) == 100 and max(written) <= 8 + 1

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.config import RouterConfig
+from router.detokenizer import IncrementalDetokenizer
 from router.errors import APIError, error_body, validation_message
 from router.fast_routes import FastRoutes, post_endpoints
 from router.generation import Backend, RoundRobin, RouterContext
@@ -27,8 +28,6 @@ OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 def _default_detokenizer(tokenizer):
-    from router.detokenizer import IncrementalDetokenizer
-
     # Skipping special tokens drops [EOS] / <|im_end|> but keeps K2's tool-call markers (special: false).
     return IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
 

@@ -101,6 +101,12 @@ class RouterMetrics:
         self._children: dict[tuple, object] = {}  # labelled series by (name, labels): labels() is slow per token
         self._health: dict[str, bool] = {}
         self._m["k2serve_router_healthy_groups"].set(0)
+        # The model label never changes: the per-token series are resolved here, not looked up per token.
+        self._ttft = self._child("k2serve_router_time_to_first_token_seconds", model=model)
+        self._itl = self._child("k2serve_router_inter_token_latency_seconds", model=model)
+        self._prompt = self._child("k2serve_router_prompt_tokens_total", model=model)
+        self._generated = self._child("k2serve_router_generation_tokens_total", model=model)
+        self._cached = self._child("k2serve_router_cached_prompt_tokens_total", model=model)
 
     def _child(self, name: str, **labels):
         key = (name, *labels.items())
@@ -124,11 +130,11 @@ class RouterMetrics:
 
     def observe_ttft(self, seconds: float) -> None:
         """Time to first token of one request."""
-        self._child("k2serve_router_time_to_first_token_seconds", model=self.model).observe(seconds)
+        self._ttft.observe(seconds)
 
     def observe_itl(self, seconds: float) -> None:
         """Gap before one generated token (every token after the first)."""
-        self._child("k2serve_router_inter_token_latency_seconds", model=self.model).observe(seconds)
+        self._itl.observe(seconds)
 
     def queue_time(self, seconds: float) -> None:
         """Time a request waited in the router before being dispatched to a group."""
@@ -136,11 +142,12 @@ class RouterMetrics:
 
     def tokens(self, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
         """Add token counts (prompt at completion; generated as they stream; cached prompt hits)."""
-        for name, value in (("k2serve_router_prompt_tokens_total", prompt),
-                            ("k2serve_router_generation_tokens_total", generated),
-                            ("k2serve_router_cached_prompt_tokens_total", cached)):
-            if value:
-                self._child(name, model=self.model).inc(value)
+        if generated:
+            self._generated.inc(generated)
+        if prompt:
+            self._prompt.inc(prompt)
+        if cached:
+            self._cached.inc(cached)
 
     def client_disconnect(self, endpoint: str) -> None:
         """The client went away before the response finished."""

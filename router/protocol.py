@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from router.errors import APIError, validation_message
 
 _FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
 
@@ -221,10 +223,6 @@ class MessagesRequest(_Request):
 
 async def read_request(request, model_cls: type[BaseModel], max_bytes: int) -> BaseModel:
     """Read a JSON body of at most `max_bytes` (413 above) into `model_cls` (400 when invalid)."""
-    from pydantic import ValidationError
-
-    from router.errors import APIError, validation_message
-
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes")

@@ -29,11 +29,14 @@ READY = "READY"
 class PacedEngine:
     """An AsyncEngine stand-in that steps like the real engine: every `step_s` one step gives each running
     request its next token, all of them in the same event-loop pass (the engine thread hands a step's
-    outputs over together). A request joins at the next step; a consumer that falls behind gets the
-    tokens it missed merged into one output, as AsyncEngine merges queued outputs.
+    outputs over together); a consumer that falls behind gets the tokens it missed merged into one
+    output, as AsyncEngine merges queued outputs.
 
-    Steps run on absolute deadlines, so a late wake-up does not delay the steps after it: the engine's
-    pace is the same in every layer, and whatever a layer adds shows up as its own latency.
+    A request's first token (its prefill) comes exactly `step_s` after it arrived, whatever the phase of
+    the running steps: a real engine's TTFT depends on where in a step a request lands, and that phase
+    would move TTFT by up to a step between layers for reasons that are not theirs. Steps run on
+    absolute deadlines, so a late wake-up does not delay the steps after it: the engine's pace is the
+    same in every layer, and whatever a layer adds shows up as its own latency.
     """
 
     def __init__(self, step_s: float, token_id: int):
@@ -46,9 +49,12 @@ class PacedEngine:
 
     async def generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         n = params.max_tokens or 16
-        seen, done = self._steps, 0
+        arrived = time.monotonic()
         self._join()
         try:
+            await asyncio.sleep(max(0.0, arrived + self.step_s - time.monotonic()))  # the prefill step
+            seen, done = self._steps, 1
+            yield RequestOutput(rid, [self.token_id], None, len(prompt), 1, 0, n == 1, "length" if n == 1 else None)
             while done < n:
                 while self._steps == seen:
                     await self._stepped.wait()

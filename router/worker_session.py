@@ -1,7 +1,8 @@
 """RequestMux: the router's end of one k2serve.v1 Session stream to a worker group.
 
 All of the router's requests to a group share one bidirectional gRPC call: generate and abort requests
-go out through an outbox that gRPC drains in order; one reader task takes each SessionResponse batch
+go out through an outbox that gRPC drains in order, everything queued meanwhile in one message (a
+gRPC message costs far more than its bytes, and requests arrive in bursts); one reader task takes each SessionResponse batch
 apart and hands every response to its request's inbox. A worker step's tokens for all of its requests
 thus arrive in one message instead of one message per request, which is most of the gRPC CPU per token
 on both ends. When the call fails (the worker died, the network broke) every request in flight gets the
@@ -67,7 +68,7 @@ class RequestMux:
         inbox = self._inboxes[wire_id] = asyncio.Queue()
         finished = False
         try:
-            self._outbox.put_nowait(worker_pb2.SessionRequest(generate=request))
+            self._outbox.put_nowait(request)
             while not finished:
                 response = await inbox.get()
                 if isinstance(response, Exception):
@@ -78,7 +79,7 @@ class RequestMux:
         finally:
             del self._inboxes[wire_id]
             if not finished and self._failure is None:
-                self._outbox.put_nowait(worker_pb2.SessionRequest(abort=worker_pb2.AbortRequest(request_id=wire_id)))
+                self._outbox.put_nowait(wire_id)  # an abort
 
     async def close(self) -> None:
         """End the call; requests still in flight fail as if the worker had gone."""
@@ -86,8 +87,17 @@ class RequestMux:
         await asyncio.wait({self._reader})  # not cancelled with its caller: the reader must run its cleanup
 
     async def _requests(self) -> AsyncIterator[worker_pb2.SessionRequest]:
-        while (request := await self._outbox.get()) is not None:
-            yield request
+        """What gRPC sends: each time it is ready for a message, all that the outbox holds; None ends it."""
+        while (item := await self._outbox.get()) is not None:
+            message = worker_pb2.SessionRequest()
+            _add(message, item)
+            while not self._outbox.empty():
+                item = self._outbox.get_nowait()
+                if item is None:
+                    yield message
+                    return
+                _add(message, item)
+            yield message
 
     async def _read(self) -> None:
         failure = self._on_failure(None, "the worker ended the session")
@@ -108,6 +118,14 @@ class RequestMux:
             self._outbox.put_nowait(None)  # ends gRPC's task that drains the outbox, whatever ended the call
             for inbox in self._inboxes.values():
                 inbox.put_nowait(failure)
+
+
+def _add(message: worker_pb2.SessionRequest, item: worker_pb2.GenerateRequest | str) -> None:
+    """Outbox items: a GenerateRequest to start, or the wire id of a request to abort."""
+    if isinstance(item, str):
+        message.abort.add(request_id=item)
+    else:
+        message.generate.append(item)
 
 
 def _error(message: str, status: int) -> worker_pb2.GenerateResponse:

@@ -73,7 +73,7 @@ def run(scenario, step_s: float = 0.01):
 
 
 def generate_msg(rid: str, n: int, prompt=(1, 2, 3)) -> worker_pb2.SessionRequest:
-    return worker_pb2.SessionRequest(generate=request_to_proto(GenerateParams(rid, prompt, max_tokens=n)))
+    return worker_pb2.SessionRequest(generate=[request_to_proto(GenerateParams(rid, prompt, max_tokens=n))])
 
 
 async def until(predicate, timeout_s: float = 5.0) -> None:
@@ -268,7 +268,7 @@ def test_the_worker_takes_messages_as_large_as_the_router_sends():
                 yield msg
 
         big = generate_msg("big", 2)
-        big.generate.guided.regex = "a" * (5 * 1024 * 1024)  # over gRPC's 4 MiB default
+        big.generate[0].guided.regex = "a" * (5 * 1024 * 1024)  # over gRPC's 4 MiB default
         outbox.put_nowait(big)
         outbox.put_nowait(None)
         responses = [r for batch in [b async for b in stub.Session(requests())] for r in batch.responses]
@@ -373,3 +373,48 @@ def test_a_full_batch_holds_the_requests_until_the_write_goes_out(monkeypatch):
     held, written = asyncio.run(main())
     assert held <= 2 * 8 + 1, held
     assert sum(written) == 100 and max(written) <= 8 + 1
+
+
+def test_requests_queued_together_leave_in_one_message():
+    from router.worker_session import RequestMux
+
+    class Call:  # the router side alone: what the mux hands gRPC to send
+        def __init__(self, requests):
+            self.requests = requests
+            self.ended = asyncio.get_running_loop().create_future()
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await self.ended  # no responses; cancel() ends the call as grpc.aio does
+
+        def cancel(self):
+            return self.ended.cancel()
+
+        def cancelled(self):
+            return self.ended.cancelled()
+
+    class Stub:
+        def Session(self, requests):
+            self.call = Call(requests)
+            return self.call
+
+    async def main():
+        stub = Stub()
+        mux = RequestMux(stub, lambda exc, reason: WorkerError(reason, 503))
+        streams = [mux.generate(request_to_proto(GenerateParams(f"b{i}", (1,), max_tokens=2))) for i in range(5)]
+        pending = [asyncio.create_task(s.__anext__()) for s in streams]
+        await asyncio.sleep(0.01)
+        burst = await stub.call.requests.__anext__()
+        pending[0].cancel()  # one caller gives up: its abort goes in the next message
+        await asyncio.sleep(0.01)
+        after = await stub.call.requests.__anext__()
+        await mux.close()
+        for task in pending[1:]:
+            task.cancel()
+        return burst, after
+
+    burst, after = asyncio.run(main())
+    assert [g.request_id.split("@")[0] for g in burst.generate] == [f"b{i}" for i in range(5)] and not burst.abort
+    assert not after.generate and [a.request_id.split("@")[0] for a in after.abort] == ["b0"]

@@ -68,11 +68,10 @@ class WorkerSession:
     async def _read(self, request_iterator: AsyncIterator[worker_pb2.SessionRequest]) -> None:
         try:
             async for request in request_iterator:
-                kind = request.WhichOneof("request")
-                if kind == "generate":
-                    self._start(request.generate)
-                elif kind == "abort":
-                    self._stop(request.abort.request_id)
+                for generate in request.generate:
+                    self._start(generate)
+                for abort in request.abort:
+                    self._stop(abort.request_id)
         except Exception:  # noqa: BLE001 - logged; the session ends once its requests are done
             log.exception("reading a session's requests failed")
         finally:

@@ -142,9 +142,9 @@ class SessionRequest(_message.Message):
     __slots__ = ("generate", "abort")
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
-    generate: GenerateRequest
-    abort: AbortRequest
-    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
+    generate: _containers.RepeatedCompositeFieldContainer[GenerateRequest]
+    abort: _containers.RepeatedCompositeFieldContainer[AbortRequest]
+    def __init__(self, generate: _Optional[_Iterable[_Union[GenerateRequest, _Mapping]]] = ..., abort: _Optional[_Iterable[_Union[AbortRequest, _Mapping]]] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
     __slots__ = ("responses",)

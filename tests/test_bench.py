@@ -151,7 +151,9 @@ def test_chat_metrics_are_present_and_consistent(base_url):
     assert summary["usage_reported"] == 12
     for metric in ("ttft", "tpot", "itl", "e2e"):
         st = summary[metric]
-        assert 0 < st["p50_ms"] <= st["p90_ms"] <= st["p99_ms"] <= st["max_ms"]
+        # events that arrive in one network read share a timestamp: gaps between tokens may be 0
+        assert (0 < st["p50_ms"] if metric in ("ttft", "e2e") else 0 <= st["p50_ms"])
+        assert st["p50_ms"] <= st["p90_ms"] <= st["p99_ms"] <= st["max_ms"]
     assert summary["ttft"]["max_ms"] <= summary["e2e"]["max_ms"]
     assert summary["request_throughput"] == pytest.approx(12 / summary["duration_s"])
     assert summary["output_throughput"] == pytest.approx(summary["total_output_tokens"] / summary["duration_s"])

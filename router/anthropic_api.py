@@ -13,10 +13,11 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from router.choice_streams import prime_all, streaming_response
 from router.errors import APIError, anthropic_error_body
 from router.generation import ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, collect_choice, run_choice
-from router.openai_api import check_schema, prime_all, request_id, sampling_params, streaming_response
 from router.protocol import AnthropicMessage, MessagesRequest, read_request
+from router.request_params import check_schema, request_id, sampling_params
 from router.sse import anthropic_event, anthropic_text_delta
 from router.tool_ids import next_tool_call_index, normalize_tool_call_ids
 from router.worker_client import GuidedRequest

@@ -2,146 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import time
 from typing import Any, AsyncIterator, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from router.errors import APIError, openai_error_body
-from router.generation import (ChoiceResult, ChoiceSpec, DoneEvent, Event, RouterContext, TextEvent, ToolEvent,
-                               Usage, collect_choice, run_choice, sum_usage)
+from router.choice_streams import (choice_streams, collect_all, merge_choices, prime_all, sse_with_errors,
+                                   streaming_response)
+from router.errors import APIError
+from router.generation import ChoiceResult, ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, sum_usage
 from router.protocol import ChatCompletionRequest, CompletionRequest, read_request
-from router.sse import DONE, OpenAIFrames, sse
-from router.sse_response import EventStreamResponse
+from router.request_params import check_common, check_schema, request_id, sampling_params
+from router.sse import DONE, OpenAIFrames
 from router.tool_ids import next_tool_call_index, normalize_tool_call_ids
-from router.worker_client import GenerateParams, GuidedRequest, TokenLogprob
+from router.worker_client import GuidedRequest, TokenLogprob
 
 routes = APIRouter()
-
-
-def request_id(request: Request) -> str:
-    """The client's x-request-id (sanitized) or a fresh one."""
-    rid = request.headers.get("x-request-id", "")
-    return rid[:128] if rid and rid.isprintable() else os.urandom(16).hex()  # uuid4().hex's form, 5x cheaper
 
 
 def usage_json(usage: Usage) -> dict:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
-
-
-# ---------------------------------------------------------------- shared request building
-
-
-def check_schema(schema: Any, param: str) -> None:
-    """400 unless `schema` is a valid JSON schema object."""
-    import jsonschema
-
-    if not isinstance(schema, dict):
-        raise APIError(400, f"{param} must be a JSON schema object", param=param)
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise APIError(400, f"{param} is not a valid JSON schema: {exc.message}", param=param) from None
-
-
-def sampling_params(ctx: RouterContext, req, rid: str, prompt_ids: Sequence[int], max_tokens: int,
-                    index: int, guided: GuidedRequest | None = None, logprobs: int | None = None,
-                    temperature: float | None = None) -> GenerateParams:
-    """GenerateParams for choice `index` of a request (seed + index keeps n choices distinct)."""
-    cfg = ctx.config
-    temperature = temperature if temperature is not None else cfg.default_temperature
-    return GenerateParams(
-        request_id=rid if index == 0 else f"{rid}-{index}", prompt_token_ids=tuple(prompt_ids),
-        temperature=temperature,
-        top_p=req.top_p if req.top_p is not None else cfg.default_top_p,
-        top_k=getattr(req, "top_k", None), min_p=getattr(req, "min_p", None), max_tokens=max_tokens,
-        min_tokens=getattr(req, "min_tokens", None), presence_penalty=getattr(req, "presence_penalty", None),
-        frequency_penalty=getattr(req, "frequency_penalty", None),
-        repetition_penalty=getattr(req, "repetition_penalty", None),
-        seed=req.seed + index if getattr(req, "seed", None) is not None else None,
-        ignore_eos=getattr(req, "ignore_eos", None), logprobs=logprobs, guided=guided)
-
-
-def check_common(ctx: RouterContext, n: int, stops: Sequence[str], top_logprobs: int | None) -> None:
-    cfg = ctx.config
-    if n > cfg.max_n:
-        raise APIError(400, f"n must be at most {cfg.max_n}, got {n}", param="n")
-    if len(stops) > cfg.max_stop_strings:
-        raise APIError(400, f"at most {cfg.max_stop_strings} stop strings are supported", param="stop")
-    if top_logprobs is not None and top_logprobs > cfg.max_top_logprobs:
-        raise APIError(400, f"top_logprobs must be at most {cfg.max_top_logprobs}", param="top_logprobs")
-
-
-async def primed(stream: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    """Start a choice now so that a worker refusal becomes the HTTP status, not an in-stream error."""
-    first = await stream.__anext__()
-
-    async def rest() -> AsyncIterator[Event]:
-        yield first
-        async for event in stream:
-            yield event
-    return rest()
-
-
-async def prime_all(streams: list[AsyncIterator[Event]]) -> list[AsyncIterator[Event]]:
-    """Prime every choice; when one fails, close the others (cancelling their worker requests)."""
-    done: list[AsyncIterator[Event]] = []
-    try:
-        for stream in streams:
-            done.append(await primed(stream))
-    except BaseException:
-        for stream in streams:
-            await stream.aclose()
-        raise
-    return done
-
-
-async def merge_choices(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
-    """Interleave n choice streams as (index, event); cancelling the consumer cancels them all."""
-    if len(streams) == 1:
-        async for event in streams[0]:
-            yield 0, event
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[Event]) -> None:
-        try:
-            async for event in stream:
-                await queue.put((i, event, None))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, None, exc))
-        await queue.put((i, None, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, event, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if event is None:
-                remaining -= 1
-            else:
-                yield i, event
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def collect_all(streams: list[AsyncIterator[Event]]) -> list[ChoiceResult]:
-    tasks = [asyncio.create_task(collect_choice(s)) for s in streams]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def logprob_entry(tokenizer, lp: TokenLogprob) -> dict:
@@ -152,22 +36,6 @@ def logprob_entry(tokenizer, lp: TokenLogprob) -> dict:
     entry = one(lp.token_id, lp.logprob)
     entry["top_logprobs"] = [one(t, v) for t, v in lp.top]
     return entry
-
-
-def streaming_response(ctx: RouterContext, request: Request, body: AsyncIterator[str], rid: str) -> EventStreamResponse:
-    """The SSE response; a client that leaves mid-stream is counted in the metrics."""
-    metrics, path = ctx.metrics, request.scope["path"]
-    on_disconnect = (lambda: metrics.client_disconnect(path)) if metrics is not None else None
-    return EventStreamResponse(body, rid, on_disconnect)
-
-
-async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """An error after the stream began becomes an OpenAI error event (the status line was sent)."""
-    try:
-        async for chunk in events:
-            yield chunk
-    except APIError as exc:
-        yield sse(openai_error_body(exc))
 
 
 # ---------------------------------------------------------------- chat completions
@@ -265,10 +133,6 @@ async def prepare_chat(ctx: RouterContext, req: ChatCompletionRequest, rid: str)
                       tool_names=[t["function"]["name"] for t in tools or ()])
     return params, spec
 
-
-def choice_streams(ctx: RouterContext, params: list[GenerateParams], spec: ChoiceSpec) -> list[AsyncIterator[Event]]:
-    return [run_choice(ctx.picker.pick(p.prompt_token_ids), p, ctx.tokenizer, spec, ctx.detokenizer_factory,
-                       ctx.metrics) for p in params]
 
 
 @routes.post("/v1/chat/completions")

@@ -1,0 +1,103 @@
+"""Running a request's n choices: start them on workers, prime, merge or collect, and answer as SSE."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from router.errors import APIError, openai_error_body
+from router.generation import ChoiceResult, ChoiceSpec, Event, RouterContext, collect_choice, run_choice
+from router.sse import sse
+from router.sse_response import EventStreamResponse
+from router.worker_client import GenerateParams
+
+
+def choice_streams(ctx: RouterContext, params: list[GenerateParams], spec: ChoiceSpec) -> list[AsyncIterator[Event]]:
+    """One event stream per choice, each on the worker the picker chooses for its prompt."""
+    return [run_choice(ctx.picker.pick(p.prompt_token_ids), p, ctx.tokenizer, spec, ctx.detokenizer_factory,
+                       ctx.metrics) for p in params]
+
+
+async def primed(stream: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """Start a choice now so that a worker refusal becomes the HTTP status, not an in-stream error."""
+    first = await stream.__anext__()
+
+    async def rest() -> AsyncIterator[Event]:
+        yield first
+        async for event in stream:
+            yield event
+    return rest()
+
+
+async def prime_all(streams: list[AsyncIterator[Event]]) -> list[AsyncIterator[Event]]:
+    """Prime every choice; when one fails, close the others (cancelling their worker requests)."""
+    done: list[AsyncIterator[Event]] = []
+    try:
+        for stream in streams:
+            done.append(await primed(stream))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        raise
+    return done
+
+
+async def merge_choices(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
+    """Interleave n choice streams as (index, event); cancelling the consumer cancels them all."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Event]) -> None:
+        try:
+            async for event in stream:
+                await queue.put((i, event, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, None, exc))
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, event, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if event is None:
+                remaining -= 1
+            else:
+                yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect_all(streams: list[AsyncIterator[Event]]) -> list[ChoiceResult]:
+    """Every choice run to completion, concurrently; cancelling the caller cancels them all."""
+    tasks = [asyncio.create_task(collect_choice(s)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def streaming_response(ctx: RouterContext, request: Request, body: AsyncIterator[str], rid: str) -> EventStreamResponse:
+    """The SSE response; a client that leaves mid-stream is counted in the metrics."""
+    metrics, path = ctx.metrics, request.scope["path"]
+    on_disconnect = (lambda: metrics.client_disconnect(path)) if metrics is not None else None
+    return EventStreamResponse(body, rid, on_disconnect)
+
+
+async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An error after the stream began becomes an OpenAI error event (the status line was sent)."""
+    try:
+        async for chunk in events:
+            yield chunk
+    except APIError as exc:
+        yield sse(openai_error_body(exc))

@@ -1,0 +1,59 @@
+"""Request -> GenerateParams: the request id, sampling parameters and the limits every API endpoint checks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from fastapi import Request
+
+from router.errors import APIError
+from router.generation import RouterContext
+from router.worker_client import GenerateParams, GuidedRequest
+
+
+def request_id(request: Request) -> str:
+    """The client's x-request-id (sanitized) or a fresh one."""
+    rid = request.headers.get("x-request-id", "")
+    return rid[:128] if rid and rid.isprintable() else os.urandom(16).hex()  # uuid4().hex's form, 5x cheaper
+
+
+def check_schema(schema: Any, param: str) -> None:
+    """400 unless `schema` is a valid JSON schema object."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise APIError(400, f"{param} must be a JSON schema object", param=param)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise APIError(400, f"{param} is not a valid JSON schema: {exc.message}", param=param) from None
+
+
+def sampling_params(ctx: RouterContext, req, rid: str, prompt_ids: Sequence[int], max_tokens: int,
+                    index: int, guided: GuidedRequest | None = None, logprobs: int | None = None,
+                    temperature: float | None = None) -> GenerateParams:
+    """GenerateParams for choice `index` of a request (seed + index keeps n choices distinct)."""
+    cfg = ctx.config
+    temperature = temperature if temperature is not None else cfg.default_temperature
+    return GenerateParams(
+        request_id=rid if index == 0 else f"{rid}-{index}", prompt_token_ids=tuple(prompt_ids),
+        temperature=temperature,
+        top_p=req.top_p if req.top_p is not None else cfg.default_top_p,
+        top_k=getattr(req, "top_k", None), min_p=getattr(req, "min_p", None), max_tokens=max_tokens,
+        min_tokens=getattr(req, "min_tokens", None), presence_penalty=getattr(req, "presence_penalty", None),
+        frequency_penalty=getattr(req, "frequency_penalty", None),
+        repetition_penalty=getattr(req, "repetition_penalty", None),
+        seed=req.seed + index if getattr(req, "seed", None) is not None else None,
+        ignore_eos=getattr(req, "ignore_eos", None), logprobs=logprobs, guided=guided)
+
+
+def check_common(ctx: RouterContext, n: int, stops: Sequence[str], top_logprobs: int | None) -> None:
+    """400 when n, the stop strings or top_logprobs exceed the configured limits."""
+    cfg = ctx.config
+    if n > cfg.max_n:
+        raise APIError(400, f"n must be at most {cfg.max_n}, got {n}", param="n")
+    if len(stops) > cfg.max_stop_strings:
+        raise APIError(400, f"at most {cfg.max_stop_strings} stop strings are supported", param="stop")
+    if top_logprobs is not None and top_logprobs > cfg.max_top_logprobs:
+        raise APIError(400, f"top_logprobs must be at most {cfg.max_top_logprobs}", param="top_logprobs")

@@ -205,6 +205,14 @@ async def _collect(agen):
     return [o async for o in agen]
 
 
+async def _until_idle(engine, timeout_s: float = 1.0) -> None:
+    """Wait (bounded) for the engine thread to free every block; the caller asserts the end state."""
+    for _ in range(int(timeout_s / 0.01)):
+        if engine.scheduler.kv_cache.num_free_blocks == 256 and not engine.scheduler.requests:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_async_engine_streams_concurrent_requests_and_rejects_early():
     aengine = AsyncEngine(make_fake_engine())
 
@@ -291,10 +299,7 @@ def test_async_engine_abort_on_consumer_exit_and_by_id():
         assert aengine.abort("d")
         await asyncio.wait_for(task, 5)
         assert outs[-1].finish_reason == "abort"
-        for _ in range(100):
-            if engine.scheduler.kv_cache.num_free_blocks == 256:
-                break
-            await asyncio.sleep(0.01)
+        await _until_idle(engine)
 
     try:
         asyncio.run(main())
@@ -321,10 +326,7 @@ def test_async_engine_an_id_is_taken_until_its_last_output_is_delivered():
             # accepted: it must be a whole request of its own, never ended by the old one's abort
             assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 8, attempt
             assert outs[-1].prompt_tokens == 2
-        for _ in range(100):
-            if engine.scheduler.kv_cache.num_free_blocks == 256 and not engine.scheduler.requests:
-                break
-            await asyncio.sleep(0.01)
+        await _until_idle(engine)
 
     try:
         asyncio.run(main())

@@ -153,6 +153,16 @@ def real_worker(tiny_model_dir):
         yield worker
 
 
+async def load_when_idle(client, timeout_s: float = 10.0):
+    """The worker's load once it runs nothing and holds no blocks, or the last reading after `timeout_s`."""
+    for _ in range(int(timeout_s / 0.05)):
+        load = await client.get_load()
+        if load.num_running == 0 and load.kv_cache_usage == 0.0:
+            break
+        await asyncio.sleep(0.05)
+    return load
+
+
 def with_client(worker, scenario):
     async def main():
         client = WorkerClient(worker.address)
@@ -197,11 +207,7 @@ def test_real_engine_cancel_frees_kv_cache(real_worker):
         load = await client.get_load()
         assert load.num_running == 1 and load.kv_cache_usage > 0
         await stream.aclose()
-        for _ in range(200):
-            load = await client.get_load()
-            if load.num_running == 0 and load.kv_cache_usage == 0.0:
-                break
-            await asyncio.sleep(0.05)
+        load = await load_when_idle(client)
         assert (load.num_running, load.num_waiting, load.kv_cache_usage) == (0, 0, 0.0)
     with_client(real_worker, scenario)
 
@@ -222,10 +228,6 @@ def test_real_engine_a_router_that_goes_away_frees_every_block(real_worker):
         load = await probe.get_load()
         assert load.num_running == 3 and load.kv_cache_usage > 0
         await router.close()  # no aborts sent: ending the session must abort them
-        for _ in range(200):
-            load = await probe.get_load()
-            if load.num_running == 0 and load.kv_cache_usage == 0.0:
-                break
-            await asyncio.sleep(0.05)
+        load = await load_when_idle(probe)
         assert (load.num_running, load.num_waiting, load.kv_cache_usage) == (0, 0, 0.0)
     with_client(real_worker, scenario)

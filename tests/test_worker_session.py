@@ -76,6 +76,20 @@ def generate_msg(rid: str, n: int, prompt=(1, 2, 3)) -> worker_pb2.SessionReques
     return worker_pb2.SessionRequest(generate=[request_to_proto(GenerateParams(rid, prompt, max_tokens=n))])
 
 
+async def until_none(outbox: asyncio.Queue):
+    """A Session's request stream fed from a queue; None half-closes it."""
+    while (msg := await outbox.get()) is not None:
+        yield msg
+
+
+async def raw_session(stub, *messages) -> list:
+    """Send `messages` on a raw Session, half-close, and return every response of the call."""
+    outbox: asyncio.Queue = asyncio.Queue()
+    for msg in (*messages, None):
+        outbox.put_nowait(msg)
+    return [r async for batch in stub.Session(until_none(outbox)) for r in batch.responses]
+
+
 async def until(predicate, timeout_s: float = 5.0) -> None:
     for _ in range(int(timeout_s / 0.01)):
         if predicate():
@@ -87,14 +101,9 @@ async def until(predicate, timeout_s: float = 5.0) -> None:
 def test_one_step_of_many_requests_travels_in_one_message():
     async def scenario(engine, server, stub):
         outbox: asyncio.Queue = asyncio.Queue()
-
-        async def requests():
-            while (msg := await outbox.get()) is not None:
-                yield msg
-
         for i in range(16):
             outbox.put_nowait(generate_msg(f"r{i}", 8))
-        call = stub.Session(requests())
+        call = stub.Session(until_none(outbox))
         batches, per_request = 0, {}
         async for batch in call:
             batches += 1
@@ -144,16 +153,7 @@ def test_leaving_one_request_aborts_only_it():
 
 def test_a_duplicate_id_on_the_raw_session_gets_an_error_and_the_first_keeps_going():
     async def scenario(engine, server, stub):
-        outbox: asyncio.Queue = asyncio.Queue()
-
-        async def requests():
-            while (msg := await outbox.get()) is not None:
-                yield msg
-
-        outbox.put_nowait(generate_msg("dup", 3))
-        outbox.put_nowait(generate_msg("dup", 3))
-        outbox.put_nowait(None)
-        responses = [r for batch in [b async for b in stub.Session(requests())] for r in batch.responses]
+        responses = await raw_session(stub, generate_msg("dup", 3), generate_msg("dup", 3))
         kinds = [r.WhichOneof("response") for r in responses]
         assert kinds.count("error") == 1 and kinds.count("complete") == 1 and kinds.count("chunk") == 3
         assert next(r for r in responses if r.error.message).error.status == 400
@@ -261,17 +261,9 @@ def test_an_oversized_request_fails_alone(monkeypatch):
 
 def test_the_worker_takes_messages_as_large_as_the_router_sends():
     async def scenario(engine, server, stub):
-        outbox: asyncio.Queue = asyncio.Queue()
-
-        async def requests():
-            while (msg := await outbox.get()) is not None:
-                yield msg
-
         big = generate_msg("big", 2)
         big.generate[0].guided.regex = "a" * (5 * 1024 * 1024)  # over gRPC's 4 MiB default
-        outbox.put_nowait(big)
-        outbox.put_nowait(None)
-        responses = [r for batch in [b async for b in stub.Session(requests())] for r in batch.responses]
+        responses = await raw_session(stub, big)
         assert responses[-1].complete.completion_tokens == 2
     run(scenario)
 

@@ -290,6 +290,19 @@ def test_stopping_the_worker_drains_its_sessions():
     run(scenario)
 
 
+def test_a_session_opened_while_the_worker_drains_is_refused_too():
+    async def scenario(engine, server, stub):
+        await server.k2serve_drain()  # stop_worker's first half: gRPC itself still takes new calls
+        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+        try:
+            with pytest.raises(WorkerError) as err:
+                [item async for item in client.generate(GenerateParams("later", (1,), max_tokens=2))]
+            assert err.value.status == 503  # refused or ended at once: either way a router retries elsewhere
+        finally:
+            await client.close()
+    run(scenario)
+
+
 def test_a_failed_session_leaves_no_task_behind():
     async def scenario(engine, server, stub):
         client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")

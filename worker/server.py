@@ -147,6 +147,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._model_info = model_info
         self._params_factory = params_factory or params_from_request
         self._sessions: set[WorkerSession] = set()
+        self._draining = False
 
     async def Generate(self, request, context) -> AsyncIterator[worker_pb2.GenerateResponse]:
         async for response in self.responses(request, worker_pb2.GenerateResponse):
@@ -154,6 +155,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Session(self, request_iterator, context) -> None:
         session = WorkerSession(self.responses)
+        if self._draining:  # a router reconnecting while this worker stops: refuse its requests too
+            session.drain()
         self._sessions.add(session)
         try:
             await session.run(request_iterator, context)
@@ -161,7 +164,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._sessions.discard(session)
 
     def drain(self) -> None:
-        """The worker is stopping: open sessions refuse new requests (503) and end after their last one."""
+        """The worker is stopping: sessions refuse new requests (503) and end after their last one."""
+        self._draining = True
         for session in self._sessions:
             session.drain()
 

@@ -31,7 +31,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT limit")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT limit")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to connect and between streamed data (a long generation is not cut)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM/SGLang extension)")
     p.add_argument("--min-tokens", action="store_true", help="send min_tokens = max_tokens (fixed output length)")

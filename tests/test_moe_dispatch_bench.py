@@ -1,4 +1,4 @@
-"""benchmarks/moe_dispatch.py: byte formulas against hand arithmetic, K2 per-token numbers, one tiny gloo run."""
+"""benchmarks/moe_dispatch.py, dispatch_bytes.py: byte formulas vs hand arithmetic, K2 per-token numbers, a gloo run."""
 
 from __future__ import annotations
 
@@ -7,20 +7,18 @@ import math
 import pytest
 import torch
 
-from benchmarks.moe_dispatch import (
+from benchmarks.dispatch_bytes import (
     LayerBytes,
-    TimingConfig,
     WireFormat,
     all_gather_bytes,
     bytes_per_layer,
     expected_remote_copies,
     expected_remote_ranks,
-    k2_table,
-    measure,
     num_moe_layers,
     per_token_bytes,
     remote_copies,
 )
+from benchmarks.moe_dispatch import TimingConfig, k2_table, measure
 from worker.model.config import ModelConfig
 
 

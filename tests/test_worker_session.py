@@ -8,6 +8,7 @@ every running request, all in the same event-loop pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -90,6 +91,16 @@ async def raw_session(stub, *messages) -> list:
     return [r async for batch in stub.Session(until_none(outbox)) for r in batch.responses]
 
 
+@contextlib.asynccontextmanager
+async def connected(server):
+    """A router's WorkerClient to `server`, closed on the way out."""
+    client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 async def until(predicate, timeout_s: float = 5.0) -> None:
     for _ in range(int(timeout_s / 0.01)):
         if predicate():
@@ -137,8 +148,7 @@ def test_per_request_generate_rpc_still_serves_other_clients():
 
 def test_leaving_one_request_aborts_only_it():
     async def scenario(engine, server, stub):
-        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
-        try:
+        async with connected(server) as client:
             long = client.generate(GenerateParams("long", (1,), max_tokens=10_000))
             assert isinstance(await long.__anext__(), TokenChunk)
             short = [item async for item in client.generate(GenerateParams("short", (1,), max_tokens=5))]
@@ -146,8 +156,6 @@ def test_leaving_one_request_aborts_only_it():
             await long.aclose()
             await until(lambda: engine.aborted and not engine.running)
             assert [rid.split("@")[0] for rid in engine.aborted] == ["long"]  # on the wire: long@<session>.<n>
-        finally:
-            await client.close()
     run(scenario)
 
 
@@ -180,8 +188,7 @@ def test_ending_the_session_aborts_every_request_in_flight():
 
 def test_a_dead_worker_fails_every_request_in_flight_then_new_ones_fast():
     async def scenario(engine, server, stub):
-        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
-        try:
+        async with connected(server) as client:
             streams = [client.generate(GenerateParams(f"r{i}", (1,), max_tokens=10_000)) for i in range(2)]
             for stream in streams:
                 await stream.__anext__()
@@ -194,8 +201,6 @@ def test_a_dead_worker_fails_every_request_in_flight_then_new_ones_fast():
             with pytest.raises(WorkerError) as err:
                 await asyncio.wait_for(client.generate(GenerateParams("after", (1,), max_tokens=2)).__anext__(), 10)
             assert err.value.status == 503
-        finally:
-            await client.close()
     run(scenario)
 
 
@@ -223,8 +228,7 @@ def test_a_request_that_breaks_the_servicer_fails_alone():
 
 def test_a_reused_id_never_gets_the_tokens_of_the_request_that_had_it():
     async def scenario(engine, server, stub):
-        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
-        try:
+        async with connected(server) as client:
             for _ in range(5):
                 first = client.generate(GenerateParams("idem", (1,) * 7, max_tokens=10_000))
                 await first.__anext__()
@@ -233,8 +237,6 @@ def test_a_reused_id_never_gets_the_tokens_of_the_request_that_had_it():
                 again = [item async for item in client.generate(GenerateParams("idem", (1, 2), max_tokens=3))]
                 assert [t for c in again[:-1] for t in c.token_ids] == [100, 101, 102]
                 assert all(c.prompt_tokens == 2 for c in again)
-        finally:
-            await client.close()
         await until(lambda: not engine.running)
     run(scenario)
 
@@ -245,8 +247,7 @@ def test_an_oversized_request_fails_alone(monkeypatch):
     monkeypatch.setattr(worker_session, "MAX_REQUEST_BYTES", 1000)
 
     async def scenario(engine, server, stub):
-        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
-        try:
+        async with connected(server) as client:
             other = client.generate(GenerateParams("other", (1,), max_tokens=20))
             await other.__anext__()
             with pytest.raises(WorkerError) as err:
@@ -254,8 +255,6 @@ def test_an_oversized_request_fails_alone(monkeypatch):
             assert err.value.status == 413
             rest = [item async for item in other]
             assert rest[-1] == Finished("length", None, 1, 20, 0)
-        finally:
-            await client.close()
     run(scenario)
 
 
@@ -272,8 +271,7 @@ def test_stopping_the_worker_drains_its_sessions():
     from worker.server import stop_worker
 
     async def scenario(engine, server, stub):
-        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
-        try:
+        async with connected(server) as client:
             running = client.generate(GenerateParams("running", (1,), max_tokens=40))
             await running.__anext__()
             stopping = asyncio.create_task(stop_worker(server, 30.0))
@@ -285,28 +283,22 @@ def test_stopping_the_worker_drains_its_sessions():
             assert rest[-1] == Finished("length", None, 1, 40, 0)
             await asyncio.wait_for(stopping, 10)  # without waiting out the 30 s grace
             assert not await client.health(timeout=1)
-        finally:
-            await client.close()
     run(scenario)
 
 
 def test_a_session_opened_while_the_worker_drains_is_refused_too():
     async def scenario(engine, server, stub):
         await server.k2serve_drain()  # stop_worker's first half: gRPC itself still takes new calls
-        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
-        try:
+        async with connected(server) as client:
             with pytest.raises(WorkerError) as err:
                 [item async for item in client.generate(GenerateParams("later", (1,), max_tokens=2))]
             assert err.value.status == 503  # refused or ended at once: either way a router retries elsewhere
-        finally:
-            await client.close()
     run(scenario)
 
 
 def test_a_failed_session_leaves_no_task_behind():
     async def scenario(engine, server, stub):
-        client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
-        try:
+        async with connected(server) as client:
             stream = client.generate(GenerateParams("r", (1,), max_tokens=10_000))
             await stream.__anext__()
             await server.stop(0)
@@ -316,8 +308,6 @@ def test_a_failed_session_leaves_no_task_behind():
             await asyncio.sleep(0.1)
             left = [t for t in asyncio.all_tasks() if "request_iterator" in repr(t)]
             assert not left, left  # gRPC's task draining the old session's outbox ended with it
-        finally:
-            await client.close()
     run(scenario)
 
 

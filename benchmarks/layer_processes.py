@@ -144,6 +144,8 @@ async def router_role(args: argparse.Namespace) -> None:
 
 def run_role(args: argparse.Namespace) -> int:
     """Run one layer (`args.role`: worker | router) until SIGINT."""
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     run = asyncio.run
     if args.loop == "uvloop":
         import uvloop
@@ -174,11 +176,13 @@ def process_cpu_s(pid: int) -> float | None:
 class LayerProcess:
     """One layer (`--role worker|router`) in its own Python process; it prints `READY <port> <pid>`.
 
-    `profile` (a file name) runs it under `py-spy record` (raw collapsed stacks, written at exit).
+    `profile` (a file name) runs it under `py-spy record` (raw collapsed stacks, written at exit);
+    `cpus` pins it to those CPUs.
     """
 
-    def __init__(self, role: str, role_args: list[str], profile: str | None = None):
+    def __init__(self, role: str, role_args: list[str], profile: str | None = None, cpus: set[int] | None = None):
         self.role = role
+        role_args = role_args + (["--cpus", ",".join(map(str, sorted(cpus)))] if cpus else [])
         # --gil: samples only where Python holds the GIL (CPU, not waits); --nonblocking: no pauses
         spy = [py_spy(), "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking", "-o", str(profile),
                "--"]
@@ -239,6 +243,7 @@ def parse_role_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", help="router: the worker's gRPC address")
     p.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto", help="router: uvicorn's HTTP parser")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="the process's event loop")
+    p.add_argument("--cpus", help="pin the process to these CPUs (comma-separated)")
     args = p.parse_args(argv)
     if args.role == "router" and not args.worker:
         p.error("--role router needs --worker HOST:PORT")

@@ -18,7 +18,7 @@ run of 1-token requests separates the per-request from the per-token cost. Not a
 
     PYTHONPATH=. python benchmarks/router_overhead.py [--engine paced|tiny] [--step-ms 5] [--num-requests 64]
         [--concurrency 8] [--input-len 64] [--output-len 32] [--model-dir DIR] [--http auto|h11|httptools]
-        [--loop asyncio|uvloop] [--profile-router FILE] [--json FILE]
+        [--loop asyncio|uvloop] [--pin] [--profile-router FILE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from benchmarks import process_hops
 from benchmarks.layer_processes import MODEL, LayerProcess, build_engine
+from benchmarks.overhead_report import machine, render, router_cost, verdict
 from cluster.bench import BenchConfig, LengthDist, RequestResult, make_requests, run_requests, summarize
 from router.tokenizer import K2Tokenizer
 from router.worker_client import Finished, GenerateParams, WorkerClient
@@ -206,15 +207,19 @@ async def _with_cfg(cfg: BenchConfig, rows) -> tuple[BenchConfig, list[RequestRe
 async def main_async(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     """Measure the three layers `--repeats` times, interleaved (engine, grpc, router, engine, ...), then the
     router's per-request cost; returns the per-layer medians, the runs, and CPU seconds per run."""
+    cpus = pinning(args.pin)
+    if cpus:
+        os.sched_setaffinity(0, cpus["loadgen"])
     tokenizer = K2Tokenizer.from_dir(model_dir)
     engine = build_engine(args.engine, model_dir, args.step_ms)
     common = ["--engine", args.engine, "--step-ms", str(args.step_ms), "--model-dir", str(model_dir)]
-    report: dict[str, Any] = {"machine": machine()}
+    report: dict[str, Any] = {"machine": machine(), "pinned": {k: sorted(v) for k, v in cpus.items()},
+                              "hops": await process_hops.measure(args.step_ms / 1e3)}
     try:
-        async with LayerProcess("worker", common) as worker:
+        async with LayerProcess("worker", common, cpus=cpus.get("worker")) as worker:
             address = f"127.0.0.1:{worker.port}"
             router_args = common + ["--worker", address, "--http", args.http, "--loop", args.loop]
-            async with LayerProcess("router", router_args, args.profile_router) as router:
+            async with LayerProcess("router", router_args, args.profile_router, cpus.get("router")) as router:
                 client, url = WorkerClient(address), f"http://127.0.0.1:{router.port}"
                 try:
                     report.update(await measure_all(args, engine, client, url, tokenizer, worker, router))
@@ -268,85 +273,14 @@ def _median(values: list) -> Any:
     return statistics.median(present) if present else None
 
 
-# ---------------------------------------------------------------- report
-
-
-def machine() -> dict[str, Any]:
-    """CPUs and load when the run began: latencies on a busy machine measure the machine as much as the code."""
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
-    return {"cpus": os.cpu_count(), "load_avg_1m": load[0], "python": sys.version.split()[0]}
-
-
-def overhead_table(layers: dict[str, dict[str, Any]]) -> str:
-    """One row per layer: throughput and latency percentiles (ms)."""
-    head = (f"{'layer':<8}{'ok':>5}{'fail':>5}{'req/s':>9}{'tok/s':>9}{'ttft p50':>10}{'ttft p99':>10}"
-            f"{'itl p50':>9}{'e2e p50':>9}")
-    lines = [head]
-    for name, s in layers.items():
-        lines.append(f"{name:<8}{s['completed']:>5}{s['failed']:>5}{s['request_throughput']:>9.2f}"
-                     f"{s['output_throughput']:>9.1f}{_ms(s['ttft']['p50_ms'], 10)}{_ms(s['ttft']['p99_ms'], 10)}"
-                     f"{_ms(s['itl']['p50_ms'], 9)}{_ms(s['e2e']['p50_ms'], 9)}")
-    return "\n".join(lines) + "\n(latencies in ms)"
-
-
-def cpu_table(report: dict[str, Any]) -> str:
-    """CPU microseconds per output token spent by each process while a layer was measured, their sum, and
-    the token rate that sum allows on this machine's CPUs (the ceiling when the machine runs nothing else)."""
-    lines = [f"{'layer':<8}{'loadgen':>10}{'worker':>10}{'router':>10}{'all':>10}{'cpu-bound tok/s':>17}"
-             "   (CPU us per output token)"]
-    cpus = report["machine"]["cpus"] or 1
-    for name, cpu in report["cpu_s"].items():
-        if name not in report["layers"]:
-            continue
-        tokens = max(report["layers"][name]["total_output_tokens"], 1)
-        cells = "".join(f"{_us(cpu.get(p), tokens):>10}" for p in ("loadgen", "worker", "router"))
-        total = sum(cpu.values())
-        ceiling = f"{cpus * tokens / total:.0f}" if total > 0 else "-"
-        lines.append(f"{name:<8}{cells}{_us(total, tokens):>10}{ceiling:>17}")
-    return "\n".join(lines)
-
-
-def router_cost(report: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
-    """Router CPU per request and per token from two runs: 1-token requests and the main workload."""
-    n = args.num_requests
-    per_request = report["cpu_s"]["router_1tok"]["router"] / n
-    tokens = max(report["layers"]["router"]["total_output_tokens"], 1)
-    per_token = max(report["cpu_s"]["router"]["router"] - per_request * n, 0.0) / tokens
-    return {"per_request_ms": per_request * 1e3, "per_token_us": per_token * 1e6}
-
-
-def verdict(layers: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The issue's two numbers: router/engine output throughput and router - engine p50 TTFT (ms)."""
-    base, routed = layers["engine"], layers["router"]
-    ratio = routed["output_throughput"] / base["output_throughput"] if base["output_throughput"] else 0.0
-    added = (routed["ttft"]["p50_ms"] or 0.0) - (base["ttft"]["p50_ms"] or 0.0)
-    return {"throughput_ratio": ratio, "ttft_p50_added_ms": added}
-
-
-def render(report: dict[str, Any], args: argparse.Namespace) -> str:
-    cost, result = router_cost(report, args), verdict(report["layers"])
-    view, client = report["router_view"], report["layers"]["router"]
-    m = report["machine"]
-    return "\n".join([
-        f"machine: {m['cpus']} CPUs, load average {m['load_avg_1m']:.2f} at the start; engine {args.engine}, "
-        f"concurrency {args.concurrency}, {args.num_requests} requests x {args.output_len} tokens, router http "
-        f"{args.http}, loop {args.loop}; medians of {args.repeats} interleaved run(s) per layer",
-        overhead_table(report["layers"]), "", cpu_table(report), "",
-        f"router's own view (its /metrics, means): queued {_ms(view['queue_mean_ms'], 0)} ms, dispatch to first "
-        f"token {_ms(view['ttft_mean_ms'], 0)} ms, request {_ms(view['request_mean_ms'], 0)} ms; "
-        f"the client saw TTFT {_ms(client['ttft']['mean_ms'], 0)} ms, e2e {_ms(client['e2e']['mean_ms'], 0)} ms",
-        f"router CPU: {cost['per_request_ms']:.2f} ms per request + {cost['per_token_us']:.0f} us per output token",
-        f"throughput_ratio: {result['throughput_ratio']:.3f}",
-        f"ttft_p50_added_ms: {result['ttft_p50_added_ms']:.2f}",
-    ])
-
-
-def _ms(v: float | None, width: int) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:>{width}.2f}"
-
-
-def _us(seconds: float | None, tokens: int) -> str:
-    return "-" if seconds is None else f"{seconds / tokens * 1e6:.0f}"
+def pinning(pin: bool) -> dict[str, set[int]]:
+    """`--pin`: two CPUs of its own for each process (the load generator, the worker, the router)."""
+    if not pin:
+        return {}
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 6:
+        raise SystemExit(f"--pin needs 6 CPUs, this process may use {len(available)}")
+    return {name: set(available[2 * i:2 * i + 2]) for i, name in enumerate(("loadgen", "worker", "router"))}
 
 
 # ---------------------------------------------------------------- command line
@@ -368,6 +302,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="uvicorn's HTTP parser in the router process (auto: httptools when installed)")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="event loop of the router process (k2serve's router runs asyncio's)")
+    p.add_argument("--pin", action="store_true",
+                   help="give the load generator, the worker and the router two CPUs each (needs 6)")
     p.add_argument("--profile-router", metavar="FILE", help="run the router under py-spy; collapsed stacks to FILE")
     p.add_argument("--json", help="write the summaries and CPU seconds as JSON")
     args = p.parse_args(argv)

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from benchmarks.layer_processes import LayerProcess, PacedEngine, process_cpu_s
-from benchmarks.router_overhead import main, median_summary, router_cost, verdict
+from benchmarks.overhead_report import router_cost, verdict
+from benchmarks.router_overhead import main, median_summary, pinning
 from worker.request import SamplingParams
 
 
@@ -84,6 +85,23 @@ def test_layer_process_reports_a_failed_start(tiny_model_dir):
         asyncio.run(run())
 
 
+def test_pinning_gives_each_process_two_cpus_of_its_own(monkeypatch):
+    assert pinning(False) == {}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert pinning(True) == {"loadgen": {0, 1}, "worker": {2, 3}, "router": {4, 5}}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(SystemExit, match="needs 6 CPUs"):
+        pinning(True)
+
+
+def test_layer_process_runs_on_the_cpus_it_is_given(tiny_model_dir):
+    async def run():
+        async with LayerProcess("worker", ["--engine", "paced", "--model-dir", str(tiny_model_dir)], cpus={0}) as worker:
+            return os.sched_getaffinity(worker.pid)
+
+    assert asyncio.run(run()) == {0}
+
+
 def test_small_run_measures_three_layers_in_processes(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "overhead.json"
     code = main(["--model-dir", str(tiny_model_dir), "--num-requests", "4", "--concurrency", "2", "--repeats", "2",
@@ -106,3 +124,6 @@ def test_small_run_measures_three_layers_in_processes(tiny_model_dir, tmp_path, 
     assert lines[-2].startswith("throughput_ratio: ") and lines[-1].startswith("ttft_p50_added_ms: ")
     assert float(lines[-2].split()[1]) == pytest.approx(report["throughput_ratio"], abs=1e-3)
     assert "us per output token" in printed and "router's own view" in printed
+    hops = report["hops"]  # the floor: plain TCP between two processes, measured in the same run
+    assert hops["gap_ms"] == 2 and all(hops[k] > 0 for k in ("idle_to_ms", "idle_back_ms", "busy_to_ms", "busy_back_ms"))
+    assert "process hop (plain asyncio TCP" in printed

@@ -25,11 +25,14 @@ MESSAGE = struct.Struct("<qq")  # (sender's send time ns, the one-way ns the sen
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answer each message at once, reporting how long it took to arrive."""
-    while data := await reader.read(MESSAGE.size):
-        sent_ns, _ = MESSAGE.unpack(data)
-        arrived = time.perf_counter_ns() - sent_ns
-        writer.write(MESSAGE.pack(time.perf_counter_ns(), arrived))
+    """Answer each message at once, reporting how long it took to arrive; until the client hangs up."""
+    try:
+        while True:
+            sent_ns, _ = MESSAGE.unpack(await reader.readexactly(MESSAGE.size))
+            arrived = time.perf_counter_ns() - sent_ns
+            writer.write(MESSAGE.pack(time.perf_counter_ns(), arrived))
+    except asyncio.IncompleteReadError:
+        writer.close()
 
 
 async def serve() -> None:
@@ -60,7 +63,10 @@ async def measure(gap_s: float, samples: int = 300) -> dict[str, float]:
     proc = await asyncio.create_subprocess_exec(sys.executable, str(Path(__file__).resolve()), "--serve",
                                                 stdout=asyncio.subprocess.PIPE)
     try:
-        port = int((await asyncio.wait_for(proc.stdout.readline(), 60)).decode())
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
+        if not line.isdigit():
+            raise RuntimeError(f"the echo process did not start (said {line!r}); its stderr is above")
+        port = int(line)
         idle = await _one_way_ms(port, gap_s, samples)
         busy = await _one_way_ms(port, 0.0, samples)
     finally:

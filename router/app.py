@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,14 +44,16 @@ def create_app(config: RouterConfig, backends: Sequence[Backend] | Any, tokenize
     from router.openai_api import routes as openai_routes
 
     picker = backends if hasattr(backends, "pick") else RoundRobin(list(backends))
-    app = FastAPI(title="k2serve router", docs_url=None, redoc_url=None, openapi_url=None)
+    endpoints = post_endpoints([openai_routes, anthropic_routes])
+
+    def front(fastapi_stack):  # inside out: FastRoutes, auth, then the request metrics (they count 401s too)
+        inner = FastRoutes(fastapi_stack, endpoints)
+        inner = _AuthMiddleware(inner, config.api_key.encode()) if config.api_key else inner
+        return _RequestMetricsMiddleware(inner, metrics) if metrics is not None else inner
+
+    app = RouterApp(front, title="k2serve router", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = RouterContext(config=config, picker=picker, tokenizer=tokenizer, template=template,
                                   detokenizer_factory=detokenizer_factory or _default_detokenizer, metrics=metrics)
-    # Added first, so innermost: auth and the request metrics still see every request.
-    app.add_middleware(FastRoutes, endpoints=post_endpoints([openai_routes, anthropic_routes]))
-    _install_auth(app, config)
-    if metrics is not None:
-        _install_request_metrics(app, metrics)
     _install_error_handlers(app)
     app.include_router(openai_routes)
     app.include_router(anthropic_routes)
@@ -98,13 +100,21 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-def _install_auth(app: FastAPI, config: RouterConfig) -> None:
-    if config.api_key:
-        app.add_middleware(_AuthMiddleware, expected=config.api_key.encode())
+class RouterApp(FastAPI):
+    """FastAPI with the router's own front in front of FastAPI's middleware stack.
 
+    `front(stack)` wraps the stack FastAPI builds (its error, telemetry, body-limit and exception
+    middleware, then the routes) in the router's plain ASGI layers: request metrics, auth and FastRoutes.
+    A streamed event of the API's POST endpoints then goes from the endpoint to uvicorn through no
+    send wrapper (FastAPI's error middleware wraps send for every event).
+    """
 
-def _install_request_metrics(app: FastAPI, metrics) -> None:
-    app.add_middleware(_RequestMetricsMiddleware, metrics=metrics)
+    def __init__(self, front: Callable[[Any], Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self._front = front
+
+    def build_middleware_stack(self):
+        return self._front(super().build_middleware_stack())
 
 
 # Plain ASGI middleware: Starlette's BaseHTTPMiddleware (@app.middleware("http")) re-streams every
@@ -144,11 +154,11 @@ class _RequestMetricsMiddleware:
         self.metrics.request_started(path)
         status = 500
 
-        async def send_status(message):
+        def send_status(message):  # a plain function handing back send's awaitable: no frame per event
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
         try:
             await self.app(scope, receive, send_status)
         finally:

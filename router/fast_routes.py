@@ -3,15 +3,19 @@
 Routing a request through FastAPI (route matching over the included routers, dependency solving, two
 exit stacks, the exception middleware and its send wrapper on every streamed event) cost about 0.3 ms of
 router CPU per request, more than the endpoint's own work. The POST endpoints take only the Request and
-answer errors by raising APIError, so a dict lookup and one except clause do the same job.
+answer errors by raising APIError, so a dict lookup and two except clauses do the same job.
+
+The router app (router/app.py) puts this in front of FastAPI's whole middleware stack, so that a streamed
+event passes no send wrapper between the endpoint and uvicorn; an unexpected exception in an endpoint
+is therefore answered here, as FastAPI's 500 handler would: logged, and a 500 in the API's error format.
 
 Everything else (other methods on these paths: 405, unknown paths: 404, probes, /metrics) goes on to
-FastAPI, whose route table still lists these endpoints. An unexpected exception still reaches the app's
-500 handler, which sits outside this middleware.
+FastAPI, whose route table still lists these endpoints.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Awaitable, Callable, Iterable
 
 from fastapi import APIRouter, Request
@@ -19,6 +23,8 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from router.errors import APIError, error_body
+
+log = logging.getLogger(__name__)
 
 Endpoint = Callable[[Request], Awaitable[object]]
 
@@ -45,4 +51,7 @@ class FastRoutes:
             response = await endpoint(Request(scope, receive))
         except APIError as exc:
             response = JSONResponse(error_body(scope["path"], exc), status_code=exc.status)
+        except Exception:  # noqa: BLE001 - a bug in one request must not take the connection down unanswered
+            log.exception("unhandled error on %s", scope["path"])
+            response = JSONResponse(error_body(scope["path"], APIError(500, "internal server error")), status_code=500)
         await response(scope, receive, send)

@@ -118,3 +118,57 @@ def test_router_reads_back_tokens_logprobs_and_counts(out):
     lps = tuple(TokenLogprob(lp.token_id, lp.logprob, tuple(lp.top_logprobs)) for lp in out.new_logprobs or ())
     assert item == TokenChunk(tuple(out.new_token_ids), lps, out.prompt_tokens, out.completion_tokens,
                               out.cached_tokens)
+
+
+def test_streamed_events_reach_the_server_from_the_endpoint_itself(tiny_model_dir):
+    """The API's POST endpoints sit in front of FastAPI's middleware stack (router.app.RouterApp): each SSE
+    event goes from EventStreamResponse's loop to the server's send with no wrapper coroutine between
+    them (FastAPI's error middleware wraps send, which cost about a fifth of the router's CPU per token),
+    and auth and the request metrics still see the request."""
+    import asyncio
+    import sys
+
+    from router.app import create_app
+    from router.chat_template import ChatTemplate
+    from router.config import RouterConfig
+    from router.tokenizer import K2Tokenizer
+    from router_harness import ScriptedBackend
+
+    tokenizer = K2Tokenizer.from_dir(tiny_model_dir)
+    metrics = RouterMetrics(CollectorRegistry(), model="kimi-k2-tiny")
+    app = create_app(RouterConfig(model_name="kimi-k2-tiny", api_key="k"),
+                     [ScriptedBackend(tokenizer, lambda params, prompt: "one two three")], tokenizer,
+                     ChatTemplate.from_dir(tiny_model_dir), metrics=metrics)
+    body = json.dumps({"model": "kimi-k2-tiny", "prompt": "hi", "max_tokens": 8, "stream": True}).encode()
+
+    async def request(key: str) -> tuple[list[dict], list[str]]:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "client": ("127.0.0.1", 9), "server": ("127.0.0.1", 80),
+                 "headers": [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]}
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+        sent, senders = [], []
+
+        async def receive():
+            if pending:
+                return pending.pop()
+            await asyncio.Event().wait()  # the client stays until the response ends
+
+        async def send(message):
+            sent.append(message)
+            senders.append(sys._getframe(1).f_code.co_name)  # the coroutine that awaited this send
+
+        await app(scope, receive, send)
+        return sent, senders
+
+    sent, senders = asyncio.run(request("k"))
+    assert sent[0]["status"] == 200
+    events = [i for i, m in enumerate(sent) if m["type"] == "http.response.body" and m["body"]]
+    assert len(events) >= 4 and b"[DONE]" in sent[events[-1]]["body"]
+    assert {senders[i] for i in events} == {"_stream"}
+    assert sample(metrics, "k2serve_router_requests_total", endpoint="/v1/completions", model="kimi-k2-tiny",
+                  status="200") == 1
+    sent, _ = asyncio.run(request("wrong"))
+    assert sent[0]["status"] == 401
+    assert sample(metrics, "k2serve_router_requests_total", endpoint="/v1/completions", model="kimi-k2-tiny",
+                  status="401") == 1

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.config import RouterConfig
@@ -107,6 +108,9 @@ class RouterApp(FastAPI):
     middleware, then the routes) in the router's plain ASGI layers: request metrics, auth and FastRoutes.
     A streamed event of the API's POST endpoints then goes from the endpoint to uvicorn through no
     send wrapper (FastAPI's error middleware wraps send for every event).
+
+    HTTP requests also skip FastAPI's per-request check for an OpenTelemetry provider (about 0.1 ms of
+    router CPU per request here): the router observes itself with Prometheus (router/metrics.py).
     """
 
     def __init__(self, front: Callable[[Any], Any], **kwargs: Any):
@@ -115,6 +119,14 @@ class RouterApp(FastAPI):
 
     def build_middleware_stack(self):
         return self._front(super().build_middleware_stack())
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":  # lifespan and websockets as FastAPI runs them
+            await super().__call__(scope, receive, send)
+            return
+        if self.root_path:
+            scope["root_path"] = self.root_path
+        await Starlette.__call__(self, scope, receive, send)
 
 
 # Plain ASGI middleware: Starlette's BaseHTTPMiddleware (@app.middleware("http")) re-streams every

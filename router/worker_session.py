@@ -18,6 +18,7 @@ engine with another router's request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -42,7 +43,7 @@ class RequestMux:
 
     def __init__(self, stub: Any, on_failure: FailureFactory):
         self._outbox: asyncio.Queue = asyncio.Queue()
-        self._inboxes: dict[str, asyncio.Queue] = {}
+        self._inboxes: dict[str, Inbox] = {}
         self._on_failure = on_failure
         self._tag = uuid.uuid4().hex[:8]
         self._serial = itertools.count()
@@ -65,7 +66,7 @@ class RequestMux:
             yield _error(f"the request is {request.ByteSize()} bytes; at most {MAX_REQUEST_BYTES} go to a worker", 413)
             return
         wire_id = request.request_id = f"{request.request_id}@{self._tag}.{next(self._serial)}"
-        inbox = self._inboxes[wire_id] = asyncio.Queue()
+        inbox = self._inboxes[wire_id] = Inbox()
         finished = False
         try:
             self._outbox.put_nowait(request)
@@ -106,7 +107,7 @@ class RequestMux:
                 for response in batch.responses:
                     inbox = self._inboxes.get(response.request_id)
                     if inbox is not None:  # None: a request that left (and was aborted) meanwhile
-                        inbox.put_nowait(response)
+                        inbox.put(response)
         except grpc.aio.AioRpcError as exc:
             failure = self._on_failure(exc, "")
         except asyncio.CancelledError:
@@ -117,7 +118,33 @@ class RequestMux:
             self._failure = failure
             self._outbox.put_nowait(None)  # ends gRPC's task that drains the outbox, whatever ended the call
             for inbox in self._inboxes.values():
-                inbox.put_nowait(failure)
+                inbox.put(failure)
+
+
+class Inbox:
+    """One request's responses, handed over by the mux's reader and awaited by the request's task.
+
+    What asyncio.Queue does for one consumer and no size limit, without its bookkeeping for `join`,
+    `task_done` and waiting producers: per streamed token that bookkeeping cost more than the hand-over.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
 
 
 def _add(message: worker_pb2.SessionRequest, item: worker_pb2.GenerateRequest | str) -> None:

@@ -413,3 +413,22 @@ def test_requests_queued_together_leave_in_one_message():
     burst, after = asyncio.run(main())
     assert [g.request_id.split("@")[0] for g in burst.generate] == [f"b{i}" for i in range(5)] and not burst.abort
     assert not after.generate and [a.request_id.split("@")[0] for a in after.abort] == ["b0"]
+
+
+def test_an_inbox_hands_over_in_order_and_survives_a_cancelled_wait():
+    from router.worker_session import Inbox
+
+    async def run():
+        inbox = Inbox()
+        waiting = asyncio.create_task(inbox.get())
+        await asyncio.sleep(0)
+        waiting.cancel()  # a request left while it waited: nothing may be lost or handed to it
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        later = asyncio.create_task(inbox.get())
+        await asyncio.sleep(0)
+        for item in ("a", "b", "c"):
+            inbox.put(item)
+        return [await later, await inbox.get(), await inbox.get()]
+
+    assert asyncio.run(run()) == ["a", "b", "c"]

@@ -110,7 +110,10 @@ class RouterApp(FastAPI):
     send wrapper (FastAPI's error middleware wraps send for every event).
 
     HTTP requests also skip FastAPI's per-request check for an OpenTelemetry provider (about 0.1 ms of
-    router CPU per request here): the router observes itself with Prometheus (router/metrics.py).
+    router CPU per request here): the router observes itself with Prometheus (router/metrics.py), and
+    FastAPI's own OpenTelemetry spans are not produced. A layer every request must pass (CORS, say)
+    belongs in `front`: one added with `add_middleware` sits inside FastRoutes and sees only what
+    FastAPI answers.
     """
 
     def __init__(self, front: Callable[[Any], Any], **kwargs: Any):

@@ -54,4 +54,8 @@ class FastRoutes:
         except Exception:  # noqa: BLE001 - a bug in one request must not take the connection down unanswered
             log.exception("unhandled error on %s", scope["path"])
             response = JSONResponse(error_body(scope["path"], APIError(500, "internal server error")), status_code=500)
-        await response(scope, receive, send)
+        try:
+            await response(scope, receive, send)
+        except Exception:  # a stream that broke after its status line: logged here, then the server closes it
+            log.exception("unhandled error on %s", scope["path"])
+            raise

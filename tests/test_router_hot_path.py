@@ -175,3 +175,48 @@ def test_streamed_events_reach_the_server_from_the_endpoint_itself(tiny_model_di
     assert sent[0]["status"] == 401
     assert sample(metrics, "k2serve_router_requests_total", endpoint="/v1/completions", model="kimi-k2-tiny",
                   status="401") == 1
+
+
+def test_a_stream_that_breaks_after_its_first_event_is_logged_and_closed(tiny_model_dir, caplog):
+    import asyncio
+    import logging
+
+    from router.app import create_app
+    from router.chat_template import ChatTemplate
+    from router.config import RouterConfig
+    from router.tokenizer import K2Tokenizer
+    from router.worker_client import TokenChunk
+
+    class BreaksMidStream:
+        async def generate(self, params):
+            yield TokenChunk((tokenizer.encode(" the")[0],), prompt_tokens=1, completion_tokens=1)
+            raise RuntimeError("a bug after the first token")
+
+        async def get_model_info(self):
+            from router.worker_client import WorkerModelInfo
+            return WorkerModelInfo("kimi-k2-tiny", 256, tokenizer.n_vocab)
+
+        async def health(self):
+            return True
+
+    tokenizer = K2Tokenizer.from_dir(tiny_model_dir)
+    app = create_app(RouterConfig(model_name="kimi-k2-tiny"), [BreaksMidStream()], tokenizer,
+                     ChatTemplate.from_dir(tiny_model_dir))
+    body = json.dumps({"model": "kimi-k2-tiny", "prompt": "hi", "max_tokens": 8, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 9), "server": ("127.0.0.1", 80), "headers": [(b"content-type", b"application/json")]}
+    sent, pending = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if pending:
+            return pending.pop()
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="after the first token"):
+        asyncio.run(app(scope, receive, send))  # the server closes the connection; the client sees a cut stream
+    assert sent[0]["status"] == 200 and sent[1]["body"].startswith(b"data: ")
+    assert any("unhandled error on /v1/completions" in r.getMessage() for r in caplog.records)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from router.errors import APIError, openai_error_body
 from router.generation import ChoiceResult, ChoiceSpec, Event, RouterContext, collect_choice, run_choice
@@ -85,6 +86,35 @@ async def collect_all(streams: list[AsyncIterator[Event]]) -> list[ChoiceResult]
     finally:
         for task in tasks:
             task.cancel()
+
+
+T = TypeVar("T")
+
+
+async def while_connected(ctx: RouterContext, request: Request, work: Awaitable[T]) -> T:
+    """`work` (a non-streamed answer being collected) unless the client leaves first: then `work` is
+    cancelled, which closes its choices and so cancels their worker requests, the disconnect is counted,
+    and ClientDisconnect is raised (the router answers it with 499, which nobody reads)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when the caller itself is cancelled
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if not task.cancelled():
+        return task.result()
+    if ctx.metrics is not None:
+        ctx.metrics.client_disconnect(request.scope["path"])
+    raise ClientDisconnect()
+
+
+async def _disconnected(request: Request) -> Any:
+    """Return when the client disconnects (the body was read before: what comes now is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def streaming_response(ctx: RouterContext, request: Request, body: AsyncIterator[str], rid: str) -> EventStreamResponse:

@@ -21,6 +21,7 @@ from typing import Awaitable, Callable, Iterable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 
 from router.errors import APIError, error_body
 
@@ -51,6 +52,8 @@ class FastRoutes:
             response = await endpoint(Request(scope, receive))
         except APIError as exc:
             response = JSONResponse(error_body(scope["path"], exc), status_code=exc.status)
+        except ClientDisconnect:  # nginx's 499: sent into the closed connection, it reaches only the request metrics
+            response = JSONResponse(error_body(scope["path"], APIError(499, "the client closed the request")), 499)
         except Exception:  # noqa: BLE001 - a bug in one request must not take the connection down unanswered
             log.exception("unhandled error on %s", scope["path"])
             response = JSONResponse(error_body(scope["path"], APIError(500, "internal server error")), status_code=500)

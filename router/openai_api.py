@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from router.choice_streams import (choice_streams, collect_all, merge_choices, prime_all, sse_with_errors,
-                                   streaming_response)
+                                   streaming_response, while_connected)
 from router.errors import APIError
 from router.generation import ChoiceResult, ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, sum_usage
 from router.protocol import ChatCompletionRequest, CompletionRequest, read_request
@@ -149,7 +149,7 @@ async def chat_completions(request: Request):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = chat_stream(ctx, streams, meta, req.logprobs, include_usage)
         return streaming_response(ctx, request, sse_with_errors(body), rid)
-    results = await collect_all(streams)
+    results = await while_connected(ctx, request, collect_all(streams))
     return JSONResponse(chat_response(ctx, results, meta, req.logprobs), headers={"x-request-id": rid})
 
 
@@ -245,7 +245,7 @@ async def completions(request: Request):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = completion_stream(ctx, streams, meta, want_lps, include_usage)
         return streaming_response(ctx, request, sse_with_errors(body), rid)
-    results = await collect_all(streams)
+    results = await while_connected(ctx, request, collect_all(streams))
     choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason,
                 "logprobs": completion_logprobs(ctx, r.logprobs) if want_lps else None} for i, r in enumerate(results)]
     return JSONResponse({**meta, "choices": choices, "usage": usage_json(sum_usage([r.usage for r in results]))},

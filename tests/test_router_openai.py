@@ -209,6 +209,52 @@ def test_client_disconnect_cancels_worker_request(stack):
                                      {"endpoint": "/v1/chat/completions"}) == 1
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": MODEL, "prompt": "LONG", "max_tokens": 400}),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 400, "messages": [{"role": "user", "content": "LONG"}]})])
+def test_a_client_leaving_a_non_streamed_request_cancels_its_worker_request(stack, path, body):
+    backend, _, server = stack
+    registry = server.server.config.app.state.ctx.metrics.registry
+
+    def count(name, **labels):
+        return registry.get_sample_value(name, labels) or 0
+
+    before = (count("k2serve_router_client_disconnects_total", endpoint=path),
+              count("k2serve_router_requests_total", endpoint=path, model=MODEL, status="499"))
+    backend.delay = 0.01  # 500 words: seconds of generation, far beyond the client's patience
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + path, json=body, timeout=0.5)
+        rid = backend.calls[-1].request_id
+        assert wait_until(lambda: rid not in backend.active)
+    finally:
+        backend.delay = 0.0
+    assert rid in backend.cancelled
+    assert wait_until(lambda: (count("k2serve_router_client_disconnects_total", endpoint=path),
+                               count("k2serve_router_requests_total", endpoint=path, model=MODEL, status="499"))
+                      == (before[0] + 1, before[1] + 1))
+
+
+def test_a_client_leaving_while_it_sends_its_body_is_a_499_not_an_error(stack, caplog):
+    import socket
+
+    _, _, server = stack
+    registry = server.server.config.app.state.ctx.metrics.registry
+
+    def count(status):
+        return registry.get_sample_value("k2serve_router_requests_total",
+                                         {"endpoint": "/v1/completions", "model": MODEL, "status": status}) or 0
+
+    before = count("499")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 1000\r\n\r\n{\"model\": ")
+    assert wait_until(lambda: count("499") == before + 1)
+    assert count("500") == 0
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
+
+
 def test_request_id_header_travels(stack):
     backend, _, server = stack
     r = httpx.post(server.url + "/v1/chat/completions", headers={"x-request-id": "abc-123"},

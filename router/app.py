@@ -50,7 +50,10 @@ def create_app(config: RouterConfig, backends: Sequence[Backend] | Any, tokenize
     def front(fastapi_stack):  # inside out: FastRoutes, auth, then the request metrics (they count 401s too)
         inner = FastRoutes(fastapi_stack, endpoints)
         inner = _AuthMiddleware(inner, config.api_key.encode()) if config.api_key else inner
-        return _RequestMetricsMiddleware(inner, metrics) if metrics is not None else inner
+        if metrics is None:
+            return inner
+        api_paths = frozenset(route.path for r in (openai_routes, anthropic_routes) for route in r.routes)
+        return _RequestMetricsMiddleware(inner, metrics, api_paths)
 
     app = RouterApp(front, title="k2serve router", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = RouterContext(config=config, picker=picker, tokenizer=tokenizer, template=template,
@@ -154,17 +157,23 @@ class _AuthMiddleware:
 
 
 class _RequestMetricsMiddleware:
-    """Count API requests by endpoint and status; duration from arrival to the last byte sent."""
+    """Count API requests by endpoint and status; duration from arrival to the last byte sent.
 
-    def __init__(self, app, metrics):
+    The endpoint label is one of `endpoints` or "other": paths come from clients, and a label per path
+    would let anyone grow the series without bound.
+    """
+
+    def __init__(self, app, metrics, endpoints: frozenset[str]):
         self.app = app
         self.metrics = metrics
+        self.endpoints = endpoints
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith("/v1/"):
             await self.app(scope, receive, send)
             return
+        path = path if path in self.endpoints else "other"
         start = time.monotonic()
         self.metrics.request_started(path)
         status = 500

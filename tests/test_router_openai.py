@@ -255,6 +255,15 @@ def test_a_client_leaving_while_it_sends_its_body_is_a_499_not_an_error(stack, c
     assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
 
 
+def test_unknown_paths_share_one_metrics_label(stack):
+    _, _, server = stack
+    for i in range(3):
+        assert httpx.get(server.url + f"/v1/scan-{i}").status_code == 404
+    text = httpx.get(server.url + "/metrics").text
+    assert 'k2serve_router_requests_total{endpoint="other",model="kimi-k2-tiny",status="404"} 3.0' in text
+    assert "scan-" not in text
+
+
 def test_request_id_header_travels(stack):
     backend, _, server = stack
     r = httpx.post(server.url + "/v1/chat/completions", headers={"x-request-id": "abc-123"},

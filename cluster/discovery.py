@@ -6,6 +6,7 @@ metrics_address (rank 0's Prometheus host:port, or null).
 
 from __future__ import annotations
 
+import socket
 import threading
 
 from fastapi import FastAPI
@@ -22,15 +23,17 @@ def discovery_app(controller) -> FastAPI:
 
 
 class DiscoveryServer:
-    """uvicorn on a daemon thread serving discovery_app(controller)."""
+    """uvicorn on a daemon thread serving discovery_app(controller) on `sock` (bound by cluster.listener)."""
 
-    def __init__(self, controller, host: str, port: int):
+    def __init__(self, controller, sock: socket.socket):
         import uvicorn
 
+        host, port = sock.getsockname()[:2]
         config = uvicorn.Config(discovery_app(controller), host=host, port=port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None
-        self.thread = threading.Thread(target=self.server.run, name="discovery", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="discovery",
+                                       daemon=True)
 
     def start(self) -> "DiscoveryServer":
         self.thread.start()

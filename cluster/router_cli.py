@@ -54,15 +54,17 @@ def make_discovery(args: argparse.Namespace, config):
 
 def run(args: argparse.Namespace) -> int:
     from cluster.router_service import build_router_app
+    from cluster.listener import bind
     from cluster.serve_cli import ensure_model, load_config, run_router
 
     args.address = None
     config = load_config(args)
+    router = config.router_config()
+    sock = bind(router.host, router.port, "router")
     model_dir = ensure_model(config)
     source = make_discovery(args, config)
     where = getattr(source, "url", None) or ", ".join(f"{n}={a}" for n, a in static_groups(args.group))
     print(f"router: worker groups from {where}", file=sys.stderr, flush=True)
-    router = config.router_config()
     make_app = lambda: build_router_app(config, model_dir, source)  # noqa: E731
-    run_router(make_app, router.host, router.port, config.controller.drain_timeout_s)
+    run_router(make_app, sock, config.controller.drain_timeout_s)
     return 0

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,14 +53,16 @@ def ensure_model(config) -> Path:
     return path
 
 
-async def serve_router(make_app, host: str, port: int, drain_s: float) -> None:
-    """Build the app inside the running loop (its gRPC channels bind to it) and serve until a signal."""
+async def serve_router(make_app, sock: socket.socket, drain_s: float) -> None:
+    """Build the app inside the running loop (its gRPC channels bind to it) and serve on `sock` (bound by
+    cluster.listener.bind) until a signal."""
     import uvicorn
 
     app = make_app()
+    host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=drain_s, lifespan="off"))
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
@@ -68,7 +71,7 @@ async def serve_router(make_app, host: str, port: int, drain_s: float) -> None:
     await task
 
 
-def run_router(make_app, host: str, port: int, drain_s: float) -> None:
+def run_router(make_app, sock: socket.socket, drain_s: float) -> None:
     """serve_router until Ctrl-C or SIGTERM. uvicorn drains, then re-raises the signal: here that ends the
     loop as KeyboardInterrupt (SIGTERM's default action would kill the process before Ray is stopped)."""
     def interrupt(signum, frame):
@@ -76,7 +79,7 @@ def run_router(make_app, host: str, port: int, drain_s: float) -> None:
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        asyncio.run(serve_router(make_app, host, port, drain_s))
+        asyncio.run(serve_router(make_app, sock, drain_s))
     except KeyboardInterrupt:
         pass
     finally:
@@ -88,22 +91,25 @@ def run(args: argparse.Namespace) -> int:
 
     from cluster.controller import Controller
     from cluster.discovery import DiscoveryServer
+    from cluster.listener import bind
     from cluster.environment import ray_init_kwargs
     from cluster.router_service import build_router_app
     from router.discovery import CallableDiscovery
 
     config = load_config(args)
+    router = config.router_config()
+    router_sock = bind(router.host, router.port, "router")
+    discovery_sock = bind(router.host, config.controller.discovery_port, "discovery endpoint")
     model_dir = ensure_model(config)
     ray.init(**ray_init_kwargs(config.ray.num_cpus, config.ray.address))
     controller = discovery = None
     try:
         print(f"starting {len(config.groups)} worker group(s)...", file=sys.stderr, flush=True)
         controller = Controller(config, model_dir.resolve()).start()
-        router = config.router_config()
-        discovery = DiscoveryServer(controller, router.host, config.controller.discovery_port).start()
+        discovery = DiscoveryServer(controller, discovery_sock).start()
         source = CallableDiscovery(controller.endpoints)
         make_app = lambda: build_router_app(config, model_dir, source)  # noqa: E731
-        run_router(make_app, router.host, router.port, config.controller.drain_timeout_s)
+        run_router(make_app, router_sock, config.controller.drain_timeout_s)
     finally:
         print("stopping...", file=sys.stderr, flush=True)
         if discovery is not None:

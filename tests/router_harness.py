@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 import time
@@ -19,9 +20,19 @@ TOOL_CALL_TEXT = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768 up) and above Ray's worker ports (10002-19999):
+    a port chosen by binding port 0 comes from the range that every process binding port 0 (Ray's
+    many) and every outgoing connection draws from, so it can be gone before the process under test
+    binds it."""
+    for _ in range(200):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 @dataclass

@@ -16,16 +16,10 @@ import httpx
 import openai
 import pytest
 
+from router_harness import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "kimi-k2-instruct"  # the default config's model name
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def process_tree(pid: int) -> dict[int, str]:
@@ -291,3 +285,28 @@ def test_ctrl_c_stops_every_process_it_started(serve):
     assert not left, f"processes left behind: {left}"
     log = serve.log()
     assert "Traceback" not in log and "stopping" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("what", ["router", "discovery endpoint", "router of `k2serve router`"])
+def test_a_port_in_use_fails_the_command_at_once_with_a_message(tmp_path, what):
+    """Ports are bound before Ray, the groups or the model start: a port in use costs no startup, and
+    nothing started later (Ray's processes take ports too) can take a port between choice and use."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy, free = taken.getsockname()[1], free_port()
+        (tmp_path / "ports.yaml").write_text(
+            f"controller:\n  discovery_port: {busy if what == 'discovery endpoint' else free_port()}\n")
+        if what.startswith("router of"):
+            args = ["router", "--group", "g0=127.0.0.1:1", "--port", str(busy)]
+        else:
+            args = ["serve", "--config", str(tmp_path / "ports.yaml"),
+                    "--port", str(busy if what == "router" else free)]
+        proc = K2Process(args, tmp_path / "out.log", tmp_path)
+        code = proc.proc.wait(60)
+    log = proc.log()
+    assert code != 0, log
+    assert f"cannot listen for the {what.split(' of ')[0]} on 127.0.0.1:{busy}" in log, log
+    assert "starting" not in log and "generating" not in log, log  # no Ray, no groups, no model

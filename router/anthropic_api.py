@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from router.choice_streams import prime_all, streaming_response, while_connected
+from router.choice_streams import prime_first, streaming_response, while_connected
 from router.errors import APIError, anthropic_error_body
 from router.generation import ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, collect_choice, run_choice
 from router.protocol import AnthropicMessage, MessagesRequest, read_request
@@ -136,7 +136,7 @@ async def messages(request: Request):
                         ctx.detokenizer_factory, ctx.metrics)
     msg_id = f"msg_{rid}"
     if req.stream:
-        [stream] = await prime_all([stream])
+        [stream] = await prime_first(ctx, request, [stream])
         return streaming_response(ctx, request, stream_events(ctx, stream, msg_id, len(params.prompt_token_ids)), rid)
     r = await while_connected(ctx, request, collect_choice(stream))
     content: list[dict] = [{"type": "text", "text": r.text}] if r.text else []

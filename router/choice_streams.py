@@ -32,17 +32,21 @@ async def primed(stream: AsyncIterator[Event]) -> AsyncIterator[Event]:
     return rest()
 
 
-async def prime_all(streams: list[AsyncIterator[Event]]) -> list[AsyncIterator[Event]]:
-    """Prime every choice; when one fails, close the others (cancelling their worker requests)."""
-    done: list[AsyncIterator[Event]] = []
+async def prime_first(ctx: RouterContext, request: Request,
+                      streams: list[AsyncIterator[Event]]) -> list[AsyncIterator[Event]]:
+    """Prime the first choice, so that a worker refusal becomes the HTTP status; on failure, or when the
+    client leaves meanwhile, close them all (cancelling their worker requests).
+
+    Only the first: a primed choice holds its admission slot until the response consumes it, so priming
+    n choices in turn deadlocks once the slots run out (each request holding some, waiting for more).
+    The other choices start when the response streams; a refusal of one of them is an error event."""
     try:
-        for stream in streams:
-            done.append(await primed(stream))
+        first = await while_connected(ctx, request, primed(streams[0]))
     except BaseException:
         for stream in streams:
             await stream.aclose()
         raise
-    return done
+    return [first, *streams[1:]]
 
 
 async def merge_choices(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:

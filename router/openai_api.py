@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from router.choice_streams import (choice_streams, collect_all, merge_choices, prime_all, sse_with_errors,
+from router.choice_streams import (choice_streams, collect_all, merge_choices, prime_first, sse_with_errors,
                                    streaming_response, while_connected)
 from router.errors import APIError
 from router.generation import ChoiceResult, ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, sum_usage
@@ -145,7 +145,7 @@ async def chat_completions(request: Request):
     meta = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": ctx.model_name}
     streams = choice_streams(ctx, params, spec)
     if req.stream:
-        streams = await prime_all(streams)
+        streams = await prime_first(ctx, request, streams)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = chat_stream(ctx, streams, meta, req.logprobs, include_usage)
         return streaming_response(ctx, request, sse_with_errors(body), rid)
@@ -241,7 +241,7 @@ async def completions(request: Request):
     streams = choice_streams(ctx, params, spec)
     want_lps = req.logprobs is not None
     if req.stream:
-        streams = await prime_all(streams)
+        streams = await prime_first(ctx, request, streams)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = completion_stream(ctx, streams, meta, want_lps, include_usage)
         return streaming_response(ctx, request, sse_with_errors(body), rid)

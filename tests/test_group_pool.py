@@ -450,3 +450,26 @@ def test_config_and_status_commands(tmp_path, capsys):
         assert main(["status", "--discovery", server.url, "--timeout", "0.5"]) == 2  # no group serves
     out = capsys.readouterr().out
     assert out.split()[:3] == ["group", "address", "gen"] and "g0" in out and "down" in out
+
+
+def test_streamed_choices_never_deadlock_on_admission_slots(tokenizer_and_template):
+    """A primed choice holds its slot until the response consumes it: priming all n choices in turn
+    deadlocked once the slots ran out (one request with n=2 and one slot; or four with n=2 and four)."""
+    async def main():
+        fleet = Fleet(a=FakeGroup("h:1"))
+        one_slot = make_pool(fleet, admission=AdmissionControl(max_concurrency=1, max_queue=8))
+        await one_slot.refresh()
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "n": 2, "stream": True}
+        alone = await asyncio.wait_for(api_call(one_slot, tokenizer_and_template, "/v1/completions", body), 10)
+        four = make_pool(fleet, admission=AdmissionControl(max_concurrency=4, max_queue=64))
+        await four.refresh()
+        together = await asyncio.wait_for(asyncio.gather(
+            *(api_call(four, tokenizer_and_template, "/v1/completions", body) for _ in range(4))), 10)
+        return [alone, *together], one_slot, four
+
+    responses, one_slot, four = asyncio.run(main())
+    for r in responses:
+        assert r.status_code == 200
+        finished = {p["choices"][0]["index"] for p in sse_payloads(r.text) if p["choices"][0]["finish_reason"]}
+        assert finished == {0, 1}, r.text
+    assert one_slot.admission.active == 0 and four.admission.active == 0

@@ -178,3 +178,20 @@ def test_engine_with_tiny_model_json_and_tool_call(model_dir, vocab):
     jsonschema.validate(json.loads(decode(vocab, json_out[:-1])), schema)
     assert [c[0] for c in parse_tool_calls(vocab, tool_out, TOOLS)] == ["get-time.v2"]
     assert len(free) <= 5
+
+
+def test_a_grammar_the_vocabulary_cannot_satisfy_is_the_requests_fault(model_dir, vocab):
+    """A schema whose only strings need a control byte (no K2 token produces one): the mask leaves no
+    token, the request ends with a 400-status error (not a 500, which the router counts against the
+    worker group) and its blocks come back."""
+    engine = Engine.from_model_dir(model_dir, EngineConfig(num_kv_blocks=64, max_model_len=256))
+    free = engine.scheduler.kv_cache.num_free_blocks
+    schema = {"type": "string", "pattern": "^\u0001$"}
+    engine.add_request("r", [vocab.id_of("<|im_user|>"), 100, vocab.id_of("<|im_middle|>")],
+                       SamplingParams(max_tokens=8, guided=GuidedSpec("json_schema", schema=json.dumps(schema))))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    last = outputs[-1]
+    assert last.finish_reason == "error" and last.error_status == 400 and "cannot be produced" in last.error
+    assert engine.scheduler.kv_cache.num_free_blocks == free

@@ -193,9 +193,10 @@ class Engine:
             request = self.scheduler.requests.get(request_id)
             if request is None or request.guide is None:
                 continue
-            if request_id in rejected:
+            if request_id in rejected:  # the mask left no token: the grammar needs what the vocabulary lacks
                 done[request_id] = self.scheduler.finish(
-                    request_id, RequestStatus.FINISHED_ERROR, "internal error: the grammar rejected a sampled token")
+                    request_id, RequestStatus.FINISHED_ERROR, "the requested format cannot be produced: at this "
+                    "point its grammar allows no token of the model's vocabulary", error_status=400)
             elif request.guide.is_terminated:
                 done[request_id] = self.scheduler.finish(request_id, RequestStatus.FINISHED_STOPPED)
         return done

@@ -203,6 +203,7 @@ class RequestOutput:
     finish_reason: str | None = None
     stop_token_id: int | None = None
     error: str | None = None
+    error_status: int = 500  # HTTP-like: 400 when the request itself cannot be served (an unsatisfiable grammar)
 
     def merged(self, later: "RequestOutput") -> "RequestOutput":
         """This output followed by `later` as one: tokens and logprobs joined, `later`'s counts and finish."""
@@ -212,7 +213,7 @@ class RequestOutput:
         return RequestOutput(
             self.request_id, self.new_token_ids + later.new_token_ids, logprobs, later.prompt_tokens,
             later.completion_tokens, later.cached_tokens, later.finished, later.finish_reason,
-            later.stop_token_id, later.error,
+            later.stop_token_id, later.error, later.error_status,
         )
 
 
@@ -252,6 +253,7 @@ class Request:
         self.max_new_tokens = max_new_tokens if max_new_tokens is not None else params.max_tokens
         self.stop_token_id: int | None = None
         self.error: str | None = None
+        self.error_status = 500
         self.logprobs: list[TokenLogprob] = []
         self.num_emitted = 0  # output tokens already reported to the caller
         self.guide: Any = None  # per-request grammar matcher (worker/guided.py), if guided
@@ -286,8 +288,8 @@ class Request:
         elif self.max_new_tokens is not None and self.num_output_tokens >= self.max_new_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
 
-    def finish(self, status: RequestStatus, error: str | None = None) -> None:
-        self.status, self.error = status, error
+    def finish(self, status: RequestStatus, error: str | None = None, error_status: int = 500) -> None:
+        self.status, self.error, self.error_status = status, error, error_status
 
     def take_output(self) -> RequestOutput:
         """The tokens generated since the previous call, with the cumulative counts."""
@@ -299,7 +301,7 @@ class Request:
             prompt_tokens=self.num_prompt_tokens, completion_tokens=self.num_output_tokens,
             cached_tokens=self.num_cached_tokens, finished=self.is_finished,
             finish_reason=self.status.value if self.is_finished else None,
-            stop_token_id=self.stop_token_id, error=self.error,
+            stop_token_id=self.stop_token_id, error=self.error, error_status=self.error_status,
         )
 
     def __repr__(self) -> str:

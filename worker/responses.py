@@ -28,7 +28,7 @@ def fill_chunk(chunk: worker_pb2.GenerateChunk, out: RequestOutput) -> None:
 def fill_final(response: worker_pb2.GenerateResponse, out: RequestOutput) -> None:
     """The last output: `complete`, or `error` when the engine failed the request."""
     if out.finish_reason == "error":
-        fill_error(response, out.error or "the engine failed this request", 500)
+        fill_error(response, out.error or "the engine failed this request", out.error_status)
         return
     done = response.complete
     done.finish_reason = out.finish_reason or "stop"

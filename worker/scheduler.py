@@ -199,11 +199,12 @@ class Scheduler:
                     finished.append(request)
         return finished
 
-    def finish(self, request_id: str, status: RequestStatus, error: str | None = None) -> Request | None:
+    def finish(self, request_id: str, status: RequestStatus, error: str | None = None,
+               error_status: int = 500) -> Request | None:
         """End a running or waiting request with `status` (e.g. an error) and free its blocks."""
         request = self.abort(request_id)
         if request is not None:
-            request.finish(status, error)
+            request.finish(status, error, error_status)
         return request
 
     def _remove_finished(self, request: Request) -> None:

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from router.errors import APIError, validation_message
 
 _FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
+INT32_MAX = 2 ** 31 - 1  # the worker protocol's counts and top_k are int32, its seed int64
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 
 
 class _Request(BaseModel):
@@ -100,15 +102,15 @@ class SamplingFields(_Request):
     model: str
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     ignore_eos: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -208,7 +210,7 @@ class MessagesRequest(_Request):
     stream: bool = False
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None
@@ -235,6 +237,8 @@ async def read_request(request, model_cls: type[BaseModel], max_bytes: int) -> B
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     try:

@@ -28,6 +28,8 @@ def check_schema(schema: Any, param: str) -> None:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise APIError(400, f"{param} is not a valid JSON schema: {exc.message}", param=param) from None
+    except RecursionError:
+        raise APIError(400, f"{param} is nested too deeply", param=param) from None
 
 
 def sampling_params(ctx: RouterContext, req, rid: str, prompt_ids: Sequence[int], max_tokens: int,
@@ -44,8 +46,13 @@ def sampling_params(ctx: RouterContext, req, rid: str, prompt_ids: Sequence[int]
         min_tokens=getattr(req, "min_tokens", None), presence_penalty=getattr(req, "presence_penalty", None),
         frequency_penalty=getattr(req, "frequency_penalty", None),
         repetition_penalty=getattr(req, "repetition_penalty", None),
-        seed=req.seed + index if getattr(req, "seed", None) is not None else None,
+        seed=_int64(req.seed + index) if getattr(req, "seed", None) is not None else None,
         ignore_eos=getattr(req, "ignore_eos", None), logprobs=logprobs, guided=guided)
+
+
+def _int64(value: int) -> int:
+    """`value` wrapped into int64 (seed + choice index may pass the top of the seed's range)."""
+    return (value + 2 ** 63) % 2 ** 64 - 2 ** 63
 
 
 def check_common(ctx: RouterContext, n: int, stops: Sequence[str], top_logprobs: int | None) -> None:

@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from router.errors import APIError
+
 _K2_ID = re.compile(r"functions\.(?P<name>.+):(?P<idx>\d+)")
 
 Message = Mapping[str, Any]
@@ -58,7 +60,7 @@ class _Renumbering:
         for k, tool_call in enumerate(_calls(message)):
             name = _name(tool_call)
             if not name:
-                raise ValueError(f"messages[{position}].tool_calls[{k}] has no function name")
+                raise APIError(400, f"messages[{position}].tool_calls[{k}] has no function name", param="messages")
             self._renumber(tool_call, name)
 
     def _renumber(self, tool_call: dict, name: str) -> None:

@@ -58,8 +58,20 @@ def anthropic_error(r, status, kind):
     return body["error"]
 
 
+DEEP = {"type": "object", "properties": {}}
+for _ in range(150):
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
+
 CHAT_CASES = [
     ("invalid json", None, b"{not json", 400),
+    ("body nested too deeply", None, b'{"model": "x", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
+    ("schema nested too deeply", {"model": MODEL, "messages": MSGS, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": DEEP}}}, None, 400),
+    ("seed past int64", {"model": MODEL, "messages": MSGS, "seed": 2 ** 63}, None, 400),
+    ("top_k past int32", {"model": MODEL, "messages": MSGS, "top_k": 2 ** 31}, None, 400),
+    ("min_tokens past int32", {"model": MODEL, "messages": MSGS, "min_tokens": 2 ** 31}, None, 400),
+    ("tool call without a name", {"model": MODEL, "messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "x", "type": "function", "function": {"name": "", "arguments": "{}"}}]}]}, None, 400),
     ("not an object", [1, 2], None, 400),
     ("wrong type", {"model": MODEL, "messages": "hi"}, None, 400),
     ("missing messages", {"model": MODEL}, None, 400),
@@ -128,6 +140,10 @@ def test_api_key(server):
 
 ANTHROPIC_CASES = [
     ("missing max_tokens", {"model": MODEL, "messages": MSGS}, 400, "invalid_request_error"),
+    ("top_k past int32", {"model": MODEL, "max_tokens": 5, "messages": MSGS, "top_k": 2 ** 31}, 400,
+     "invalid_request_error"),
+    ("tool use without a name", {"model": MODEL, "max_tokens": 5, "messages": [{"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "", "input": {}}]}]}, 400, "invalid_request_error"),
     ("max_tokens 0", {"model": MODEL, "max_tokens": 0, "messages": MSGS}, 400, "invalid_request_error"),
     ("unknown model", {"model": "claude-x", "max_tokens": 5, "messages": MSGS}, 404, "not_found_error"),
     ("bad block", {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
@@ -163,3 +179,15 @@ def test_unexpected_error_is_500_in_format(server, path, body):
     assert r.status_code == 500
     assert r.json()["error"]["message"] == "internal server error"
     assert post(server, CHAT, {"model": MODEL, "messages": MSGS}).status_code == 200
+
+
+def test_the_largest_seed_with_n_choices_wraps_within_int64():
+    from router.request_params import sampling_params
+    from router.worker_client import request_to_proto
+
+    ctx = type("Ctx", (), {"config": RouterConfig(model_name=MODEL)})()
+    req = type("Req", (), {"seed": 2 ** 63 - 1, "top_p": None})()
+    seeds = [sampling_params(ctx, req, "r", [1, 2], 4, i).seed for i in range(3)]
+    assert seeds == [2 ** 63 - 1, -2 ** 63, -2 ** 63 + 1]
+    for i in range(3):
+        request_to_proto(sampling_params(ctx, req, "r", [1, 2], 4, i))  # every seed fits the proto's int64

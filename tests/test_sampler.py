@@ -131,3 +131,12 @@ def test_guided_mask_is_applied():
 
     tokens = [Sampler(seed=s)(lg.clone(), [req(temperature=1.0)], only_odd).token_ids[0] for s in range(30)]
     assert all(t % 2 == 1 for t in tokens)
+
+
+def test_a_vanishing_temperature_samples_greedily():
+    """logits / 1e-40 overflows float32 to inf and the softmax to NaN; below 1e-5 is greedy, as in vLLM."""
+    assert SamplingParams(temperature=1e-40).is_greedy and not SamplingParams(temperature=1e-3).is_greedy
+    lg = logits_row()
+    best = int(lg[0].argmax())
+    assert best != 0  # the token NaN probabilities used to give
+    assert Sampler(seed=3)(lg.clone(), [req(temperature=1e-40)]).token_ids == [best]

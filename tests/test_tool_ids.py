@@ -4,6 +4,8 @@ import copy
 
 import pytest
 
+from router.errors import APIError
+
 from router.tool_ids import is_k2_tool_call_id, next_tool_call_index, normalize_tool_call_ids
 
 
@@ -86,7 +88,7 @@ def test_unknown_tool_message_id_left_alone_and_empty_history():
 
 
 def test_missing_function_name_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"messages\[0\].tool_calls\[0\] has no function name"):
+    with pytest.raises(APIError, match=r"messages\[0\].tool_calls\[0\] has no function name"):
         normalize_tool_call_ids([assistant(("call_a", ""))])
 
 

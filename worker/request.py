@@ -16,6 +16,7 @@ from typing import Any
 GUIDED_KINDS = ("json_schema", "json_object", "regex", "tool_call")
 TOOL_CALL_MODES = ("required", "named", "auto")
 FINISH_REASONS = ("stop", "length", "abort", "error")
+GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy decoding
 
 
 class RequestRejected(Exception):
@@ -164,7 +165,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_BELOW sample greedily: dividing logits by one overflows float32."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _finite(x: float) -> bool:

@@ -426,3 +426,16 @@ def test_preemption_and_chunked_prefill_under_a_small_cache_keep_output(tiny, re
     assert engine.generate([real_prompts[i] for i in picked], REAL_GREEDY) == [alone[i] for i in picked]
     assert engine.get_load().num_preemptions > 0
     assert engine.scheduler.kv_cache.num_free_blocks == 10
+
+
+def test_the_context_length_is_what_the_kv_cache_can_hold():
+    """A sequence can never outgrow the whole cache: the engine serves (and advertises) at most that, so a
+    request without max_tokens (the router fills in the context length) is admitted, not refused."""
+    engine = make_fake_engine(num_blocks=8, block_size=4, max_model_len=64)  # 32 tokens of cache
+    assert engine.max_model_len == 32
+    engine.add_request("r", [1, 2, 3], SamplingParams(temperature=0, max_tokens=32 - 3, ignore_eos=True))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert outputs[-1].finish_reason == "length" and outputs[-1].completion_tokens == 29
+    assert make_fake_engine(num_blocks=64, block_size=4, max_model_len=64).max_model_len == 64

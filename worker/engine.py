@@ -12,6 +12,7 @@ its stats); `flush_moe_stats` collects what is left when the engine goes idle.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from worker.request import Request, RequestOutput, RequestRejected, RequestStatu
 from worker.sampler import Sampler
 from worker.scheduler import Scheduler, StepPlan
 from worker.vocab import Vocab
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +48,16 @@ class EngineLoad:
     num_preemptions: int
 
 
+def _servable_len(max_model_len: int, cache_tokens: int) -> int:
+    """The longest sequence this engine can serve: no sequence outgrows the whole KV cache. Advertised as
+    the context length, so that clients (and the router's default max_tokens) stay within it."""
+    if max_model_len <= cache_tokens:
+        return max_model_len
+    log.warning("max_model_len %d exceeds the KV cache (%d tokens): sequences are served up to %d tokens; "
+                "give the cache more memory to serve longer ones", max_model_len, cache_tokens, cache_tokens)
+    return cache_tokens
+
+
 class Engine:
     """Continuous-batching engine over a ModelRunner; `vocab` gives stop ids and enables guided output."""
 
@@ -54,8 +67,9 @@ class Engine:
         self.runner = runner
         self.vocab = vocab
         self.vocab_size = runner.vocab_size
-        self.max_model_len = config.max_model_len or runner.model.config.max_position_embeddings
         kv_cache = KVCacheManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.max_model_len = _servable_len(config.max_model_len or runner.model.config.max_position_embeddings,
+                                           runner.num_blocks * config.block_size)
         self.scheduler = Scheduler(config, kv_cache, self.max_model_len)
         self.sampler = Sampler()
         self.default_stop_ids = frozenset(vocab.stop_token_ids) if vocab else frozenset()

@@ -2,6 +2,7 @@
 real tiny K2 checkpoint (batch invariance, prefix caching, preemption), then the AsyncEngine."""
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -439,3 +440,50 @@ def test_the_context_length_is_what_the_kv_cache_can_hold():
         outputs += engine.step()
     assert outputs[-1].finish_reason == "length" and outputs[-1].completion_tokens == 29
     assert make_fake_engine(num_blocks=64, block_size=4, max_model_len=64).max_model_len == 64
+
+
+def test_a_slow_grammar_compiles_without_stalling_the_running_requests(tiny):
+    """A grammar compiles off the engine thread (xgrammar releases the GIL), so a request already running
+    keeps its pace while a guided one that takes a second to compile is admitted."""
+    import json
+
+    from worker.guided import GuidedDecoding
+    from worker.request import GuidedSpec
+
+    spec = GuidedSpec("json_schema", schema=json.dumps({"type": "string", "pattern": "[a-z]{1,3000}"}))
+    model, vocab = tiny
+    started = time.perf_counter()
+    GuidedDecoding(vocab, model.config.vocab_size).compile(spec)  # its own cache: the engine compiles it again
+    compile_s = time.perf_counter() - started
+
+    async def run():
+        aengine = AsyncEngine(real_engine(tiny))
+        try:
+            gaps, last = [], None
+
+            async def plain():
+                nonlocal last
+                params = SamplingParams(temperature=0, max_tokens=250, ignore_eos=True)
+                async for out in aengine.generate("plain", [1, 2, 3], params):
+                    now = time.perf_counter()
+                    if last is not None:
+                        gaps.append(now - last)
+                    last = now
+                    if out.completion_tokens >= 5 and not guided_task:
+                        guided_task.append(asyncio.create_task(guided()))
+                    if guided_task and guided_task[0].done():
+                        break
+
+            async def guided():
+                params = SamplingParams(temperature=0, max_tokens=2, guided=spec)
+                return [out async for out in aengine.generate("guided", [1, 2, 3], params)]
+
+            guided_task: list = []
+            await plain()
+            return max(gaps), await guided_task[0]
+        finally:
+            aengine.shutdown()
+
+    max_gap, outs = asyncio.run(run())
+    assert outs[-1].finished
+    assert max_gap < compile_s / 2, (max_gap, compile_s)

@@ -13,6 +13,7 @@ its stats); `flush_moe_stats` collects what is left when the engine goes idle.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ class Engine:
         self.default_stop_ids = frozenset(vocab.stop_token_ids) if vocab else frozenset()
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._guided = None  # GuidedDecoding, built on the first guided request
+        self._guided_lock = threading.Lock()
         self.metrics: EngineMetrics | None = None
         if metrics is not None:
             self.attach_metrics(metrics, moe_stats_interval_s)
@@ -114,14 +116,21 @@ class Engine:
         ids = frozenset(params.stop_token_ids)
         return ids if params.ignore_eos else ids | self.default_stop_ids
 
-    def _guided_decoding(self):
-        if self._guided is None:
-            from worker.guided import GuidedDecoding
+    def compile_guide(self, spec) -> None:
+        """Compile `spec`'s grammar into the cache (RequestRejected if it does not compile). Thread-safe:
+        AsyncEngine calls it off the engine thread, since a large grammar compiles for seconds (xgrammar
+        releases the GIL meanwhile), and add_request then finds it compiled."""
+        self._guided_decoding().compile(spec)
 
-            if self.vocab is None:
-                raise RequestRejected("structured output needs the checkpoint's vocabulary", status=400)
-            self._guided = GuidedDecoding(self.vocab, self.vocab_size)
-        return self._guided
+    def _guided_decoding(self):
+        with self._guided_lock:  # built once, by whichever thread asks first
+            if self._guided is None:
+                from worker.guided import GuidedDecoding
+
+                if self.vocab is None:
+                    raise RequestRejected("structured output needs the checkpoint's vocabulary", status=400)
+                self._guided = GuidedDecoding(self.vocab, self.vocab_size)
+            return self._guided
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a waiting or running request and free its blocks now; False if unknown or finished."""

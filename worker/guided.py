@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 
 import torch
@@ -59,16 +60,20 @@ class GuidedDecoding:
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=1)
         self.max_cached_grammars = max_cached_grammars
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
 
     def new_guide(self, spec: GuidedSpec) -> Guide:
         """A fresh matcher for `spec`; RequestRejected(400) if the spec does not compile."""
         return Guide(self.compile(spec))
 
     def compile(self, spec: GuidedSpec) -> xgr.CompiledGrammar:
+        """The compiled grammar of `spec`, from the cache or compiled now. Thread-safe: the cache is locked,
+        the compilation is not (two threads may compile the same spec once each)."""
         key = spec.cache_key()
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         spec.validate()
         try:
             compiled = self._compile(spec)
@@ -76,9 +81,10 @@ class GuidedDecoding:
             raise
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError on bad input
             raise RequestRejected(f"cannot compile the {spec.kind} constraint: {exc}") from None
-        self._cache[key] = compiled
-        if len(self._cache) > self.max_cached_grammars:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[key] = compiled
+            if len(self._cache) > self.max_cached_grammars:
+                self._cache.popitem(last=False)
         return compiled
 
     def _compile(self, spec: GuidedSpec) -> xgr.CompiledGrammar:

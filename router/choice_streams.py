@@ -96,9 +96,10 @@ T = TypeVar("T")
 
 
 async def while_connected(ctx: RouterContext, request: Request, work: Awaitable[T]) -> T:
-    """`work` (a non-streamed answer being collected) unless the client leaves first: then `work` is
-    cancelled, which closes its choices and so cancels their worker requests, the disconnect is counted,
-    and ClientDisconnect is raised (the router answers it with 499, which nobody reads)."""
+    """`work` (collecting a non-streamed answer, or priming a stream) unless the client leaves first: then
+    `work` is cancelled, which closes its choices and so cancels their worker requests (also one still
+    queued for admission), the disconnect is counted, and ClientDisconnect is raised (the router answers
+    it with 499, which nobody reads). Costs two tasks per request, about 0.05 ms of router CPU here."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:

@@ -28,7 +28,7 @@ from dataclasses import astuple, dataclass
 
 import torch
 
-from worker.model.config import ModelConfig
+from k2serve.worker.model.config import ModelConfig
 
 BF16_BYTES = 2
 FP32_BYTES = 4

@@ -7,7 +7,7 @@ decode until the longest request is done; tokens/s counts only the tokens the re
 Each side runs --repeats times (alternating), best time kept.
 Prints tokens/s and the ratio per concurrency, checks that the outputs agree, and ends with `ratio@64: X`.
 
-    PYTHONPATH=. python benchmarks/engine_vs_hf.py [--model-dir DIR] [--concurrency 1,16,64]
+    python benchmarks/engine_vs_hf.py [--model-dir DIR] [--concurrency 1,16,64]
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from benchmarks.hf_reference import load_hf_model
-from worker.config import EngineConfig
-from worker.engine import Engine
-from worker.request import SamplingParams
+from hf_reference import load_hf_model
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.engine import Engine
+from k2serve.worker.request import SamplingParams
 
 
 def make_workload(n: int, min_tokens: int, max_tokens: int, seed: int) -> tuple[list[list[int]], list[int]]:
@@ -97,7 +97,7 @@ def main() -> None:
 
 
 def _tiny_model_dir() -> str:
-    from cluster.tiny import make_tiny_model
+    from k2serve.cluster.tiny import make_tiny_model
 
     return str(make_tiny_model(tempfile.mkdtemp(prefix="k2serve-bench-"), seed=0))
 

@@ -27,10 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.kernel_timing import (  # noqa: E402  (after the sys.path line above)
+from kernel_timing import (
     Ceilings,
     Row,
     make_timer,
@@ -88,9 +85,9 @@ def _rel(y, ref) -> float:
 
 
 def check_quant(torch, device, shapes: BenchShapes) -> Check:
-    from kernels.fp8_quant import per_token_group_quant_fp8
-    from kernels.reference import E4M3_REL_ERR, E4M3_SUBNORMAL_ABS_ERR, dequantize_activation_ref
-    from kernels.reference import per_token_group_quant_fp8_ref
+    from k2serve.kernels.fp8_quant import per_token_group_quant_fp8
+    from k2serve.kernels.reference import E4M3_REL_ERR, E4M3_SUBNORMAL_ABS_ERR, dequantize_activation_ref
+    from k2serve.kernels.reference import per_token_group_quant_fp8_ref
 
     x = torch.randn(37, shapes.hidden + 40, device=device, dtype=torch.bfloat16)  # a partial last group
     q, s = per_token_group_quant_fp8(x)
@@ -106,10 +103,10 @@ def check_quant(torch, device, shapes: BenchShapes) -> Check:
 
 
 def check_gemm(torch, device, shapes: BenchShapes) -> Check:
-    from kernels.block_fp8 import dequantize_block_fp8
-    from kernels.fp8_gemm import w8a8_block_fp8_matmul
-    from kernels.reference import dequantize_activation_ref, gemm_error_bound, per_token_group_quant_fp8_ref
-    from kernels.testing import random_fp8_weight
+    from k2serve.kernels.block_fp8 import dequantize_block_fp8
+    from k2serve.kernels.fp8_gemm import w8a8_block_fp8_matmul
+    from k2serve.kernels.reference import dequantize_activation_ref, gemm_error_bound, per_token_group_quant_fp8_ref
+    from k2serve.kernels.testing import random_fp8_weight
 
     details, ok = [], True
     for m, (n, k) in ((1, (shapes.moe_inter + 72, shapes.hidden)), (45, (shapes.hidden, shapes.moe_inter + 40))):
@@ -127,9 +124,9 @@ def check_gemm(torch, device, shapes: BenchShapes) -> Check:
 
 
 def check_moe(torch, device, shapes: BenchShapes, experts) -> Check:
-    from kernels.fused_moe import fused_moe
-    from kernels.reference import fused_moe_ref
-    from kernels.testing import random_routing
+    from k2serve.kernels.fused_moe import fused_moe
+    from k2serve.kernels.reference import fused_moe_ref
+    from k2serve.kernels.testing import random_routing
 
     t = 24
     x = torch.randn(t, shapes.hidden, device=device, dtype=torch.bfloat16)
@@ -202,9 +199,9 @@ def plan(shapes: BenchShapes) -> list[str]:
 
 def run(torch, device, shapes: BenchShapes, budget_s: float) -> tuple[Ceilings, list[Check], list[Row], list[str]]:
     """Ceilings, then every correctness check, then the timings."""
-    from kernels.block_fp8 import dequantize_block_fp8
-    from kernels.reference import dequantize_w13
-    from kernels.testing import random_fp8_experts, random_fp8_weight
+    from k2serve.kernels.block_fp8 import dequantize_block_fp8
+    from k2serve.kernels.reference import dequantize_w13
+    from k2serve.kernels.testing import random_fp8_experts, random_fp8_weight
 
     start, timer, notes = time.monotonic(), make_timer(device), []
     ceil = measure_ceilings(torch, device, timer, smoke=device.type != "cuda")

@@ -1,8 +1,9 @@
 """Hugging Face transformers' DeepseekV3ForCausalLM on a K2-format checkpoint: the independent peer.
 
-Weights are dequantized by our loader (transformers' own FP8 path mishandles partial blocks, DESIGN
-section 7) and handed over in float32; experts are stacked into transformers' fused layout.
-Used by the parity tests and by the side-by-side benchmarks.
+Weights are dequantized by our loader (transformers' own FP8 path mishandles partial blocks) and
+handed over in float32; experts are stacked into the fused layout of transformers 5.x
+(`mlp.experts.gate_up_proj [E, 2I, H]`, `mlp.experts.down_proj [E, H, I]`), the major version
+pyproject's test extra asks for. Used by the parity tests and by the side-by-side benchmarks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from worker.loader import Checkpoint
+from k2serve.worker.loader import Checkpoint
 
 
 def hf_config(model_dir: str | Path):
@@ -49,6 +50,11 @@ def load_hf_model(model_dir: str | Path):
 
     config = hf_config(model_dir)
     model = DeepseekV3ForCausalLM(config).float().eval()
+    if f"model.layers.{config.num_hidden_layers - 1}.mlp.experts.gate_up_proj" not in model.state_dict():
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__} does not store DeepseekV3 experts fused; "
+                           "the reference needs transformers 5.x (pip install 'transformers>=5')")
     missing, unexpected = model.load_state_dict(hf_state_dict(model_dir, config), strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:

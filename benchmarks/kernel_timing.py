@@ -72,8 +72,8 @@ def _fp8_matmul_tflops(torch, a, b, timer) -> float | None:
 
 
 def time_quant(torch, device, shapes, timer, tokens) -> Row:
-    from kernels.fp8_quant import per_token_group_quant_fp8
-    from kernels.reference import per_token_group_quant_fp8_ref
+    from k2serve.kernels.fp8_quant import per_token_group_quant_fp8
+    from k2serve.kernels.reference import per_token_group_quant_fp8_ref
 
     x = torch.randn(tokens, shapes.hidden, device=device, dtype=torch.bfloat16)
     ms = timer(lambda: per_token_group_quant_fp8(x))
@@ -83,8 +83,8 @@ def time_quant(torch, device, shapes, timer, tokens) -> Row:
 
 
 def time_gemms(torch, device, shapes, timer, tokens, name, n, k, weights) -> list[Row]:
-    from kernels.fp8_gemm import fp8_linear, w8a8_block_fp8_matmul
-    from kernels.fp8_quant import per_token_group_quant_fp8
+    from k2serve.kernels.fp8_gemm import fp8_linear, w8a8_block_fp8_matmul
+    from k2serve.kernels.fp8_quant import per_token_group_quant_fp8
 
     w, ws, w_bf16 = weights
     x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
@@ -115,7 +115,7 @@ def torch_moe_baseline(torch, x, ids, weights, w13_bf16, w2_bf16):
 def time_moe(torch, device, shapes, timer, tokens, experts, dense) -> Row:
     """One EP rank's expert work for a batch of `tokens`: the dispatcher hands it about
     tokens * top_k / ep_size token copies, each with one local expert id (weights applied later)."""
-    from kernels.fused_moe import fused_moe
+    from k2serve.kernels.fused_moe import fused_moe
 
     gen = torch.Generator(device=device).manual_seed(tokens)
     copies = max(1, tokens * shapes.top_k // shapes.ep_size)

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from router.tokenizer import K2Tokenizer
-from worker.request import RequestOutput, SamplingParams
+from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.worker.request import RequestOutput, SamplingParams
 
 MODEL = "kimi-k2-tiny"
-REPO = Path(__file__).resolve().parent.parent
 READY = "READY"
 
 
@@ -94,8 +93,8 @@ def build_engine(kind: str, model_dir: Path, step_ms: float) -> Any:
     """The paced fake (token id of " the") or the real AsyncEngine on `model_dir`."""
     if kind == "paced":
         return PacedEngine(step_ms / 1e3, K2Tokenizer.from_dir(model_dir).encode(" the")[0])
-    from worker.async_engine import AsyncEngine
-    from worker.engine import Engine
+    from k2serve.worker.async_engine import AsyncEngine
+    from k2serve.worker.engine import Engine
 
     return AsyncEngine(Engine.from_model_dir(model_dir))
 
@@ -105,7 +104,7 @@ def build_engine(kind: str, model_dir: Path, step_ms: float) -> Any:
 
 async def worker_role(args: argparse.Namespace) -> None:
     """The worker process: the real gRPC server over the engine until SIGINT/SIGTERM."""
-    from worker.server import ModelInfo, serve_worker, stop_worker
+    from k2serve.worker.server import ModelInfo, serve_worker, stop_worker
 
     model_dir = Path(args.model_dir)
     engine = build_engine(args.engine, model_dir, args.step_ms)
@@ -124,9 +123,9 @@ async def router_role(args: argparse.Namespace) -> None:
     """The router process, wired as `k2serve router` wires it (cluster.router_service), over one group."""
     import uvicorn
 
-    from cluster.config import ClusterConfig
-    from cluster.router_service import build_router_app
-    from router.discovery import StaticDiscovery
+    from k2serve.cluster.config import ClusterConfig
+    from k2serve.cluster.router_service import build_router_app
+    from k2serve.router.discovery import StaticDiscovery
 
     config = ClusterConfig(model={"name": MODEL})
     app = build_router_app(config, args.model_dir, StaticDiscovery([("group-0", args.worker)]))
@@ -192,8 +191,7 @@ class LayerProcess:
         self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> "LayerProcess":
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        self._proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE, env=env)
+        self._proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE)
         try:
             line = await asyncio.wait_for(self._ready_line(), 180)
         except asyncio.TimeoutError:

@@ -34,16 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python benchmarks/moe_dispatch.py`: make `benchmarks` importable
-    sys.path.insert(0, str(ROOT))
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import worker.model.layers.dispatcher as dispatcher_module
-from benchmarks.dispatch_bytes import (
+import k2serve.worker.model.layers.dispatcher as dispatcher_module
+from dispatch_bytes import (
     LayerBytes,
     WireFormat,
     bytes_per_layer,
@@ -53,10 +49,10 @@ from benchmarks.dispatch_bytes import (
     per_token_bytes,
     remote_copies,
 )
-from cluster.tiny import tiny_config_dict
-from worker.model.config import ModelConfig
-from worker.model.layers.moe import MoE
-from worker.parallel import ParallelInfo
+from k2serve.cluster.tiny import tiny_config_dict
+from k2serve.worker.model.config import ModelConfig
+from k2serve.worker.model.layers.moe import MoE
+from k2serve.worker.parallel import ParallelInfo
 
 DISPATCHER_NAMES = ("all_to_all", "all_gather")
 

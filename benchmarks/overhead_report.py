@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from benchmarks import process_hops
+import process_hops
 
 
 

@@ -8,7 +8,7 @@ receiver sat idle for `gap_s` (a woken process pays the machine's wake-up latenc
 machine that is most of the cost) and back to back. Timestamps are time.perf_counter, which reads
 CLOCK_MONOTONIC on Linux and therefore agrees between processes.
 
-    PYTHONPATH=. python benchmarks/process_hops.py [--gap-ms 5] [--samples 300]
+    python benchmarks/process_hops.py [--gap-ms 5] [--samples 300]
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ request and per token, which depends much less than latency on what else the mac
 depend on concurrency: with few streams every token wakes the processes on its own). A second router
 run of 1-token requests separates the per-request from the per-token cost. Not a test: run it by hand.
 
-    PYTHONPATH=. python benchmarks/router_overhead.py [--engine paced|tiny] [--step-ms 5] [--num-requests 64]
+    python benchmarks/router_overhead.py [--engine paced|tiny] [--step-ms 5] [--num-requests 64]
         [--concurrency 8] [--input-len 64] [--output-len 32] [--model-dir DIR] [--http auto|h11|httptools]
         [--loop asyncio|uvloop] [--pin] [--profile-router FILE] [--json FILE]
 """
@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from benchmarks import process_hops
-from benchmarks.layer_processes import MODEL, LayerProcess, build_engine
-from benchmarks.overhead_report import machine, render, router_cost, verdict
-from cluster.bench import BenchConfig, LengthDist, RequestResult, make_requests, run_requests, summarize
-from router.tokenizer import K2Tokenizer
-from router.worker_client import Finished, GenerateParams, WorkerClient
-from worker.request import SamplingParams
+import process_hops
+from layer_processes import MODEL, LayerProcess, build_engine
+from overhead_report import machine, render, router_cost, verdict
+from k2serve.cluster.bench import BenchConfig, LengthDist, RequestResult, make_requests, run_requests, summarize
+from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.router.worker_client import Finished, GenerateParams, WorkerClient
+from k2serve.worker.request import SamplingParams
 
 
 
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else Path(tmp) / "tiny-k2"
         if not args.model_dir:
-            from cluster.tiny import make_tiny_model
+            from k2serve.cluster.tiny import make_tiny_model
 
             make_tiny_model(model_dir, seed=0)
         report = asyncio.run(main_async(args, model_dir))

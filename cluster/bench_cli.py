@@ -12,7 +12,7 @@ from typing import Any, TextIO
 import aiohttp
 from tqdm import tqdm
 
-from cluster.bench import BenchConfig, LengthDist, RequestResult, discover_model, load_prompts, run_bench
+from k2serve.cluster.bench import BenchConfig, LengthDist, RequestResult, discover_model, load_prompts, run_bench
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -16,14 +16,14 @@ def register_make_tiny_model(subparsers: Any) -> None:
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
-    from cluster.tiny import make_tiny_model
+    from k2serve.cluster.tiny import make_tiny_model
 
     print(make_tiny_model(args.dir, seed=args.seed))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cluster import bench_cli, config_cli, generate_cli, plan_cli, router_cli, serve_cli, status_cli
+    from k2serve.cluster import bench_cli, config_cli, generate_cli, plan_cli, router_cli, serve_cli, status_cli
 
     parser = argparse.ArgumentParser(prog="k2serve", description="Serve Kimi K2 on a cluster.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING: quiet)")

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from router.balancer import BalancerConfig
-from router.config import RouterConfig
-from worker.config import EngineConfig
+from k2serve.router.balancer import BalancerConfig
+from k2serve.router.config import RouterConfig
+from k2serve.worker.config import EngineConfig
 
 BALANCER_KEYS = {f.name for f in dc_fields(BalancerConfig)}
 ENGINE_KEYS = {f.name for f in dc_fields(EngineConfig)}

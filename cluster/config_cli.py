@@ -19,7 +19,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.config import ClusterConfig, describe_defaults
+    from k2serve.cluster.config import ClusterConfig, describe_defaults
 
     if args.print_defaults:
         sys.stdout.write(describe_defaults())

@@ -11,8 +11,8 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cluster.config import ClusterConfig, GroupSection
-from cluster.group import GroupSpec, WorkerGroup
+from k2serve.cluster.config import ClusterConfig, GroupSection
+from k2serve.cluster.group import GroupSpec, WorkerGroup
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,11 @@ def apply_local_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def ray_init_kwargs(num_cpus: int | None = None, address: str | None = None) -> dict:
-    """Arguments for ray.init: a quiet local cluster (or `address` to join one) that can import k2serve."""
+    """Arguments for ray.init: a quiet local cluster (or `address` to join one) whose workers import the installed k2serve."""
     apply_local_ray_env()
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                  runtime_env={"env_vars": {"PYTHONPATH": str(repo_root()), **RAY_LOCAL_ENV}})
+                  runtime_env={"env_vars": dict(RAY_LOCAL_ENV)})
     if address:
         kwargs["address"] = address
     else:  # a local cluster stays on loopback

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.config import EngineConfig
-from worker.request import SamplingParams
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.request import SamplingParams
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def read_prompts(args, tokenizer) -> list[list[int]]:
 
 
 def generate_local(args, prompts, params) -> list[list[int]]:
-    from worker.engine import Engine
+    from k2serve.worker.engine import Engine
 
     config = EngineConfig(max_num_seqs=args.concurrency, dtype=args.dtype)
     return Engine.from_model_dir(args.model, config).generate(prompts, params)
@@ -62,8 +62,8 @@ def generate_local(args, prompts, params) -> list[list[int]]:
 def generate_group(args, prompts, params) -> list[list[int]]:
     import ray
 
-    from cluster.environment import ray_init_kwargs
-    from cluster.group import GroupSpec, WorkerGroup
+    from k2serve.cluster.environment import ray_init_kwargs
+    from k2serve.cluster.group import GroupSpec, WorkerGroup
 
     ep = args.ep or args.tp
     ray.init(**ray_init_kwargs(num_cpus=max(2, args.tp)))
@@ -78,7 +78,7 @@ def generate_group(args, prompts, params) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from router.tokenizer import K2Tokenizer
+    from k2serve.router.tokenizer import K2Tokenizer
 
     tokenizer = K2Tokenizer.from_dir(args.model)
     prompts = read_prompts(args, tokenizer)

@@ -17,10 +17,10 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.placement import placement_bundles
-from cluster.rank_actor import RankActor
-from worker.config import EngineConfig
-from worker.rank_worker import RankSpec
+from k2serve.cluster.placement import placement_bundles
+from k2serve.cluster.rank_actor import RankActor
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.rank_worker import RankSpec
 
 log = logging.getLogger(__name__)
 

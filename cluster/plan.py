@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cluster.gpus import GIB, GpuSpec
-from worker.model.config import ModelConfig
+from k2serve.cluster.gpus import GIB, GpuSpec
+from k2serve.worker.model.config import ModelConfig
 
 BF16 = 2
 FP32 = 4

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from cluster.gpus import GB, GIB, GPUS, gpu_spec
-from cluster.plan import Plan, PlanConfig, StepCost, build_plan
-from worker.model.config import ModelConfig
+from k2serve.cluster.gpus import GB, GIB, GPUS, gpu_spec
+from k2serve.cluster.plan import Plan, PlanConfig, StepCost, build_plan
+from k2serve.worker.model.config import ModelConfig
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -8,8 +8,8 @@ import threading
 
 import ray
 
-from worker.distributed import free_port
-from worker.rank_worker import RankSpec, RankWorker
+from k2serve.worker.distributed import free_port
+from k2serve.worker.rank_worker import RankSpec, RankWorker
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class RankActor:
 
     def execute_plans(self, plans: list) -> list:
         """Rank 0, for tests and tools: run plans through the group and return their logits."""
-        from worker.plan_channel import BroadcastingRunner, PlanChannel
+        from k2serve.worker.plan_channel import BroadcastingRunner, PlanChannel
 
         runner = BroadcastingRunner(self.worker.runner, PlanChannel(self.worker.info))
         return [runner.execute(plan) for plan in plans]
@@ -70,8 +70,8 @@ class RankActor:
         With `metrics_port` (0: a free port) the engine records WorkerMetrics(group=`group`) and a
         Prometheus endpoint serves them at http://host:PORT/metrics (see `metrics_port()`).
         """
-        from worker.async_engine import AsyncEngine
-        from worker.server import ModelInfo, serve_worker
+        from k2serve.worker.async_engine import AsyncEngine
+        from k2serve.worker.server import ModelInfo, serve_worker
 
         if metrics_port is not None:
             self._serve_metrics(host, metrics_port, group)
@@ -105,7 +105,7 @@ class RankActor:
     def _serve_metrics(self, host: str, port: int, group: str) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
 
-        from worker.metrics import WorkerMetrics
+        from k2serve.worker.metrics import WorkerMetrics
 
         registry = CollectorRegistry()
         self.engine.attach_metrics(WorkerMetrics(registry, group))
@@ -122,7 +122,7 @@ class RankActor:
             self._metrics_server.server_close()
             self._metrics_server = None
         if self._serving and self._loop:
-            from worker.server import stop_worker
+            from k2serve.worker.server import stop_worker
 
             fut = asyncio.run_coroutine_threadsafe(stop_worker(self._serving["server"], 1.0), self._loop)
             try:
@@ -131,6 +131,6 @@ class RankActor:
                 log.warning("gRPC server did not stop cleanly: %r", e)
             self._serving["engine"].shutdown()
         if self.worker.info.is_driver and not self.worker.info.is_single:
-            from worker.plan_channel import PlanChannel
+            from k2serve.worker.plan_channel import PlanChannel
 
             PlanChannel(self.worker.info).send(None)

@@ -43,7 +43,7 @@ def static_groups(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def make_discovery(args: argparse.Namespace, config):
-    from router.discovery import HttpDiscovery, StaticDiscovery
+    from k2serve.router.discovery import HttpDiscovery, StaticDiscovery
 
     if args.group:
         if args.discovery:
@@ -53,9 +53,9 @@ def make_discovery(args: argparse.Namespace, config):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.router_service import build_router_app
-    from cluster.listener import bind
-    from cluster.serve_cli import ensure_model, load_config, run_router
+    from k2serve.cluster.router_service import build_router_app
+    from k2serve.cluster.listener import bind
+    from k2serve.cluster.serve_cli import ensure_model, load_config, run_router
 
     args.address = None
     config = load_config(args)

@@ -30,7 +30,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def load_config(args):
-    from cluster.config import ClusterConfig
+    from k2serve.cluster.config import ClusterConfig
 
     config = ClusterConfig.from_file(args.config) if args.config else ClusterConfig()
     router = dict(config.router)
@@ -41,8 +41,8 @@ def load_config(args):
 
 def ensure_model(config) -> Path:
     """The configured checkpoint, or the tiny model generated once under K2SERVE_HOME."""
-    from cluster.environment import default_home
-    from cluster.tiny import make_tiny_model
+    from k2serve.cluster.environment import default_home
+    from k2serve.cluster.tiny import make_tiny_model
 
     if config.model.path:
         return Path(config.model.path)
@@ -89,12 +89,12 @@ def run_router(make_app, sock: socket.socket, drain_s: float) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from cluster.controller import Controller
-    from cluster.discovery import DiscoveryServer
-    from cluster.listener import bind
-    from cluster.environment import ray_init_kwargs
-    from cluster.router_service import build_router_app
-    from router.discovery import CallableDiscovery
+    from k2serve.cluster.controller import Controller
+    from k2serve.cluster.discovery import DiscoveryServer
+    from k2serve.cluster.listener import bind
+    from k2serve.cluster.environment import ray_init_kwargs
+    from k2serve.cluster.router_service import build_router_app
+    from k2serve.router.discovery import CallableDiscovery
 
     config = load_config(args)
     router = config.router_config()

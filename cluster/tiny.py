@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from cluster.tiny_tokenizer import NUM_RESERVED_SPECIAL, write_tokenizer
-from kernels.block_fp8 import quantize_block_fp8
+from k2serve.cluster.tiny_tokenizer import NUM_RESERVED_SPECIAL, write_tokenizer
+from k2serve.kernels.block_fp8 import quantize_block_fp8
 
 NUM_BASE_RANKS = 1024
 NUM_SHARDS = 2

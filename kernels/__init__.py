@@ -1,5 +1,5 @@
 """FP8 kernels (Triton) with torch references; `select_backend` picks the implementation per device."""
 
-from kernels.backend import Fp8Backend, TorchReferenceBackend, TritonBackend, select_backend
+from k2serve.kernels.backend import Fp8Backend, TorchReferenceBackend, TritonBackend, select_backend
 
 __all__ = ["Fp8Backend", "TorchReferenceBackend", "TritonBackend", "select_backend"]

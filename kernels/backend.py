@@ -12,8 +12,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from kernels.block_fp8 import DEFAULT_BLOCK
-from kernels.reference import dequant_linear_ref, fused_moe_ref
+from k2serve.kernels.block_fp8 import DEFAULT_BLOCK
+from k2serve.kernels.reference import dequant_linear_ref, fused_moe_ref
 
 
 class Fp8Backend(ABC):
@@ -58,15 +58,15 @@ class TritonBackend(Fp8Backend):
     name = "triton"
 
     def __init__(self, device: torch.device) -> None:
-        from kernels.triton_cast import is_interpreter
+        from k2serve.kernels.triton_cast import is_interpreter
 
         if device.type != "cuda" and not is_interpreter():
             raise RuntimeError(
                 f"the Triton backend needs a CUDA device, got {device}; on CPU set TRITON_INTERPRET=1 "
                 "before triton is first imported (tests do) or use the torch backend"
             )
-        from kernels.fp8_gemm import fp8_linear
-        from kernels.fused_moe import fused_moe
+        from k2serve.kernels.fp8_gemm import fp8_linear
+        from k2serve.kernels.fused_moe import fused_moe
 
         self._fp8_linear = fp8_linear
         self._fused_moe = fused_moe

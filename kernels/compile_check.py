@@ -3,7 +3,7 @@
 The interpreter tests check the kernels' math; this checks what only the compiler sees: fp8 `tl.dot`
 lowering, constexpr plumbing, shared-memory fit, and that the K loop is software-pipelined
 (`cp.async` copies appear once sizes and pointers carry the 16-divisibility that K2's shapes give
-the launcher). Run: `python -m kernels.compile_check [--quick] [--arch 90]`; TRITON_INTERPRET must be
+the launcher). Run: `python -m k2serve.kernels.compile_check [--quick] [--arch 90]`; TRITON_INTERPRET must be
 unset (interpreted kernels cannot be compiled).
 """
 
@@ -17,8 +17,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import fp8_gemm, fp8_quant, fused_moe
-from kernels.triton_cast import is_interpreter
+from k2serve.kernels import fp8_gemm, fp8_quant, fused_moe
+from k2serve.kernels.triton_cast import is_interpreter
 
 # Integer arguments that vary per call and so carry no divisibility hint.
 UNHINTED = {"M", "M_BUCKET", "num_pairs"}

@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape
-from kernels.fp8_quant import per_token_group_quant_fp8
-from kernels.reference import num_groups
-from kernels.triton_cast import cast_for_store, is_interpreter
+from k2serve.kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape
+from k2serve.kernels.fp8_quant import per_token_group_quant_fp8
+from k2serve.kernels.reference import num_groups
+from k2serve.kernels.triton_cast import cast_for_store, is_interpreter
 
 OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # One small config under the interpreter (measured fastest for the test shapes).

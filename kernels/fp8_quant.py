@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.block_fp8 import FP8_DTYPE, FP8_MAX
-from kernels.reference import AMAX_EPS, num_groups
-from kernels.triton_cast import cast_for_store, is_interpreter
+from k2serve.kernels.block_fp8 import FP8_DTYPE, FP8_MAX
+from k2serve.kernels.reference import AMAX_EPS, num_groups
+from k2serve.kernels.triton_cast import cast_for_store, is_interpreter
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -15,12 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX
-from kernels.fp8_gemm import block_scaled_dot
-from kernels.fp8_quant import ACTIVATION_DTYPES, per_token_group_quant_fp8
-from kernels.moe_align import MoeAlignment, align_tokens_to_experts
-from kernels.reference import AMAX_EPS, num_groups
-from kernels.triton_cast import cast_for_store, is_interpreter
+from k2serve.kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX
+from k2serve.kernels.fp8_gemm import block_scaled_dot
+from k2serve.kernels.fp8_quant import ACTIVATION_DTYPES, per_token_group_quant_fp8
+from k2serve.kernels.moe_align import MoeAlignment, align_tokens_to_experts
+from k2serve.kernels.reference import AMAX_EPS, num_groups
+from k2serve.kernels.triton_cast import cast_for_store, is_interpreter
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, dequantize_block_fp8
+from k2serve.kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, dequantize_block_fp8
 
 # Keeps an all-zero group's scale positive (vLLM and SGLang use the same floor).
 AMAX_EPS = 1e-10

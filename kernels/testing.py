@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.block_fp8 import DEFAULT_BLOCK, quantize_block_fp8
-from kernels.moe_weights import MoeWeights, stack_experts
+from k2serve.kernels.block_fp8 import DEFAULT_BLOCK, quantize_block_fp8
+from k2serve.kernels.moe_weights import MoeWeights, stack_experts
 
 
 def random_block_fp8(n: int, k: int, gen: torch.Generator, block=DEFAULT_BLOCK, device="cpu"):

@@ -38,7 +38,8 @@ def generate(out_dir: Path = PROTO_ROOT) -> list[Path]:
             f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *rels]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    return sorted(p for p in (out_dir / "k2serve").rglob("*") if p.suffix in (".py", ".pyi"))
+    return sorted(p for p in (out_dir / "k2serve").rglob("*")
+                  if p.suffix in (".py", ".pyi") and p.name != "__init__.py")  # package files are not generated
 
 
 if __name__ == "__main__":

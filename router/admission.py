@@ -8,7 +8,7 @@ import collections
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from router.errors import APIError
+from k2serve.router.errors import APIError
 
 
 class Overloaded(APIError):

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
-from router.errors import APIError, error_body
+from k2serve.router.errors import APIError, error_body
 
 log = logging.getLogger(__name__)
 

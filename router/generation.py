@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, Sequence
 
-from router.errors import APIError
-from router.tool_parser import (ContentDelta, StreamingToolParser, ToolCallDelta, finish_reason as
+from k2serve.router.errors import APIError
+from k2serve.router.tool_parser import (ContentDelta, StreamingToolParser, ToolCallDelta, finish_reason as
                                 tool_finish_reason)
-from router.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError
+from k2serve.router.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError
 
 
 class Backend(Protocol):

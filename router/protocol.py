@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from router.errors import APIError, validation_message
+from k2serve.router.errors import APIError, validation_message
 
 _FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
 INT32_MAX = 2 ** 31 - 1  # the worker protocol's counts and top_k are int32, its seed int64

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from router.errors import APIError
+from k2serve.router.errors import APIError
 
 _K2_ID = re.compile(r"functions\.(?P<name>.+):(?P<idx>\d+)")
 

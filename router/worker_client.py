@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
-from router.worker_session import RequestMux
+from k2serve.router.worker_session import RequestMux
 
 SERVICE_NAME = "k2serve.v1.Worker"
 KEEPALIVE_OPTIONS = (

@@ -1,16 +1,16 @@
-"""Shared fixtures: the repository root on sys.path, Ray/gloo environment, one tiny checkpoint per session."""
+"""Shared fixtures: Ray/gloo environment, one tiny checkpoint per session.
+
+The code under test is the installed `k2serve` package. Nothing puts the repository root on sys.path
+(its folders `kernels`, `router`, ... would shadow real packages of those names); pyproject's pytest
+settings add only benchmarks/, whose scripts the benchmark tests import by their file names.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A K2-format tiny checkpoint (seed 0), written once per test session."""
-    from cluster.tiny import make_tiny_model
+    from k2serve.cluster.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "k2-tiny", seed=0)
 
@@ -29,7 +29,7 @@ def ray_session():
     """One local Ray for the whole test session (8 logical CPUs so several ranks and groups fit)."""
     import ray
 
-    from cluster.environment import ray_init_kwargs
+    from k2serve.cluster.environment import ray_init_kwargs
 
     ray.init(**ray_init_kwargs(num_cpus=8))
     yield ray

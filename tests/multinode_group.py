@@ -9,10 +9,10 @@ import sys
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.environment import RAY_LOCAL_ENV, apply_local_ray_env, repo_root
-from cluster.group import GroupSpec, WorkerGroup
-from worker.config import EngineConfig
-from worker.request import SamplingParams
+from k2serve.cluster.environment import RAY_LOCAL_ENV, apply_local_ray_env
+from k2serve.cluster.group import GroupSpec, WorkerGroup
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.request import SamplingParams
 
 
 def main(model_dir: str, prompts: list[list[int]], max_tokens: int) -> None:
@@ -20,7 +20,7 @@ def main(model_dir: str, prompts: list[list[int]], max_tokens: int) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1"})
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(repo_root()), **RAY_LOCAL_ENV}})
+             runtime_env={"env_vars": dict(RAY_LOCAL_ENV)})
     spec = GroupSpec("two-nodes", model_dir, tp=2, ep=2, ranks_per_node=1,
                      engine=EngineConfig(num_kv_blocks=32, block_size=16))
     group = WorkerGroup(spec).start()

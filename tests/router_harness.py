@@ -13,7 +13,7 @@ from typing import Callable
 import httpx
 import uvicorn
 
-from router.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError, WorkerModelInfo
+from k2serve.router.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError, WorkerModelInfo
 
 TOOL_CALL_TEXT = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:{idx}"
                   "<|tool_call_argument_begin|>{{\"city\": \"Beijing\"}}<|tool_call_end|><|tool_calls_section_end|>")
@@ -129,10 +129,10 @@ class WorkerThread:
     """A real worker: AsyncEngine on the tiny checkpoint behind serve_worker, on its own event loop thread."""
 
     def __init__(self, model_dir, max_model_len: int = 1024, num_kv_blocks: int = 128):
-        from worker.async_engine import AsyncEngine
-        from worker.config import EngineConfig
-        from worker.engine import Engine
-        from worker.server import ModelInfo
+        from k2serve.worker.async_engine import AsyncEngine
+        from k2serve.worker.config import EngineConfig
+        from k2serve.worker.engine import Engine
+        from k2serve.worker.server import ModelInfo
 
         config = EngineConfig(max_model_len=max_model_len, num_kv_blocks=num_kv_blocks, max_num_seqs=8)
         self.engine = AsyncEngine(Engine.from_model_dir(model_dir, config))
@@ -141,7 +141,7 @@ class WorkerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> "WorkerThread":
-        from worker.server import serve_worker
+        from k2serve.worker.server import serve_worker
 
         self.thread.start()
         future = asyncio.run_coroutine_threadsafe(

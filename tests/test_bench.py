@@ -21,8 +21,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cluster import bench_cli
-from cluster.bench import BenchConfig, LengthDist, arrival_delays, load_prompts, make_requests, run_bench
+from k2serve.cluster import bench_cli
+from k2serve.cluster.bench import BenchConfig, LengthDist, arrival_delays, load_prompts, make_requests, run_bench
 
 CHUNK_DELAY_S = 0.001
 
@@ -251,7 +251,7 @@ def test_cli_counts_connection_failures(capsys):
 
 
 def test_request_body_asks_for_usage_and_fixed_lengths():
-    from cluster.bench import request_body
+    from k2serve.cluster.bench import request_body
 
     cfg = BenchConfig(model="m", force_min_tokens=True, ignore_eos=True)
     spec = make_requests(cfg)[0]

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cluster.tiny_tokenizer import K2_CHAT_TEMPLATE
-from router.chat_template import ChatTemplate, ChatTemplateError
-from router.tokenizer import K2Tokenizer
+from k2serve.cluster.tiny_tokenizer import K2_CHAT_TEMPLATE
+from k2serve.router.chat_template import ChatTemplate, ChatTemplateError
+from k2serve.router.tokenizer import K2Tokenizer
 
 WEATHER_TOOL = {
     "type": "function",

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from worker.config import EngineConfig
-from worker.engine import Engine
-from worker.model_runner import ModelRunner
-from worker.request import RequestRejected, SamplingParams
-from worker.vocab import Vocab
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.engine import Engine
+from k2serve.worker.model_runner import ModelRunner
+from k2serve.worker.request import RequestRejected, SamplingParams
+from k2serve.worker.vocab import Vocab
 
 V = 64
 STOP = 63
@@ -80,9 +80,9 @@ GREEDY8 = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 def test_forward_batch_slots_positions_and_sample_rows():
-    from worker.model.attention_metadata import AttentionMetadata
-    from worker.model_runner import build_forward_batch
-    from worker.scheduler import StepPlan
+    from k2serve.worker.model.attention_metadata import AttentionMetadata
+    from k2serve.worker.model_runner import build_forward_batch
+    from k2serve.worker.scheduler import StepPlan
 
     plan = StepPlan(["a", "b", "c"], [[5, 6, 7], [8], [9, 10]], [0, 6, 4], [[3, 1], [2, 0], [7, 4]],
                     [True, True, False], block_size=4)
@@ -199,7 +199,7 @@ def test_fail_all_ends_every_request_with_error():
 
 # ---------------------------------------------------------------- AsyncEngine
 
-from worker.async_engine import AsyncEngine  # noqa: E402
+from k2serve.worker.async_engine import AsyncEngine  # noqa: E402
 
 
 async def _collect(agen):
@@ -244,7 +244,7 @@ def test_async_engine_streams_concurrent_requests_and_rejects_early():
 
 
 def test_async_engine_wakes_the_loop_once_per_step_not_once_per_output():
-    from worker import async_engine
+    from k2serve.worker import async_engine
 
     aengine = AsyncEngine(make_fake_engine())
     wakes = []
@@ -367,7 +367,7 @@ def test_async_engine_step_failure_ends_requests_with_error():
 
 # ---------------------------------------------------------------- the real tiny K2 checkpoint
 
-from worker.loader import load_model  # noqa: E402
+from k2serve.worker.loader import load_model  # noqa: E402
 
 REAL_GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
@@ -447,8 +447,8 @@ def test_a_slow_grammar_compiles_without_stalling_the_running_requests(tiny):
     keeps its pace while a guided one that takes a second to compile is admitted."""
     import json
 
-    from worker.guided import GuidedDecoding
-    from worker.request import GuidedSpec
+    from k2serve.worker.guided import GuidedDecoding
+    from k2serve.worker.request import GuidedSpec
 
     spec = GuidedSpec("json_schema", schema=json.dumps({"type": "string", "pattern": "[a-z]{1,3000}"}))
     model, vocab = tiny

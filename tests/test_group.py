@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.group import GroupSpec, WorkerGroup
-from worker.config import EngineConfig
-from worker.loader import load_model
-from worker.model_runner import ModelRunner
-from worker.scheduler import StepPlan
+from k2serve.cluster.group import GroupSpec, WorkerGroup
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.loader import load_model
+from k2serve.worker.model_runner import ModelRunner
+from k2serve.worker.scheduler import StepPlan
 
 ENGINE = EngineConfig(num_kv_blocks=64, block_size=16)
 

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from cluster.group import GroupSpec, WorkerGroup
-from worker.config import EngineConfig
-from worker.engine import Engine
-from worker.loader import load_model
-from worker.request import SamplingParams
+from k2serve.cluster.group import GroupSpec, WorkerGroup
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.engine import Engine
+from k2serve.worker.loader import load_model
+from k2serve.worker.request import SamplingParams
 
 ENGINE = EngineConfig(num_kv_blocks=96, block_size=16, max_num_seqs=4, max_num_batched_tokens=64)
 PROMPTS = [[5, 77, 300, 12, 900, 1000, 4], [1, 2, 3], list(range(100, 150)), [640, 11], [7] * 21, [33, 44, 55, 66, 77]]
@@ -72,7 +72,7 @@ def test_each_rank_holds_only_its_shard(group, tiny_model_dir):
 def test_killing_a_rank_fails_in_flight_requests_and_marks_the_group_unhealthy(group):
     import ray
 
-    from router.worker_client import Finished, GenerateParams, WorkerClient, WorkerError
+    from k2serve.router.worker_client import Finished, GenerateParams, WorkerClient, WorkerError
 
     address = group.serve("127.0.0.1", 0)
     assert group.is_healthy()

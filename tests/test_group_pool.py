@@ -10,16 +10,16 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from router.app import create_app
-from router.admission import AdmissionControl
-from router.balancer import Balancer, BalancerConfig, BreakerState
-from router.chat_template import ChatTemplate
-from router.config import RouterConfig
-from router.discovery import CallableDiscovery, DiscoveryError, GroupInfo, HttpDiscovery, StaticDiscovery, group_info
-from router.group_pool import GroupPool, GroupPoolConfig
-from router.metrics import RouterMetrics
-from router.tokenizer import K2Tokenizer
-from router.worker_client import Finished, GenerateParams, TokenChunk, WorkerError, WorkerLoad, WorkerModelInfo
+from k2serve.router.app import create_app
+from k2serve.router.admission import AdmissionControl
+from k2serve.router.balancer import Balancer, BalancerConfig, BreakerState
+from k2serve.router.chat_template import ChatTemplate
+from k2serve.router.config import RouterConfig
+from k2serve.router.discovery import CallableDiscovery, DiscoveryError, GroupInfo, HttpDiscovery, StaticDiscovery, group_info
+from k2serve.router.group_pool import GroupPool, GroupPoolConfig
+from k2serve.router.metrics import RouterMetrics
+from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.router.worker_client import Finished, GenerateParams, TokenChunk, WorkerError, WorkerLoad, WorkerModelInfo
 from router_harness import ServerThread
 
 MODEL = "kimi-k2-tiny"
@@ -272,7 +272,7 @@ def test_static_discovery_and_group_info_parsing():
 
 
 def test_http_discovery_reads_the_controllers_endpoint():
-    from cluster.discovery import discovery_app
+    from k2serve.cluster.discovery import discovery_app
 
     class Controller:
         def status(self):
@@ -430,8 +430,8 @@ def test_vllm_extra_body_fields_reach_the_worker(tokenizer_and_template):
 
 
 def test_config_and_status_commands(tmp_path, capsys):
-    from cluster.cli import main
-    from cluster.discovery import discovery_app
+    from k2serve.cluster.cli import main
+    from k2serve.cluster.discovery import discovery_app
 
     assert main(["config", "--print-defaults"]) == 0
     out = capsys.readouterr().out

@@ -10,11 +10,11 @@ import jsonschema
 import pytest
 import torch
 
-from worker.config import EngineConfig
-from worker.engine import Engine
-from worker.guided import GuidedDecoding
-from worker.request import GuidedSpec, RequestRejected, SamplingParams
-from worker.vocab import TOOL_MARKERS, Vocab
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.engine import Engine
+from k2serve.worker.guided import GuidedDecoding
+from k2serve.worker.request import GuidedSpec, RequestRejected, SamplingParams
+from k2serve.worker.vocab import TOOL_MARKERS, Vocab
 
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"},
@@ -128,7 +128,7 @@ def test_forced_tool_call_has_valid_id_and_schema_valid_arguments(guided, vocab,
 
 def test_required_mode_ends_after_the_most_parallel_calls(guided, vocab):
     """A model that never closes the section still gets a finished, parseable one (MAX_PARALLEL_CALLS calls)."""
-    from worker.guided import MAX_PARALLEL_CALLS
+    from k2serve.worker.guided import MAX_PARALLEL_CALLS
 
     spec = GuidedSpec("tool_call", tools=TOOLS, mode="required", first_index=0)
     bias = {vocab.id_of("<|tool_calls_section_end|>"): -1e9, vocab.id_of("<|tool_call_begin|>"): 5.0}

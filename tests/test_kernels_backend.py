@@ -10,11 +10,11 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
 
-from kernels import Fp8Backend, TorchReferenceBackend, TritonBackend, select_backend  # noqa: E402
-from kernels.block_fp8 import dequantize_block_fp8  # noqa: E402
-from kernels.reference import UNIT_ROUNDOFF, fp8_linear_error_bound  # noqa: E402
-from kernels.moe_weights import MoeWeights, stack_experts  # noqa: E402
-from kernels.testing import random_block_fp8, random_moe_weights, random_routing  # noqa: E402
+from k2serve.kernels import Fp8Backend, TorchReferenceBackend, TritonBackend, select_backend  # noqa: E402
+from k2serve.kernels.block_fp8 import dequantize_block_fp8  # noqa: E402
+from k2serve.kernels.reference import UNIT_ROUNDOFF, fp8_linear_error_bound  # noqa: E402
+from k2serve.kernels.moe_weights import MoeWeights, stack_experts  # noqa: E402
+from k2serve.kernels.testing import random_block_fp8, random_moe_weights, random_routing  # noqa: E402
 
 CPU = torch.device("cpu")
 # Triton quantizes activations (two e4m3 stages in the experts, each <= 2^-4 per element and averaging
@@ -57,8 +57,8 @@ def _stack_experts(ckpt, prefix: str, num_experts: int) -> MoeWeights:
 
 
 def test_backends_agree_on_the_tiny_checkpoint(tiny_model_dir):
-    from worker.loader import Checkpoint
-    from worker.model.config import ModelConfig
+    from k2serve.worker.loader import Checkpoint
+    from k2serve.worker.model.config import ModelConfig
 
     config, ckpt = ModelConfig.from_dir(tiny_model_dir), Checkpoint(tiny_model_dir)
     ref, tri = select_backend(CPU), select_backend(CPU, force="triton")

@@ -10,7 +10,7 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
 
-from benchmarks import gpu_kernels  # noqa: E402
+import gpu_kernels  # noqa: E402
 
 
 def test_help_and_dry_run(capsys):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.block_fp8 import FP8_DTYPE, block_scale_shape, dequantize_block_fp8, quantize_block_fp8, slice_block_fp8
+from k2serve.kernels.block_fp8 import FP8_DTYPE, block_scale_shape, dequantize_block_fp8, quantize_block_fp8, slice_block_fp8
 
 
 def _weight(n: int, k: int):

@@ -10,15 +10,15 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
 
-from kernels.block_fp8 import FP8_DTYPE, dequantize_block_fp8  # noqa: E402
-from kernels.fp8_gemm import (  # noqa: E402
+from k2serve.kernels.block_fp8 import FP8_DTYPE, dequantize_block_fp8  # noqa: E402
+from k2serve.kernels.fp8_gemm import (  # noqa: E402
     GPU_CONFIGS, _suits_m_bucket, fp8_linear, m_bucket, w8a8_block_fp8_matmul,
 )
-from kernels.reference import (  # noqa: E402
+from k2serve.kernels.reference import (  # noqa: E402
     dequantize_activation_ref, fp8_linear_error_bound, gemm_error_bound, per_token_group_quant_fp8_ref,
     w8a8_block_fp8_matmul_ref,
 )
-from kernels.testing import random_block_fp8  # noqa: E402
+from k2serve.kernels.testing import random_block_fp8  # noqa: E402
 
 # (M, N, K): M = 1 (decode), partial blocks in N (200, 130) and K (333, 260), several M tiles (70),
 # several full N tiles (256).

@@ -10,9 +10,9 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
 
-from kernels.block_fp8 import FP8_DTYPE  # noqa: E402
-from kernels.fp8_quant import per_token_group_quant_fp8  # noqa: E402
-from kernels.reference import (  # noqa: E402
+from k2serve.kernels.block_fp8 import FP8_DTYPE  # noqa: E402
+from k2serve.kernels.fp8_quant import per_token_group_quant_fp8  # noqa: E402
+from k2serve.kernels.reference import (  # noqa: E402
     AMAX_EPS, E4M3_REL_ERR, E4M3_SUBNORMAL_ABS_ERR, dequantize_activation_ref, per_token_group_quant_fp8_ref,
 )
 

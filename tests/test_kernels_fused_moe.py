@@ -10,11 +10,11 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
 
-from kernels.fused_moe import fused_moe  # noqa: E402
-from kernels.moe_align import align_tokens_to_experts, max_padded_rows  # noqa: E402
-from kernels.reference import fused_moe_ref  # noqa: E402
-from kernels.moe_weights import stack_experts  # noqa: E402
-from kernels.testing import random_block_fp8, random_moe_weights, random_routing  # noqa: E402
+from k2serve.kernels.fused_moe import fused_moe  # noqa: E402
+from k2serve.kernels.moe_align import align_tokens_to_experts, max_padded_rows  # noqa: E402
+from k2serve.kernels.reference import fused_moe_ref  # noqa: E402
+from k2serve.kernels.moe_weights import stack_experts  # noqa: E402
+from k2serve.kernels.testing import random_block_fp8, random_moe_weights, random_routing  # noqa: E402
 
 # The kernel and `fused_moe_ref(quantize_activations=True)` take the same rounding steps; only fp32
 # summation order differs, which can flip a rare bf16 rounding of the gate/up output (2^-8) or an

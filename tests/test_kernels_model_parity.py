@@ -16,7 +16,7 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
 
-from kernels import select_backend  # noqa: E402
+from k2serve.kernels import select_backend  # noqa: E402
 
 PROMPT = [5, 77, 300, 12, 900, 1000, 4, 8]
 # Each FP8 matmul must stay within its rigorous activation-rounding bound on the model's own activations
@@ -30,14 +30,14 @@ LOGITS_REL_TOL = 4 * 2.0**-4
 
 def _with_backend(model_dir, backend: str):
     """The model as serving builds it on GPU: block-FP8 matrices multiplied by the named backend."""
-    from worker.loader import load_model
+    from k2serve.worker.loader import load_model
 
     return load_model(model_dir, progress=False, fp8_backend=backend)
 
 
 def _prefill_logits(model, ids):
-    from worker.model.attention_metadata import AttentionMetadata
-    from worker.model.deepseek_v3 import allocate_kv_caches
+    from k2serve.worker.model.attention_metadata import AttentionMetadata
+    from k2serve.worker.model.deepseek_v3 import allocate_kv_caches
 
     caches = allocate_kv_caches(model.config, 4, 16)
     hidden = model(torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata.contiguous([len(ids)], [0], 16), caches)
@@ -50,8 +50,8 @@ def _rel_err(y, ref) -> float:
 
 def _check_each_matmul_against_reference(model, failures: list[str]) -> None:
     """Hooks that recompute every FP8 matmul with the torch reference on the same input."""
-    from kernels.block_fp8 import dequantize_block_fp8
-    from kernels.reference import UNIT_ROUNDOFF, fp8_linear_error_bound
+    from k2serve.kernels.block_fp8 import dequantize_block_fp8
+    from k2serve.kernels.reference import UNIT_ROUNDOFF, fp8_linear_error_bound
     ref = select_backend(torch.device("cpu"))
 
     def linear_hook(mod, inp, out, name):
@@ -68,8 +68,8 @@ def _check_each_matmul_against_reference(model, failures: list[str]) -> None:
         if _rel_err(out, want) > EXPERTS_REL_TOL:
             failures.append(f"{name}: {_rel_err(out, want):.3f}")
 
-    from worker.model.layers.experts import LocalExperts
-    from worker.model.layers.linear import _Linear
+    from k2serve.worker.model.layers.experts import LocalExperts
+    from k2serve.worker.model.layers.linear import _Linear
 
     for name, mod in model.named_modules():
         if isinstance(mod, _Linear) and mod.fp8 is not None:
@@ -81,7 +81,7 @@ def _check_each_matmul_against_reference(model, failures: list[str]) -> None:
 
 @torch.no_grad()
 def test_triton_backend_matches_torch_backend_on_the_tiny_model(tiny_model_dir):
-    from worker.loader import load_model
+    from k2serve.worker.loader import load_model
 
     dense = _prefill_logits(load_model(tiny_model_dir, progress=False), PROMPT)
     ref = _prefill_logits(_with_backend(tiny_model_dir, "torch"), PROMPT)

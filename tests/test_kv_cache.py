@@ -2,7 +2,7 @@
 
 import pytest
 
-from worker.kv_cache import KVCacheManager, block_hash
+from k2serve.worker.kv_cache import KVCacheManager, block_hash
 
 
 def make_cache(num_blocks=8, block_size=4, prefix=True):

@@ -4,10 +4,10 @@ and KVCacheManager never leak or double-free a block, end every request, and lea
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.config import EngineConfig
-from worker.kv_cache import KVCacheManager
-from worker.request import Request, RequestRejected, SamplingParams
-from worker.scheduler import Scheduler
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.kv_cache import KVCacheManager
+from k2serve.worker.request import Request, RequestRejected, SamplingParams
+from k2serve.worker.scheduler import Scheduler
 
 STOP = 0
 PREFIXES = [[], [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9, 9]]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kernels.block_fp8 import FP8_DTYPE, block_scale_shape, dequantize_block_fp8, quantize_block_fp8
-from worker.loader import Checkpoint, CheckpointError, load_model
-from worker.model.config import ModelConfig
+from k2serve.kernels.block_fp8 import FP8_DTYPE, block_scale_shape, dequantize_block_fp8, quantize_block_fp8
+from k2serve.worker.loader import Checkpoint, CheckpointError, load_model
+from k2serve.worker.model.config import ModelConfig
 
 
 @pytest.mark.parametrize("shape", [(128, 128), (144, 192), (1, 300), (257, 129), (96, 96)])

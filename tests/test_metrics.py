@@ -8,10 +8,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from router import metrics as router_metrics
-from router.metrics import RouterMetrics
-from worker import metrics as worker_metrics
-from worker.metrics import WorkerMetrics, load_imbalance
+from k2serve.router import metrics as router_metrics
+from k2serve.router.metrics import RouterMetrics
+from k2serve.worker import metrics as worker_metrics
+from k2serve.worker.metrics import WorkerMetrics, load_imbalance
 
 ALL_SPECS = router_metrics.METRICS + worker_metrics.METRICS
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.hf_reference import load_hf_model
-from cluster.tiny import make_tiny_model
-from worker.loader import load_model
-from worker.model.attention_metadata import AttentionMetadata
-from worker.model.deepseek_v3 import allocate_kv_caches
+from hf_reference import load_hf_model
+from k2serve.cluster.tiny import make_tiny_model
+from k2serve.worker.loader import load_model
+from k2serve.worker.model.attention_metadata import AttentionMetadata
+from k2serve.worker.model.deepseek_v3 import allocate_kv_caches
 
 PROMPTS = [[5, 77, 300, 12, 900, 1000, 4, 8, 15, 16, 23, 42], [1, 2, 3], [640, 11, 259, 1023, 7, 7, 7, 99]]
 
@@ -94,8 +94,8 @@ def test_deepseek_v3_style_group_limited_routing(tmp_path):
 
 def test_group_selection_differs_from_plain_topk():
     """The group mask is exercised: with groups, some plain top-k choices fall outside the kept groups."""
-    from worker.model.config import ModelConfig
-    from worker.model.layers.router import TopKRouter
+    from k2serve.worker.model.config import ModelConfig
+    from k2serve.worker.model.layers.router import TopKRouter
 
     cfg = ModelConfig(hidden_size=8, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=1)
     router = TopKRouter(cfg)

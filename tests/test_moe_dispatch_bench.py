@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.dispatch_bytes import (
+from dispatch_bytes import (
     LayerBytes,
     WireFormat,
     all_gather_bytes,
@@ -18,8 +18,8 @@ from benchmarks.dispatch_bytes import (
     per_token_bytes,
     remote_copies,
 )
-from benchmarks.moe_dispatch import TimingConfig, k2_table, measure
-from worker.model.config import ModelConfig
+from moe_dispatch import TimingConfig, k2_table, measure
+from k2serve.worker.model.config import ModelConfig
 
 
 def ids(rows):

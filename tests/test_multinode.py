@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.placement import placement_bundles
-from worker.config import EngineConfig
-from worker.engine import Engine
-from worker.request import SamplingParams
+from k2serve.cluster.placement import placement_bundles
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.engine import Engine
+from k2serve.worker.request import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[5, 77, 300, 12, 900], [1, 2, 3]]
@@ -27,7 +27,7 @@ def test_placement_is_pure_data():
 def test_group_across_two_ray_nodes_gives_the_same_tokens(tiny_model_dir):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "multinode_group.py"), str(tiny_model_dir), json.dumps(PROMPTS), "10"],
-        capture_output=True, text=True, timeout=300, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

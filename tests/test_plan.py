@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from cluster import plan_cli
-from cluster.gpus import GIB, gpu_spec
-from cluster.plan import (
+from k2serve.cluster import plan_cli
+from k2serve.cluster.gpus import GIB, gpu_spec
+from k2serve.cluster.plan import (
     PlanConfig,
     a2a_bytes_per_token_per_layer,
     active_params,
@@ -23,7 +23,7 @@ from cluster.plan import (
     step_cost,
     weight_kinds,
 )
-from worker.model.config import ModelConfig
+from k2serve.worker.model.config import ModelConfig
 
 DEEPSEEK_V3 = {
     "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,

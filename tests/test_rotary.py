@@ -2,8 +2,8 @@
 
 import torch
 
-from worker.model.config import ModelConfig
-from worker.model.layers.rotary import RotaryEmbedding, yarn_inv_freq
+from k2serve.worker.model.config import ModelConfig
+from k2serve.worker.model.layers.rotary import RotaryEmbedding, yarn_inv_freq
 
 
 def test_k2_yarn_keeps_dims_0_to_19_and_divides_the_rest_by_32():

@@ -6,10 +6,10 @@ import anthropic
 import httpx
 import pytest
 
-from router.app import create_app
-from router.chat_template import ChatTemplate
-from router.config import RouterConfig
-from router.tokenizer import K2Tokenizer
+from k2serve.router.app import create_app
+from k2serve.router.chat_template import ChatTemplate
+from k2serve.router.config import RouterConfig
+from k2serve.router.tokenizer import K2Tokenizer
 from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread
 
 MODEL = "kimi-k2-tiny"
@@ -114,7 +114,7 @@ def test_api_key_required_in_anthropic_format(stack):
 
 # ---------------------------------------------------------------- real worker (gRPC + AsyncEngine, tiny checkpoint)
 
-from router.worker_client import WorkerClient  # noqa: E402
+from k2serve.router.worker_client import WorkerClient  # noqa: E402
 from router_harness import WorkerThread  # noqa: E402
 
 ENUM_WEATHER = {**WEATHER, "input_schema": {"type": "object", "required": ["city"],

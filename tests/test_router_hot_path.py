@@ -8,8 +8,8 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry
 
-from router.metrics import RouterMetrics
-from router.sse import OpenAIFrames, anthropic_event, anthropic_text_delta, sse
+from k2serve.router.metrics import RouterMetrics
+from k2serve.router.sse import OpenAIFrames, anthropic_event, anthropic_text_delta, sse
 
 TEXTS = ["", " the", 'quote " and \\ backslash', "new\nline\ttab\r", "\x00\x1f control", "日本語 ☃ 🎉",
          "</script>", "\u2028\u2029", "\ud800 lone surrogate"]
@@ -84,7 +84,7 @@ def test_metrics_group_series_come_back_after_removal():
 
 
 def outputs():
-    from worker.request import RequestOutput, TokenLogprob
+    from k2serve.worker.request import RequestOutput, TokenLogprob
 
     lp = [TokenLogprob(5, -0.25, [(5, -0.25), (9, -1.5)]), TokenLogprob(6, -2.0, [])]
     return [RequestOutput("r", [5], None, 64, 1, 0), RequestOutput("r", [5, 6], lp, 64, 3, 16),
@@ -94,7 +94,7 @@ def outputs():
 @pytest.mark.parametrize("out", outputs())
 def test_fill_chunk_writes_tokens_logprobs_and_counts(out):
     from k2serve.v1 import worker_pb2
-    from worker.responses import fill_chunk
+    from k2serve.worker.responses import fill_chunk
 
     response = worker_pb2.GenerateResponse()
     fill_chunk(response.chunk, out)
@@ -109,8 +109,8 @@ def test_fill_chunk_writes_tokens_logprobs_and_counts(out):
 @pytest.mark.parametrize("out", outputs())
 def test_router_reads_back_tokens_logprobs_and_counts(out):
     from k2serve.v1 import worker_pb2
-    from router.worker_client import TokenChunk, TokenLogprob, response_from_proto
-    from worker.responses import fill_chunk
+    from k2serve.router.worker_client import TokenChunk, TokenLogprob, response_from_proto
+    from k2serve.worker.responses import fill_chunk
 
     response = worker_pb2.GenerateResponse()
     fill_chunk(response.chunk, out)
@@ -129,10 +129,10 @@ def test_streamed_events_reach_the_server_from_the_endpoint_itself(tiny_model_di
     import asyncio
     import sys
 
-    from router.app import create_app
-    from router.chat_template import ChatTemplate
-    from router.config import RouterConfig
-    from router.tokenizer import K2Tokenizer
+    from k2serve.router.app import create_app
+    from k2serve.router.chat_template import ChatTemplate
+    from k2serve.router.config import RouterConfig
+    from k2serve.router.tokenizer import K2Tokenizer
     from router_harness import ScriptedBackend
 
     tokenizer = K2Tokenizer.from_dir(tiny_model_dir)
@@ -181,11 +181,11 @@ def test_a_stream_that_breaks_after_its_first_event_is_logged_and_closed(tiny_mo
     import asyncio
     import logging
 
-    from router.app import create_app
-    from router.chat_template import ChatTemplate
-    from router.config import RouterConfig
-    from router.tokenizer import K2Tokenizer
-    from router.worker_client import TokenChunk
+    from k2serve.router.app import create_app
+    from k2serve.router.chat_template import ChatTemplate
+    from k2serve.router.config import RouterConfig
+    from k2serve.router.tokenizer import K2Tokenizer
+    from k2serve.router.worker_client import TokenChunk
 
     class BreaksMidStream:
         async def generate(self, params):
@@ -193,7 +193,7 @@ def test_a_stream_that_breaks_after_its_first_event_is_logged_and_closed(tiny_mo
             raise RuntimeError("a bug after the first token")
 
         async def get_model_info(self):
-            from router.worker_client import WorkerModelInfo
+            from k2serve.router.worker_client import WorkerModelInfo
             return WorkerModelInfo("kimi-k2-tiny", 256, tokenizer.n_vocab)
 
         async def health(self):

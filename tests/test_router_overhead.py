@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from benchmarks.layer_processes import LayerProcess, PacedEngine, process_cpu_s
-from benchmarks.overhead_report import router_cost, verdict
-from benchmarks.router_overhead import main, median_summary, pinning
-from worker.request import SamplingParams
+from layer_processes import LayerProcess, PacedEngine, process_cpu_s
+from overhead_report import router_cost, verdict
+from router_overhead import main, median_summary, pinning
+from k2serve.worker.request import SamplingParams
 
 
 def test_paced_engine_steps_every_running_request_together():

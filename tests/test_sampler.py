@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from worker.request import Request, SamplingParams
-from worker.sampler import Sampler
+from k2serve.worker.request import Request, SamplingParams
+from k2serve.worker.sampler import Sampler
 
 V = 32
 

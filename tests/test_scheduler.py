@@ -4,10 +4,10 @@ import pickle
 
 import pytest
 
-from worker.config import EngineConfig
-from worker.kv_cache import KVCacheManager
-from worker.request import Request, RequestRejected, RequestStatus, SamplingParams
-from worker.scheduler import Scheduler, StepPlan
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.kv_cache import KVCacheManager
+from k2serve.worker.request import Request, RequestRejected, RequestStatus, SamplingParams
+from k2serve.worker.scheduler import Scheduler, StepPlan
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_model_len=256, **cfg):

@@ -18,7 +18,6 @@ import pytest
 
 from router_harness import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "kimi-k2-instruct"  # the default config's model name
 
 
@@ -53,16 +52,16 @@ def still_running(pid: int, start: str) -> bool:
 
 
 class K2Process:
-    """`python -m cluster.cli ARGS` with its output in a log file; `wait_ready` polls an HTTP URL."""
+    """The installed `k2serve ARGS` with its output in a log file; `wait_ready` polls an HTTP URL."""
 
     def __init__(self, args: list[str], log_path: Path, home: Path):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(PYTHONPATH=str(ROOT), K2SERVE_HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        env.update(K2SERVE_HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                    RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "k2serve"), *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env, cwd=home)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -139,7 +138,7 @@ def test_chat_completions_non_stream_and_stream(serve):
 
 
 def test_groups_are_published_with_rank_pids_and_status_shows_them(serve, capsys):
-    from cluster.cli import main
+    from k2serve.cluster.cli import main
 
     groups = httpx.get(serve.discovery + "/v1/groups", timeout=5).json()["groups"]
     assert [(g["name"], g["healthy"], g["generation"]) for g in groups] == [("group-0", True, 1)]
@@ -192,8 +191,8 @@ def chat_load(serve, n: int, max_tokens: int = 6) -> list:
 
 
 def test_router_and_worker_metrics_move_under_load(serve, tiny_model_dir):
-    from router.metrics import METRICS as ROUTER_METRICS
-    from worker.metrics import METRICS as WORKER_METRICS
+    from k2serve.router.metrics import METRICS as ROUTER_METRICS
+    from k2serve.worker.metrics import METRICS as WORKER_METRICS
 
     worker_url = worker_metrics_url(serve)
     before = scrape(worker_url)
@@ -205,7 +204,7 @@ def test_router_and_worker_metrics_move_under_load(serve, tiny_model_dir):
     assert total(router, "k2serve_router_time_to_first_token_seconds_count") >= 8
     assert total(router, "k2serve_router_generation_tokens_total") >= generated > 0
     assert total(router, "k2serve_router_request_duration_seconds_count") >= 8
-    from worker.model.config import ModelConfig
+    from k2serve.worker.model.config import ModelConfig
 
     worker = wait_for_expert_tokens(worker_url, ModelConfig.from_dir(tiny_model_dir).num_experts_per_tok)
     assert {family(s.name) for s in WORKER_METRICS} <= set(worker), set(worker)
@@ -244,7 +243,7 @@ def wait_for_expert_tokens(url: str, k: int, timeout: float = 15.0) -> dict[str,
 
 def test_bench_against_serve_counts_every_request(serve):
     """Issue 9: `k2serve bench` (16 requests at concurrency 4, plus one invalid request) against the serve."""
-    from cluster.bench import BenchConfig, run_bench
+    from k2serve.cluster.bench import BenchConfig, run_bench
 
     rows = tuple({"prompt": "tell me about " + "the water " * (i % 5 + 1), "max_tokens": 6 + i % 4} for i in range(16))
     bad = {"prompt": "this request is invalid", "max_tokens": 0}

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from router.worker_client import (Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerClient,
+from k2serve.router.worker_client import (Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerClient,
                                   WorkerError, request_to_proto)
-from worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams, TokenLogprob
-from worker.server import ModelInfo, params_from_request, serve_worker
+from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams, TokenLogprob
+from k2serve.worker.server import ModelInfo, params_from_request, serve_worker
 
 INFO = ModelInfo("tiny-k2", 4096, 1000, (163585, 163586), "sha256:abc")
 

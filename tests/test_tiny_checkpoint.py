@@ -12,12 +12,12 @@ import regex
 import torch
 from safetensors import safe_open
 
-from cluster.tiny import (
+from k2serve.cluster.tiny import (
     NUM_BASE_RANKS, make_tiny_model, tiny_config_dict,
 )
-from cluster.tiny_tokenizer import TRAINING_CORPUS, train_bpe
-from kernels.block_fp8 import dequantize_block_fp8
-from router.tokenizer import K2_PAT_STR
+from k2serve.cluster.tiny_tokenizer import TRAINING_CORPUS, train_bpe
+from k2serve.kernels.block_fp8 import dequantize_block_fp8
+from k2serve.router.tokenizer import K2_PAT_STR
 
 FP8 = torch.float8_e4m3fn
 
@@ -74,7 +74,7 @@ def test_config_matches_k2_fields(tiny_dir):
 
 
 def test_config_loads_into_model_config(tiny_dir):
-    from worker.model.config import ModelConfig
+    from k2serve.worker.model.config import ModelConfig
 
     mc = ModelConfig.from_dir(tiny_dir)
     assert mc.hidden_size == 192 and mc.kv_cache_dim == 144 and mc.weight_block_size == (128, 128)

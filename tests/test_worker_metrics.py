@@ -7,14 +7,14 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from worker.config import EngineConfig
-from worker.engine import Engine
-from worker.loader import load_model
-from worker.metrics import EngineMetrics, EngineState, WorkerMetrics
-from worker.model_runner import ModelRunner
-from worker.request import SamplingParams
-from worker.scheduler import StepPlan
-from worker.vocab import Vocab
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.engine import Engine
+from k2serve.worker.loader import load_model
+from k2serve.worker.metrics import EngineMetrics, EngineState, WorkerMetrics
+from k2serve.worker.model_runner import ModelRunner
+from k2serve.worker.request import SamplingParams
+from k2serve.worker.scheduler import StepPlan
+from k2serve.worker.vocab import Vocab
 
 GROUP = "g-test"
 GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -202,7 +202,7 @@ def test_async_engine_flushes_moe_stats_when_idle(tiny):
     import asyncio
     import time
 
-    from worker.async_engine import AsyncEngine
+    from k2serve.worker.async_engine import AsyncEngine
 
     model, _ = tiny
     engine, reg = make_engine(tiny, moe_interval_s=3600.0)

@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
-from router.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError, request_to_proto
-from worker.request import RequestOutput, SamplingParams
-from worker.server import ModelInfo, serve_worker
+from k2serve.router.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError, request_to_proto
+from k2serve.worker.request import RequestOutput, SamplingParams
+from k2serve.worker.server import ModelInfo, serve_worker
 
 INFO = ModelInfo("tiny-k2", 4096, 1000, (2,), "sha256:abc")
 
@@ -32,7 +32,7 @@ class SteppingEngine:
 
     async def generate(self, rid: str, prompt: list[int], params: SamplingParams):
         if rid in self.running:
-            from worker.request import RequestRejected
+            from k2serve.worker.request import RequestRejected
             raise RequestRejected(f"request id {rid!r} is already in use")
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick())
@@ -242,7 +242,7 @@ def test_a_reused_id_never_gets_the_tokens_of_the_request_that_had_it():
 
 
 def test_an_oversized_request_fails_alone(monkeypatch):
-    from router import worker_session
+    from k2serve.router import worker_session
 
     monkeypatch.setattr(worker_session, "MAX_REQUEST_BYTES", 1000)
 
@@ -268,7 +268,7 @@ def test_the_worker_takes_messages_as_large_as_the_router_sends():
 
 
 def test_stopping_the_worker_drains_its_sessions():
-    from worker.server import stop_worker
+    from k2serve.worker.server import stop_worker
 
     async def scenario(engine, server, stub):
         async with connected(server) as client:
@@ -331,7 +331,7 @@ def test_outputs_without_tokens_send_no_empty_chunks():
 
 
 def test_a_full_batch_holds_the_requests_until_the_write_goes_out(monkeypatch):
-    from worker import session as worker_session
+    from k2serve.worker import session as worker_session
 
     monkeypatch.setattr(worker_session, "MAX_BATCH_RESPONSES", 8)
     produced = []
@@ -371,7 +371,7 @@ def test_a_full_batch_holds_the_requests_until_the_write_goes_out(monkeypatch):
 
 
 def test_requests_queued_together_leave_in_one_message():
-    from router.worker_session import RequestMux
+    from k2serve.router.worker_session import RequestMux
 
     class Call:  # the router side alone: what the mux hands gRPC to send
         def __init__(self, requests):
@@ -416,7 +416,7 @@ def test_requests_queued_together_leave_in_one_message():
 
 
 def test_an_inbox_hands_over_in_order_and_survives_a_cancelled_wait():
-    from router.worker_session import Inbox
+    from k2serve.router.worker_session import Inbox
 
     async def run():
         inbox = Inbox()

@@ -14,8 +14,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from worker.engine import Engine, EngineLoad
-from worker.request import RequestOutput, RequestRejected, SamplingParams
+from k2serve.worker.engine import Engine, EngineLoad
+from k2serve.worker.request import RequestOutput, RequestRejected, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import socket
 
 import torch.distributed as dist
 
-from worker.parallel import ParallelInfo
+from k2serve.worker.parallel import ParallelInfo
 
 log = logging.getLogger(__name__)
 

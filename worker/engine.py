@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from worker.config import EngineConfig
-from worker.kv_cache import KVCacheManager
-from worker.metrics import EngineMetrics, EngineState, WorkerMetrics
-from worker.model_runner import ModelRunner, kv_cache_block_bytes
-from worker.request import Request, RequestOutput, RequestRejected, RequestStatus, SamplingParams, TokenLogprob
-from worker.sampler import Sampler
-from worker.scheduler import Scheduler, StepPlan
-from worker.vocab import Vocab
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.kv_cache import KVCacheManager
+from k2serve.worker.metrics import EngineMetrics, EngineState, WorkerMetrics
+from k2serve.worker.model_runner import ModelRunner, kv_cache_block_bytes
+from k2serve.worker.request import Request, RequestOutput, RequestRejected, RequestStatus, SamplingParams, TokenLogprob
+from k2serve.worker.sampler import Sampler
+from k2serve.worker.scheduler import Scheduler, StepPlan
+from k2serve.worker.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Engine:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
         """Load the checkpoint with worker.loader.load_model, size the KV cache and build the engine."""
-        from worker.loader import load_model
+        from k2serve.worker.loader import load_model
 
         dtype = getattr(torch, config.dtype)
         model = load_model(model_dir, dtype=dtype, progress=False).to(config.device)
@@ -125,7 +125,7 @@ class Engine:
     def _guided_decoding(self):
         with self._guided_lock:  # built once, by whichever thread asks first
             if self._guided is None:
-                from worker.guided import GuidedDecoding
+                from k2serve.worker.guided import GuidedDecoding
 
                 if self.vocab is None:
                     raise RequestRejected("structured output needs the checkpoint's vocabulary", status=400)

@@ -24,8 +24,8 @@ import torch
 import xgrammar as xgr
 from xgrammar import structural_tag as st
 
-from worker.request import GuidedSpec, RequestRejected
-from worker.vocab import (TOOL_ARGUMENT_BEGIN, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_MARKERS, TOOL_SECTION_BEGIN,
+from k2serve.worker.request import GuidedSpec, RequestRejected
+from k2serve.worker.vocab import (TOOL_ARGUMENT_BEGIN, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_MARKERS, TOOL_SECTION_BEGIN,
                           TOOL_SECTION_END, Vocab)
 
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # ASCII controls except \t \n \r

@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, expand_block_scales, quantize_block_fp8
-from worker.model.config import ModelConfig
-from worker.model.deepseek_v3 import DeepseekV3ForCausalLM
-from worker.model.layers.linear import Fp8Weights
-from worker.parallel import ParallelInfo
+from k2serve.kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, expand_block_scales, quantize_block_fp8
+from k2serve.worker.model.config import ModelConfig
+from k2serve.worker.model.deepseek_v3 import DeepseekV3ForCausalLM
+from k2serve.worker.model.layers.linear import Fp8Weights
+from k2serve.worker.parallel import ParallelInfo
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def load_model(
     block = config.weight_block_size or DEFAULT_BLOCK
     fp8 = None
     if fp8_backend is not None:
-        from kernels.backend import select_backend
+        from k2serve.kernels.backend import select_backend
 
         force = None if fp8_backend == "auto" else fp8_backend
         fp8 = Fp8Weights(select_backend(torch.device(device), force), block)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.model.attention_metadata import AttentionMetadata
-from worker.model.layers.moe_stats import MoEStatsSnapshot
-from worker.parallel import ParallelInfo, all_reduce
-from worker.scheduler import StepPlan
+from k2serve.worker.model.attention_metadata import AttentionMetadata
+from k2serve.worker.model.layers.moe_stats import MoEStatsSnapshot
+from k2serve.worker.parallel import ParallelInfo, all_reduce
+from k2serve.worker.scheduler import StepPlan
 
 
 @dataclass
@@ -68,7 +68,7 @@ class ModelRunner:
         self._moe_snapshot: MoEStatsSnapshot | None = None
 
     def _allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        from worker.model.deepseek_v3 import allocate_kv_caches
+        from k2serve.worker.model.deepseek_v3 import allocate_kv_caches
 
         caches = allocate_kv_caches(self.model.config, num_blocks, block_size, dtype)
         return [c.to(self.device) for c in caches]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from worker.parallel import ParallelInfo
+from k2serve.worker.parallel import ParallelInfo
 
 
 class PlanChannel:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from worker.config import EngineConfig
-from worker.distributed import destroy_distributed, init_distributed
-from worker.loader import load_model
-from worker.model_runner import ModelRunner, kv_cache_block_bytes
-from worker.parallel import ParallelInfo
-from worker.plan_channel import BroadcastingRunner, PlanChannel, follow
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.distributed import destroy_distributed, init_distributed
+from k2serve.worker.loader import load_model
+from k2serve.worker.model_runner import ModelRunner, kv_cache_block_bytes
+from k2serve.worker.parallel import ParallelInfo
+from k2serve.worker.plan_channel import BroadcastingRunner, PlanChannel, follow
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class RankWorker:
 
     def build_engine(self):
         """Rank 0: the Engine whose runner broadcasts every plan to the group."""
-        from worker.engine import Engine
-        from worker.vocab import Vocab
+        from k2serve.worker.engine import Engine
+        from k2serve.worker.vocab import Vocab
 
         if not self.info.is_driver:
             raise RuntimeError(f"only rank 0 runs the engine, this is rank {self.info.rank}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 from k2serve.v1 import worker_pb2
-from worker.request import RequestOutput
+from k2serve.worker.request import RequestOutput
 
 ResponseFactory = Callable[[], worker_pb2.GenerateResponse]
 

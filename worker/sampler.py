@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.request import Request, SamplingParams, TokenLogprob
+from k2serve.worker.request import Request, SamplingParams, TokenLogprob
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # mixes the step into the seed (golden-ratio constant)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from worker.config import EngineConfig
-from worker.kv_cache import KVCacheManager
-from worker.request import Request, RequestRejected, RequestStatus
+from k2serve.worker.config import EngineConfig
+from k2serve.worker.kv_cache import KVCacheManager
+from k2serve.worker.request import Request, RequestRejected, RequestStatus
 
 
 @dataclass

@@ -25,9 +25,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
-from worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams
-from worker.responses import ResponseFactory, fill_chunk, fill_error, fill_final
-from worker.session import WorkerSession
+from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams
+from k2serve.worker.responses import ResponseFactory, fill_chunk, fill_error, fill_final
+from k2serve.worker.session import WorkerSession
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             yield response
 
     async def Session(self, request_iterator, context) -> None:
+        if self._draining:  # a router reconnecting while this worker stops: refuse the session outright
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is shutting down")
         session = WorkerSession(self.responses)
-        if self._draining:  # a router reconnecting while this worker stops: refuse its requests too
-            session.drain()
         self._sessions.add(session)
         try:
             await session.run(request_iterator, context)

@@ -21,7 +21,7 @@ import logging
 from typing import Any, AsyncIterator, Callable
 
 from k2serve.v1 import worker_pb2
-from worker.responses import ResponseFactory, fill_error
+from k2serve.worker.responses import ResponseFactory, fill_error
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.model.attention_metadata import AttentionMetadata
-from worker.model.config import ModelConfig
-from worker.model.layers.attention import MLAttention
-from worker.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from worker.model.layers.linear import Fp8Weights
-from worker.model.layers.mlp import ParallelMLP
-from worker.model.layers.moe import MoE
-from worker.model.layers.moe_stats import MoEStats
-from worker.model.layers.norm import RMSNorm
-from worker.model.layers.rotary import RotaryEmbedding
-from worker.parallel import ParallelInfo, all_gather_tokens, shard_valid_rows, token_shard
+from k2serve.worker.model.attention_metadata import AttentionMetadata
+from k2serve.worker.model.config import ModelConfig
+from k2serve.worker.model.layers.attention import MLAttention
+from k2serve.worker.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from k2serve.worker.model.layers.linear import Fp8Weights
+from k2serve.worker.model.layers.mlp import ParallelMLP
+from k2serve.worker.model.layers.moe import MoE
+from k2serve.worker.model.layers.moe_stats import MoEStats
+from k2serve.worker.model.layers.norm import RMSNorm
+from k2serve.worker.model.layers.rotary import RotaryEmbedding
+from k2serve.worker.parallel import ParallelInfo, all_gather_tokens, shard_valid_rows, token_shard
 
 
 class DecoderLayer(nn.Module):

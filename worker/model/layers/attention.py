@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.model.attention_metadata import AttentionMetadata
-from worker.model.config import ModelConfig
-from worker.model.layers.linear import ColumnParallelLinear, Fp8Weights, ReplicatedLinear, RowParallelLinear
-from worker.model.layers.norm import RMSNorm
-from worker.model.layers.rotary import RotaryEmbedding
-from worker.parallel import ParallelInfo
+from k2serve.worker.model.attention_metadata import AttentionMetadata
+from k2serve.worker.model.config import ModelConfig
+from k2serve.worker.model.layers.linear import ColumnParallelLinear, Fp8Weights, ReplicatedLinear, RowParallelLinear
+from k2serve.worker.model.layers.norm import RMSNorm
+from k2serve.worker.model.layers.rotary import RotaryEmbedding
+from k2serve.worker.parallel import ParallelInfo
 
 
 class MLAttention(nn.Module):

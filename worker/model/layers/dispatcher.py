@@ -16,9 +16,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from worker.model.layers.experts import LocalExperts
-from worker.model.layers.moe_stats import MoEStats
-from worker.parallel import ParallelInfo
+from k2serve.worker.model.layers.experts import LocalExperts
+from k2serve.worker.model.layers.moe_stats import MoEStats
+from k2serve.worker.parallel import ParallelInfo
 
 
 class Dispatcher:

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.model.layers.linear import new_weight, shard_parameter
-from worker.parallel import ParallelInfo, all_reduce, gather_last_dim
+from k2serve.worker.model.layers.linear import new_weight, shard_parameter
+from k2serve.worker.parallel import ParallelInfo, all_reduce, gather_last_dim
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.model.config import ModelConfig
-from worker.model.layers.linear import Fp8Weights
-from worker.model.layers.mlp import MLP
-from worker.parallel import ParallelInfo
+from k2serve.worker.model.config import ModelConfig
+from k2serve.worker.model.layers.linear import Fp8Weights
+from k2serve.worker.model.layers.mlp import MLP
+from k2serve.worker.parallel import ParallelInfo
 
 
 class LocalExperts(nn.Module):
@@ -34,7 +34,7 @@ class LocalExperts(nn.Module):
         """FP8: stack the loaded per-expert matrices into the fused layout and drop the per-expert copies."""
         if self.fp8 is None:
             return
-        from kernels.moe_weights import stack_experts
+        from k2serve.kernels.moe_weights import stack_experts
 
         experts = [getattr(self, self.expert_name(j)) for j in range(self.n_local_experts)]
         matrices = [[(getattr(e, p).weight, getattr(e, p).weight_scale_inv) for e in experts]

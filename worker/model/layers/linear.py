@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape
-from worker.parallel import ParallelInfo, all_reduce, reduce_scatter_tokens
+from k2serve.kernels.block_fp8 import DEFAULT_BLOCK, FP8_DTYPE, block_scale_shape
+from k2serve.worker.parallel import ParallelInfo, all_reduce, reduce_scatter_tokens
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class _Linear(nn.Module):
         """The weight as a dense matrix (dequantized when block-FP8)."""
         if self.fp8 is None:
             return self.weight.to(dtype)
-        from kernels.block_fp8 import dequantize_block_fp8
+        from k2serve.kernels.block_fp8 import dequantize_block_fp8
 
         return dequantize_block_fp8(self.weight, self.weight_scale_inv, self.fp8.block, dtype)
 

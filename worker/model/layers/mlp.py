@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.model.layers.linear import ColumnParallelLinear, Fp8Weights, ReplicatedLinear, RowParallelLinear
-from worker.parallel import ParallelInfo
+from k2serve.worker.model.layers.linear import ColumnParallelLinear, Fp8Weights, ReplicatedLinear, RowParallelLinear
+from k2serve.worker.parallel import ParallelInfo
 
 
 class ParallelMLP(nn.Module):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.model.config import ModelConfig
-from worker.model.layers.dispatcher import make_dispatcher
-from worker.model.layers.experts import LocalExperts
-from worker.model.layers.linear import Fp8Weights
-from worker.model.layers.mlp import MLP
-from worker.model.layers.moe_stats import MoEStats
-from worker.model.layers.router import TopKRouter
-from worker.parallel import ParallelInfo
+from k2serve.worker.model.config import ModelConfig
+from k2serve.worker.model.layers.dispatcher import make_dispatcher
+from k2serve.worker.model.layers.experts import LocalExperts
+from k2serve.worker.model.layers.linear import Fp8Weights
+from k2serve.worker.model.layers.mlp import MLP
+from k2serve.worker.model.layers.moe_stats import MoEStats
+from k2serve.worker.model.layers.router import TopKRouter
+from k2serve.worker.parallel import ParallelInfo
 
 
 class MoE(nn.Module):

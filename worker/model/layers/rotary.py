@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from worker.model.config import ModelConfig, yarn_mscale
+from k2serve.worker.model.config import ModelConfig, yarn_mscale
 
 
 def yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.model.config import ModelConfig
+from k2serve.worker.model.config import ModelConfig
 
 
 class TopKRouter(nn.Module):

@@ -6,8 +6,8 @@ its sender and summed over all ranks. Bytes a rank keeps (copies routed to its o
 chunk of a reduce-scatter) cost nothing. This is the logical traffic of each collective (ring
 all-gather and reduce-scatter move exactly this much); per-message headers and padding are ignored.
 
-  all-to-all (worker/model/layers/dispatcher.py AllToAllDispatcher), R = token copies whose expert
-  lives on another rank:
+  all-to-all (worker/model/layers/dispatcher.py AllToAllDispatcher as it is today), R = token copies
+  whose expert lives on another rank:
       counts   = W * (W - 1) * 8                      per-destination int64 counts, once per layer
       dispatch = R * (row_bytes + 8)                  hidden row + its int64 expert id
       combine  = R * H * 2                            expert outputs back, bf16
@@ -16,6 +16,10 @@ all-gather and reduce-scatter move exactly this much); per-message headers and p
   all-gather (AllGatherDispatcher), T = W * n tokens in the step (n per rank):
       all-gather     = (W - 1) * T * (H * 2 + k * 8 + k * 4)   hidden row, int64 ids, fp32 weights
       reduce-scatter = (W - 1) * T * H * 2                      [T, H] bf16 partial sums
+  The all-to-all wire formats (today's, above, and the target one `k2serve plan` assumes: int32 ids
+  and counts, the fp32 routing weight with each copy) and their byte formulas live in
+  k2serve.cluster.moe_wire, shared with the planner; this module adds the all-gather baseline and
+  counts over concrete routings.
   Under uniform routing a copy leaves its rank with probability (W - 1) / W, so a decode token costs
   the all-to-all 2 * k * (W - 1) / W * H * 2 payload bytes per layer (200,704 for K2 on 8 ranks) and
   the all-gather 2 * (W - 1) * H * 2 (also 200,704): equal at W = k, and the all-gather grows with W.
@@ -24,53 +28,23 @@ all-gather and reduce-scatter move exactly this much); per-message headers and p
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 
 import torch
 
+from k2serve.cluster.moe_wire import (
+    LayerBytes,
+    WireFormat,
+    all_to_all_bytes,
+    bytes_per_token_per_layer,
+    expected_remote_copies,
+)
 from k2serve.worker.model.config import ModelConfig
 
-BF16_BYTES = 2
-FP32_BYTES = 4
-INT64_BYTES = 8
-FP8_SCALE_GROUP = 128  # K2's dynamic activation quantization: one fp32 scale per 128 channels
-
-
-@dataclass(frozen=True)
-class WireFormat:
-    """Element sizes on the wire; defaults are what the dispatchers send today (bf16 model, int64 ids)."""
-
-    hidden_size: int
-    act_bytes: int = BF16_BYTES  # hidden states, expert outputs, partial sums
-    fp8_dispatch: bool = False  # dispatch payload as e4m3 + fp32 per-128 scales (combine stays act_bytes)
-    id_bytes: int = INT64_BYTES
-    weight_bytes: int = FP32_BYTES
-    count_bytes: int = INT64_BYTES
-
-    @property
-    def dispatch_row_bytes(self) -> int:
-        """One token copy's hidden state as dispatched: H * act_bytes, or H + ceil(H/128) * 4 in FP8."""
-        if self.fp8_dispatch:
-            return self.hidden_size + math.ceil(self.hidden_size / FP8_SCALE_GROUP) * FP32_BYTES
-        return self.hidden_size * self.act_bytes
-
-    @property
-    def combine_row_bytes(self) -> int:
-        """One expert output (or partial-sum row) sent back: H * act_bytes."""
-        return self.hidden_size * self.act_bytes
-
-
-@dataclass(frozen=True)
-class LayerBytes:
-    """Bytes one MoE layer moves across ranks: payload out, routing metadata, payload back."""
-
-    dispatch: float  # all-to-all: copies to their experts' ranks; all-gather: hidden states
-    routing: float  # all-to-all: expert ids + count exchange; all-gather: ids + weights
-    combine: float  # all-to-all: expert outputs back; all-gather: reduce-scatter of partial sums
-
-    @property
-    def total(self) -> float:
-        return self.dispatch + self.routing + self.combine
+__all__ = [
+    "LayerBytes", "WireFormat", "all_gather_bytes", "all_to_all_bytes", "bytes_per_layer", "expected_remote_copies",
+    "expected_remote_ranks", "num_moe_layers", "per_token_bytes", "remote_copies",
+]
 
 
 def remote_copies(topk_ids_per_rank: list[torch.Tensor], n_local_experts: int) -> int:
@@ -79,22 +53,6 @@ def remote_copies(topk_ids_per_rank: list[torch.Tensor], n_local_experts: int) -
     for rank, topk_ids in enumerate(topk_ids_per_rank):  # [n_r, k] global expert ids
         total += int((topk_ids // n_local_experts != rank).sum())
     return total
-
-
-def all_to_all_bytes(
-    num_remote_copies: float, world_size: int, fmt: WireFormat, count_exchange: bool = True
-) -> LayerBytes:
-    """dispatch = R * (row + id), combine = R * H * act, routing += W*(W-1)*8 for the count exchange.
-
-    `num_remote_copies` (R) may be an expectation (per-token tables); `count_exchange=False` leaves out
-    the per-layer count exchange, a fixed cost that does not scale with tokens.
-    """
-    counts = world_size * (world_size - 1) * fmt.count_bytes if count_exchange else 0
-    return LayerBytes(
-        dispatch=num_remote_copies * fmt.dispatch_row_bytes,
-        routing=num_remote_copies * fmt.id_bytes + counts,
-        combine=num_remote_copies * fmt.combine_row_bytes,
-    )
 
 
 def all_gather_bytes(num_tokens: int, world_size: int, top_k: int, fmt: WireFormat) -> LayerBytes:
@@ -128,11 +86,6 @@ def bytes_per_layer(
     }
 
 
-def expected_remote_copies(top_k: int, world_size: int) -> float:
-    """Copies per token that leave its rank under uniform routing: k * (W - 1) / W."""
-    return top_k * (world_size - 1) / world_size
-
-
 def expected_remote_ranks(n_routed_experts: int, top_k: int, world_size: int) -> float:
     """Distinct other ranks a token's k distinct experts touch under uniform routing.
 
@@ -144,13 +97,21 @@ def expected_remote_ranks(n_routed_experts: int, top_k: int, world_size: int) ->
 
 
 def per_token_bytes(config: ModelConfig, world_size: int, fp8_dispatch: bool) -> dict[str, LayerBytes]:
-    """Expected bytes per decode token per MoE layer under uniform routing, count exchange left out."""
-    fmt = WireFormat(config.hidden_size, fp8_dispatch=fp8_dispatch)
+    """Expected bytes per decode token per MoE layer under uniform routing, count exchange left out.
+
+    "all_to_all" is today's dispatcher (int64 ids, weights kept home) with the payload asked for;
+    "all_to_all_target" is the format the planner assumes, from the same function it uses.
+    """
+    fmt = WireFormat.current(config.hidden_size)
+    if fp8_dispatch:
+        fmt = WireFormat(config.hidden_size, fp8_dispatch=True)
     k = config.num_experts_per_tok
     dedup = expected_remote_ranks(config.n_routed_experts, k, world_size)
     per_rank_copy = LayerBytes(fmt.dispatch_row_bytes, k * (fmt.id_bytes + fmt.weight_bytes), fmt.combine_row_bytes)
+    target = WireFormat.target(config.hidden_size, fp8_dispatch)
     return {
-        "all_to_all": all_to_all_bytes(expected_remote_copies(k, world_size), world_size, fmt, count_exchange=False),
+        "all_to_all": bytes_per_token_per_layer(k, world_size, fmt),
+        "all_to_all_target": bytes_per_token_per_layer(k, world_size, target),
         "all_gather": all_gather_bytes(1, world_size, k, WireFormat(config.hidden_size)),
         "per_rank_copy": LayerBytes(*(dedup * v for v in astuple(per_rank_copy))),
     }

@@ -9,9 +9,12 @@ Not a test: run it by hand; it prints three plain-text tables.
      counts per rank. Before timing, both dispatchers must agree with each other and with one process
      holding every expert.
   3. Kimi K2 shapes (hidden 7168, top-8 of 384 experts, 60 MoE layers), computed: bytes per decode
-     token per layer and over all MoE layers, on 8 ranks, then the same for wider expert parallelism.
+     token per layer and over all MoE layers, on 8 ranks, for today's dispatcher and for the planned
+     wire format (the bytes `k2serve plan` assumes, from the same function), then the same for wider
+     expert parallelism.
 
-The byte formulas, and what "bytes moved" means, are in benchmarks/dispatch_bytes.py.
+The byte formulas, and what "bytes moved" means, are in k2serve.cluster.moe_wire (the all-to-all wire
+formats, shared with the planner) and benchmarks/dispatch_bytes.py (the all-gather baseline, routings).
 
     python benchmarks/moe_dispatch.py [--quick] [--world 2 4] [--tokens 1 8 64 256] [--dtype bf16|fp32]
 """
@@ -288,8 +291,10 @@ def k2_rows(config: ModelConfig, world_size: int) -> list[tuple[str, str, LayerB
     """(dispatcher, payload, bytes per token per layer) for K2 at world_size ranks."""
     bf16, fp8 = per_token_bytes(config, world_size, False), per_token_bytes(config, world_size, True)
     return [
-        ("all-to-all", "bf16", bf16["all_to_all"]),
-        ("all-to-all", "fp8 dispatch", fp8["all_to_all"]),
+        ("all-to-all today", "bf16", bf16["all_to_all"]),
+        ("all-to-all today", "fp8 dispatch", fp8["all_to_all"]),
+        ("all-to-all planned", "bf16", bf16["all_to_all_target"]),
+        ("all-to-all planned", "fp8 dispatch", fp8["all_to_all_target"]),
         ("all-gather (baseline)", "bf16", bf16["all_gather"]),
         ("one copy per rank*", "bf16", bf16["per_rank_copy"]),
         ("one copy per rank*", "fp8 dispatch", fp8["per_rank_copy"]),
@@ -305,15 +310,24 @@ def k2_table(config: ModelConfig, world_size: int) -> str:
 
 
 def k2_width_table(config: ModelConfig, widths: tuple[int, ...] = (8, 16, 32, 64)) -> str:
-    headers = ["W", "remote copies", "a2a bf16 B", "a2a fp8 B", "all-gather B", "ag / a2a bf16"]
+    headers = ["W", "remote copies", "a2a bf16 B", "a2a fp8 B", "planned fp8 B", "all-gather B", "ag / a2a bf16"]
     body = []
     for w in widths:
         rows = {f"{n} {p}": b.total for n, p, b in k2_rows(config, w)}
-        a2a = rows["all-to-all bf16"]
+        a2a = rows["all-to-all today bf16"]
         body.append([str(w), f"{expected_remote_copies(config.num_experts_per_tok, w):.3f}", round(a2a),
-                     round(rows["all-to-all fp8 dispatch"]), round(rows["all-gather (baseline) bf16"]),
-                     f"{rows['all-gather (baseline) bf16'] / a2a:.2f}"])
+                     round(rows["all-to-all today fp8 dispatch"]), round(rows["all-to-all planned fp8 dispatch"]),
+                     round(rows["all-gather (baseline) bf16"]), f"{rows['all-gather (baseline) bf16'] / a2a:.2f}"])
     return format_table(headers, body)
+
+
+def payload_summary(config: ModelConfig, world_size: int) -> str:
+    """The dispatcher's payload per token per MoE layer, today and as `k2serve plan` assumes it."""
+    today = per_token_bytes(config, world_size, False)["all_to_all"].total
+    planned = {p: per_token_bytes(config, world_size, p == "fp8")["all_to_all_target"].total for p in ("bf16", "fp8")}
+    return (f"dispatcher payload per token per MoE layer at W={world_size}: today {today:,.0f} B "
+            f"(bf16 rows, int64 ids, weights kept home); planned {planned['bf16']:,.0f} B with bf16 rows, "
+            f"{planned['fp8']:,.0f} B with fp8 rows (int32 ids, fp32 weights; what `k2serve plan` assumes)")
 
 
 def print_k2_tables() -> None:
@@ -325,6 +339,7 @@ def print_k2_tables() -> None:
     print(f"* one copy per destination rank (DeepEP-style, not implemented): "
           f"{expected_remote_ranks(k2.n_routed_experts, k2.num_experts_per_tok, 8):.3f} remote ranks per token, "
           f"ids + weights ride along")
+    print(payload_summary(k2, 8))
     print("\nKimi K2, bytes per decode token per MoE layer vs expert-parallel width")
     print(k2_width_table(k2))
 

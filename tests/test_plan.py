@@ -11,6 +11,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ from k2serve.cluster.plan_step import link_bandwidth, step_cost
 from k2serve.cluster.plan_weights import active_params, kinds_by_name, kv_bytes_per_token, weight_kinds
 from k2serve.worker.model.config import ModelConfig
 from moe_dispatch import payload_summary
-from plan_vs_published import DEEPSEEK_V3, PUBLISHED, planned
+from plan_vs_published import DEEPSEEK_V3, PUBLISHED, planned, table
 
 K2 = ModelConfig()
 EXPERT_BYTES = 44_050_944  # 3 x (2048 x 7168 e4m3 + 16 x 56 fp32 scales)
@@ -289,6 +290,12 @@ def test_default_attention_tp_imports_nothing_heavy():
 @pytest.mark.parametrize("row", [r for r in PUBLISHED if not r.explained], ids=lambda r: r.setup[:40])
 def test_plan_within_2x_of_published(row):
     assert 0.5 <= planned(row) / row.figure <= 2.0
+
+
+def test_readme_shows_the_current_plan_against_published():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for line in table(Efficiency()).splitlines():
+        assert line in readme
 
 
 def test_derating_brings_the_plan_down_from_the_roofline():

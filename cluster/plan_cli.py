@@ -34,7 +34,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--context-len", type=int, default=d.context_len)
     p.add_argument("--batch", type=int, default=d.batch, help="target decode batch (sequences per group)")
     p.add_argument("--kv-len", type=int, default=None, help="cached tokens per sequence in the decode step")
-    p.add_argument("--prefill-tokens", type=int, default=d.prefill_tokens, help="prefill chunk per attention partition")
+    p.add_argument("--prefill-tokens", type=int, default=d.prefill_tokens,
+                   help="prefill chunk per attention partition")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt length within a prefill chunk")
     p.add_argument("--isl", type=int, default=None, help="with --osl: mixed prefill + decode output rate")
     p.add_argument("--osl", type=int, default=None, help="output tokens per request (with --isl)")
@@ -124,7 +125,9 @@ def _step_dict(s: StepCost) -> dict[str, Any]:
     return out
 
 
-def plan_to_dict(plan: Plan, layouts: list[LayoutReport] = (), mixed: float | None = None) -> dict[str, Any]:
+def plan_to_dict(
+    plan: Plan, layouts: list[LayoutReport] | None = None, mixed: float | None = None
+) -> dict[str, Any]:
     out = dataclasses.asdict(plan)
     out["decode"], out["prefill"] = _step_dict(plan.decode), _step_dict(plan.prefill)
     out["decode_tokens_per_s_per_gpu"] = plan.decode_tokens_per_s_per_gpu

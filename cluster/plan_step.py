@@ -206,7 +206,9 @@ def moe_collectives(m: ModelConfig, cfg: PlanConfig, gpu: GpuSpec, load: ExpertL
     ]
 
 
-def tp_collectives(m: ModelConfig, cfg: PlanConfig, gpu: GpuSpec, t_part: float, logit_tokens: float) -> list[Collective]:
+def tp_collectives(
+    m: ModelConfig, cfg: PlanConfig, gpu: GpuSpec, t_part: float, logit_tokens: float
+) -> list[Collective]:
     """The attention partition's collectives (none at tp = 1): bf16 hidden rows, fp32 logits."""
     tp = cfg.tp_size
     if tp == 1:
@@ -222,7 +224,8 @@ def tp_collectives(m: ModelConfig, cfg: PlanConfig, gpu: GpuSpec, t_part: float,
         _collective("lm_head logits all-gather", tp, 1, share * logit_tokens * m.vocab_size * FP32, gpu, cfg),
     ]
     if n_dense:
-        out.insert(2, _collective("dense-layer all-reduce (o_proj, MLP)", tp, 2 * n_dense, 2 * share * rows, gpu, cfg))
+        dense = _collective("dense-layer all-reduce (o_proj, MLP)", tp, 2 * n_dense, 2 * share * rows, gpu, cfg)
+        out.insert(2, dense)
     return out
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.router.text.tokenizer import K2Tokenizer
 from k2serve.worker.request import RequestOutput, SamplingParams
 
 MODEL = "kimi-k2-tiny"
@@ -125,7 +125,7 @@ async def router_role(args: argparse.Namespace) -> None:
 
     from k2serve.cluster.config import ClusterConfig
     from k2serve.cluster.router_service import build_router_app
-    from k2serve.router.discovery import StaticDiscovery
+    from k2serve.router.pool.discovery import StaticDiscovery
 
     config = ClusterConfig(model={"name": MODEL})
     app = build_router_app(config, args.model_dir, StaticDiscovery([("group-0", args.worker)]))

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from k2serve.router.balancer import BalancerConfig
+from k2serve.router.pool.balancer import BalancerConfig
 from k2serve.router.config import RouterConfig
 from k2serve.worker.config import EngineConfig
 

@@ -78,7 +78,7 @@ def generate_group(args, prompts, params) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from k2serve.router.tokenizer import K2Tokenizer
+    from k2serve.router.text.tokenizer import K2Tokenizer
 
     tokenizer = K2Tokenizer.from_dir(args.model)
     prompts = read_prompts(args, tokenizer)

@@ -43,7 +43,7 @@ def static_groups(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def make_discovery(args: argparse.Namespace, config):
-    from k2serve.router.discovery import HttpDiscovery, StaticDiscovery
+    from k2serve.router.pool.discovery import HttpDiscovery, StaticDiscovery
 
     if args.group:
         if args.discovery:

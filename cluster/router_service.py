@@ -8,13 +8,13 @@ from prometheus_client import CollectorRegistry
 
 from k2serve.cluster.config import ClusterConfig
 from k2serve.router.app import create_app
-from k2serve.router.admission import AdmissionControl
-from k2serve.router.balancer import Balancer
-from k2serve.router.chat_template import ChatTemplate
-from k2serve.router.discovery import Discovery
-from k2serve.router.group_pool import GroupPool, GroupPoolConfig
+from k2serve.router.pool.admission import AdmissionControl
+from k2serve.router.pool.balancer import Balancer
+from k2serve.router.text.chat_template import ChatTemplate
+from k2serve.router.pool.discovery import Discovery
+from k2serve.router.pool.group_pool import GroupPool, GroupPoolConfig
 from k2serve.router.metrics import RouterMetrics
-from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.router.text.tokenizer import K2Tokenizer
 
 
 def build_pool(config: ClusterConfig, discovery: Discovery, metrics: RouterMetrics | None = None) -> GroupPool:

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from k2serve.cluster.listener import bind
     from k2serve.cluster.environment import ray_init_kwargs
     from k2serve.cluster.router_service import build_router_app
-    from k2serve.router.discovery import CallableDiscovery
+    from k2serve.router.pool.discovery import CallableDiscovery
 
     config = load_config(args)
     router = config.router_config()

@@ -25,7 +25,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 async def group_row(info, timeout: float) -> dict:
     """One group's status row: controller health, gRPC health and GetLoad."""
-    from k2serve.router.worker_client import WorkerClient, WorkerError
+    from k2serve.router.pool.worker_client import WorkerClient, WorkerError
 
     client = WorkerClient(info.address)
     row: dict[str, Any] = {"group": info.name, "address": info.address, "gen": info.generation,
@@ -43,7 +43,7 @@ async def group_row(info, timeout: float) -> dict:
 
 
 async def collect(url: str, timeout: float) -> list[dict]:
-    from k2serve.router.discovery import HttpDiscovery
+    from k2serve.router.pool.discovery import HttpDiscovery
 
     source = HttpDiscovery(url, timeout_s=timeout)
     try:
@@ -65,7 +65,7 @@ def table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     from k2serve.cluster.config import ClusterConfig
     from k2serve.cluster.router_cli import discovery_url
-    from k2serve.router.discovery import DiscoveryError
+    from k2serve.router.pool.discovery import DiscoveryError
 
     config = ClusterConfig.from_file(args.config) if args.config else ClusterConfig()
     url = discovery_url(config, args.discovery)

@@ -13,7 +13,7 @@ from typing import Any
 
 import regex
 
-from k2serve.router.tokenizer import K2_PAT_STR
+from k2serve.router.text.tokenizer import K2_PAT_STR
 
 NUM_RESERVED_SPECIAL = 256  # named in tokenizer_config.json; the 2 extra slots are implied
 

@@ -18,10 +18,10 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2serve.router.config import RouterConfig
-from k2serve.router.detokenizer import IncrementalDetokenizer
+from k2serve.router.text.detokenizer import IncrementalDetokenizer
 from k2serve.router.errors import APIError, error_body, validation_message
-from k2serve.router.fast_routes import FastRoutes, post_endpoints
-from k2serve.router.generation import Backend, RoundRobin, RouterContext
+from k2serve.router.api.fast_routes import FastRoutes, post_endpoints
+from k2serve.router.generation.choice import Backend, RoundRobin, RouterContext
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def create_app(config: RouterConfig, backends: Sequence[Backend] | Any, tokenize
     `pick(prompt_ids) -> backend` and `backends` (e.g. the balancer). `tokenizer`: K2Tokenizer;
     `template`: ChatTemplate; `detokenizer_factory(tokenizer)` defaults to IncrementalDetokenizer.
     """
-    from k2serve.router.anthropic_api import routes as anthropic_routes
-    from k2serve.router.openai_api import routes as openai_routes
+    from k2serve.router.api.anthropic_api import routes as anthropic_routes
+    from k2serve.router.api.openai_api import routes as openai_routes
 
     picker = backends if hasattr(backends, "pick") else RoundRobin(list(backends))
     endpoints = post_endpoints([openai_routes, anthropic_routes])

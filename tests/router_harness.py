@@ -13,7 +13,7 @@ from typing import Callable
 import httpx
 import uvicorn
 
-from k2serve.router.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError, WorkerModelInfo
+from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError, WorkerModelInfo
 
 TOOL_CALL_TEXT = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:{idx}"
                   "<|tool_call_argument_begin|>{{\"city\": \"Beijing\"}}<|tool_call_end|><|tool_calls_section_end|>")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from k2serve.router.admission import AdmissionControl, Overloaded
-from k2serve.router.balancer import (
+from k2serve.router.pool.admission import AdmissionControl, Overloaded
+from k2serve.router.pool.balancer import (
     POLICIES,
     Balancer,
     BalancerConfig,

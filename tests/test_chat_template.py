@@ -7,8 +7,8 @@ import json
 import pytest
 
 from k2serve.cluster.tiny_tokenizer import K2_CHAT_TEMPLATE
-from k2serve.router.chat_template import ChatTemplate, ChatTemplateError
-from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.router.text.chat_template import ChatTemplate, ChatTemplateError
+from k2serve.router.text.tokenizer import K2Tokenizer
 
 WEATHER_TOOL = {
     "type": "function",

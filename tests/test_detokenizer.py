@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from k2serve.router.detokenizer import IncrementalDetokenizer
-from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.router.text.detokenizer import IncrementalDetokenizer
+from k2serve.router.text.tokenizer import K2Tokenizer
 
 TEXT = "aé你😀b👩‍💻ß€"
 

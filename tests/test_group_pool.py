@@ -11,15 +11,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from k2serve.router.app import create_app
-from k2serve.router.admission import AdmissionControl
-from k2serve.router.balancer import Balancer, BalancerConfig, BreakerState
-from k2serve.router.chat_template import ChatTemplate
+from k2serve.router.pool.admission import AdmissionControl
+from k2serve.router.pool.balancer import Balancer, BalancerConfig, BreakerState
+from k2serve.router.text.chat_template import ChatTemplate
 from k2serve.router.config import RouterConfig
-from k2serve.router.discovery import CallableDiscovery, DiscoveryError, GroupInfo, HttpDiscovery, StaticDiscovery, group_info
-from k2serve.router.group_pool import GroupPool, GroupPoolConfig
+from k2serve.router.pool.discovery import CallableDiscovery, DiscoveryError, GroupInfo, HttpDiscovery, StaticDiscovery, group_info
+from k2serve.router.pool.group_pool import GroupPool, GroupPoolConfig
 from k2serve.router.metrics import RouterMetrics
-from k2serve.router.tokenizer import K2Tokenizer
-from k2serve.router.worker_client import Finished, GenerateParams, TokenChunk, WorkerError, WorkerLoad, WorkerModelInfo
+from k2serve.router.text.tokenizer import K2Tokenizer
+from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, WorkerError, WorkerLoad, WorkerModelInfo
 from router_harness import ServerThread
 
 MODEL = "kimi-k2-tiny"

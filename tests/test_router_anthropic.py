@@ -7,9 +7,9 @@ import httpx
 import pytest
 
 from k2serve.router.app import create_app
-from k2serve.router.chat_template import ChatTemplate
+from k2serve.router.text.chat_template import ChatTemplate
 from k2serve.router.config import RouterConfig
-from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.router.text.tokenizer import K2Tokenizer
 from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread
 
 MODEL = "kimi-k2-tiny"
@@ -114,7 +114,7 @@ def test_api_key_required_in_anthropic_format(stack):
 
 # ---------------------------------------------------------------- real worker (gRPC + AsyncEngine, tiny checkpoint)
 
-from k2serve.router.worker_client import WorkerClient  # noqa: E402
+from k2serve.router.pool.worker_client import WorkerClient  # noqa: E402
 from router_harness import WorkerThread  # noqa: E402
 
 ENUM_WEATHER = {**WEATHER, "input_schema": {"type": "object", "required": ["city"],

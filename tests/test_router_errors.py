@@ -6,10 +6,10 @@ import httpx
 import pytest
 
 from k2serve.router.app import create_app
-from k2serve.router.chat_template import ChatTemplate
+from k2serve.router.text.chat_template import ChatTemplate
 from k2serve.router.config import RouterConfig
-from k2serve.router.tokenizer import K2Tokenizer
-from k2serve.router.worker_client import WorkerError
+from k2serve.router.text.tokenizer import K2Tokenizer
+from k2serve.router.pool.worker_client import WorkerError
 from router_harness import ScriptedBackend, ServerThread
 
 MODEL = "kimi-k2-tiny"
@@ -182,8 +182,8 @@ def test_unexpected_error_is_500_in_format(server, path, body):
 
 
 def test_the_largest_seed_with_n_choices_wraps_within_int64():
-    from k2serve.router.request_params import sampling_params
-    from k2serve.router.worker_client import request_to_proto
+    from k2serve.router.api.request_params import sampling_params
+    from k2serve.router.pool.worker_client import request_to_proto
 
     ctx = type("Ctx", (), {"config": RouterConfig(model_name=MODEL)})()
     req = type("Req", (), {"seed": 2 ** 63 - 1, "top_p": None})()

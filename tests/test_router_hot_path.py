@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from k2serve.router.metrics import RouterMetrics
-from k2serve.router.sse import OpenAIFrames, anthropic_event, anthropic_text_delta, sse
+from k2serve.router.api.sse import OpenAIFrames, anthropic_event, anthropic_text_delta, sse
 
 TEXTS = ["", " the", 'quote " and \\ backslash', "new\nline\ttab\r", "\x00\x1f control", "日本語 ☃ 🎉",
          "</script>", "\u2028\u2029", "\ud800 lone surrogate"]
@@ -109,7 +109,7 @@ def test_fill_chunk_writes_tokens_logprobs_and_counts(out):
 @pytest.mark.parametrize("out", outputs())
 def test_router_reads_back_tokens_logprobs_and_counts(out):
     from k2serve.v1 import worker_pb2
-    from k2serve.router.worker_client import TokenChunk, TokenLogprob, response_from_proto
+    from k2serve.router.pool.worker_client import TokenChunk, TokenLogprob, response_from_proto
     from k2serve.worker.responses import fill_chunk
 
     response = worker_pb2.GenerateResponse()
@@ -130,9 +130,9 @@ def test_streamed_events_reach_the_server_from_the_endpoint_itself(tiny_model_di
     import sys
 
     from k2serve.router.app import create_app
-    from k2serve.router.chat_template import ChatTemplate
+    from k2serve.router.text.chat_template import ChatTemplate
     from k2serve.router.config import RouterConfig
-    from k2serve.router.tokenizer import K2Tokenizer
+    from k2serve.router.text.tokenizer import K2Tokenizer
     from router_harness import ScriptedBackend
 
     tokenizer = K2Tokenizer.from_dir(tiny_model_dir)
@@ -182,10 +182,10 @@ def test_a_stream_that_breaks_after_its_first_event_is_logged_and_closed(tiny_mo
     import logging
 
     from k2serve.router.app import create_app
-    from k2serve.router.chat_template import ChatTemplate
+    from k2serve.router.text.chat_template import ChatTemplate
     from k2serve.router.config import RouterConfig
-    from k2serve.router.tokenizer import K2Tokenizer
-    from k2serve.router.worker_client import TokenChunk
+    from k2serve.router.text.tokenizer import K2Tokenizer
+    from k2serve.router.pool.worker_client import TokenChunk
 
     class BreaksMidStream:
         async def generate(self, params):
@@ -193,7 +193,7 @@ def test_a_stream_that_breaks_after_its_first_event_is_logged_and_closed(tiny_mo
             raise RuntimeError("a bug after the first token")
 
         async def get_model_info(self):
-            from k2serve.router.worker_client import WorkerModelInfo
+            from k2serve.router.pool.worker_client import WorkerModelInfo
             return WorkerModelInfo("kimi-k2-tiny", 256, tokenizer.n_vocab)
 
         async def health(self):

@@ -12,10 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from k2serve.router.app import create_app
-from k2serve.router.chat_template import ChatTemplate
+from k2serve.router.text.chat_template import ChatTemplate
 from k2serve.router.config import RouterConfig
 from k2serve.router.metrics import RouterMetrics
-from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.router.text.tokenizer import K2Tokenizer
 from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread, wait_until
 
 MODEL = "kimi-k2-tiny"
@@ -282,7 +282,7 @@ def test_metrics_count_requests_and_tokens(stack):
 
 # ---------------------------------------------------------------- real worker (gRPC + AsyncEngine, tiny checkpoint)
 
-from k2serve.router.worker_client import WorkerClient  # noqa: E402
+from k2serve.router.pool.worker_client import WorkerClient  # noqa: E402
 from router_harness import WorkerThread  # noqa: E402
 
 ENUM_WEATHER_TOOL = {"type": "function", "function": {

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from k2serve.router.worker_client import (Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerClient,
+from k2serve.router.pool.worker_client import (Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerClient,
                                   WorkerError, request_to_proto)
 from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams, TokenLogprob
 from k2serve.worker.server import ModelInfo, params_from_request, serve_worker

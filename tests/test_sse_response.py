@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from k2serve.router.sse_response import EventStreamResponse
+from k2serve.router.api.sse_response import EventStreamResponse
 
 
 class FakeClient:

@@ -17,7 +17,7 @@ from k2serve.cluster.tiny import (
 )
 from k2serve.cluster.tiny_tokenizer import TRAINING_CORPUS, train_bpe
 from k2serve.kernels.block_fp8 import dequantize_block_fp8
-from k2serve.router.tokenizer import K2_PAT_STR
+from k2serve.router.text.tokenizer import K2_PAT_STR
 
 FP8 = torch.float8_e4m3fn
 

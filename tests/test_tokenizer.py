@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from k2serve.cluster.tiny_tokenizer import K2_NON_SPECIAL_MARKERS, K2_SPECIAL_OFFSETS
-from k2serve.router.tokenizer import K2Tokenizer
+from k2serve.router.text.tokenizer import K2Tokenizer
 
 K2_NUM_BASE = 163584
 SAMPLES = [
@@ -163,7 +163,7 @@ def test_special_pattern_matches_exactly_the_specials(tok):
 def test_trie_regex_prefers_longest():
     import re
 
-    from k2serve.router.tokenizer import trie_regex
+    from k2serve.router.text.tokenizer import trie_regex
 
     pattern = re.compile(trie_regex(["ab", "abc", "a.", "x"]))
     assert pattern.findall("abcab a.x a") == ["abc", "ab", "a.", "x"]

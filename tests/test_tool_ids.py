@@ -6,7 +6,7 @@ import pytest
 
 from k2serve.router.errors import APIError
 
-from k2serve.router.tool_ids import is_k2_tool_call_id, next_tool_call_index, normalize_tool_call_ids
+from k2serve.router.text.tool_ids import is_k2_tool_call_id, next_tool_call_index, normalize_tool_call_ids
 
 
 def assistant(*calls, content=None):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from k2serve.router.tool_parser import (
+from k2serve.router.text.tool_parser import (
     MARKER_STRINGS,
     ContentDelta,
     ParsedOutput,

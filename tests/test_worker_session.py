@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
-from k2serve.router.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError, request_to_proto
+from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError, request_to_proto
 from k2serve.worker.request import RequestOutput, SamplingParams
 from k2serve.worker.server import ModelInfo, serve_worker
 
@@ -242,7 +242,7 @@ def test_a_reused_id_never_gets_the_tokens_of_the_request_that_had_it():
 
 
 def test_an_oversized_request_fails_alone(monkeypatch):
-    from k2serve.router import worker_session
+    from k2serve.router.pool import worker_session
 
     monkeypatch.setattr(worker_session, "MAX_REQUEST_BYTES", 1000)
 
@@ -371,7 +371,7 @@ def test_a_full_batch_holds_the_requests_until_the_write_goes_out(monkeypatch):
 
 
 def test_requests_queued_together_leave_in_one_message():
-    from k2serve.router.worker_session import RequestMux
+    from k2serve.router.pool.worker_session import RequestMux
 
     class Call:  # the router side alone: what the mux hands gRPC to send
         def __init__(self, requests):
@@ -416,7 +416,7 @@ def test_requests_queued_together_leave_in_one_message():
 
 
 def test_an_inbox_hands_over_in_order_and_survives_a_cancelled_wait():
-    from k2serve.router.worker_session import Inbox
+    from k2serve.router.pool.worker_session import Inbox
 
     async def run():
         inbox = Inbox()

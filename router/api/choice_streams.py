@@ -9,10 +9,10 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from k2serve.router.errors import APIError, openai_error_body
-from k2serve.router.generation import ChoiceResult, ChoiceSpec, Event, RouterContext, collect_choice, run_choice
-from k2serve.router.sse import sse
-from k2serve.router.sse_response import EventStreamResponse
-from k2serve.router.worker_client import GenerateParams
+from k2serve.router.generation.choice import ChoiceResult, ChoiceSpec, Event, RouterContext, collect_choice, run_choice
+from k2serve.router.api.sse import sse
+from k2serve.router.api.sse_response import EventStreamResponse
+from k2serve.router.pool.worker_client import GenerateParams
 
 
 def choice_streams(ctx: RouterContext, params: list[GenerateParams], spec: ChoiceSpec) -> list[AsyncIterator[Event]]:

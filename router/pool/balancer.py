@@ -10,7 +10,7 @@ groups that can take a request:
 * `cache_aware`: send requests sharing a prompt prefix to the group that served it (its prefix cache
   holds the KV), unless that group is busier than the least loaded one by the configured thresholds.
 
-Admission (the router's concurrency limit and bounded queue) lives in router/admission.py.
+Admission (the router's concurrency limit and bounded queue) lives in router/pool/admission.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """WorkerClient: the router's gRPC client for one worker group (k2serve.v1.Worker).
 
-Protobuf objects stay in the gRPC modules (here and router/worker_session.py on the router's side):
+Protobuf objects stay in the gRPC modules (here and router/pool/worker_session.py on the router's side):
 callers pass and receive the plain dataclasses below. Cancelling the consumer of `generate` (closing
 the iterator or cancelling its task) aborts the request on the worker, which frees its blocks.
 """
@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
-from k2serve.router.worker_session import RequestMux
+from k2serve.router.pool.worker_session import RequestMux
 
 SERVICE_NAME = "k2serve.v1.Worker"
 KEEPALIVE_OPTIONS = (
@@ -188,7 +188,7 @@ class WorkerClient:
 
     The channel opens on first use, inside the event loop that uses it (grpc.aio channels belong to
     one loop), so a client may be built before the router's server loop starts. `generate` sends every
-    request over one multiplexed Session call (router/worker_session.py), reopened after a failure.
+    request over one multiplexed Session call (router/pool/worker_session.py), reopened after a failure.
     """
 
     def __init__(self, address: str):

@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from k2serve.router.admission import AdmissionControl
-from k2serve.router.balancer import Backend, Balancer, BackendSpec
-from k2serve.router.discovery import Discovery, DiscoveryError, GroupInfo
+from k2serve.router.pool.admission import AdmissionControl
+from k2serve.router.pool.balancer import Backend, Balancer, BackendSpec
+from k2serve.router.pool.discovery import Discovery, DiscoveryError, GroupInfo
 from k2serve.router.errors import APIError
-from k2serve.router.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError
+from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, Sequence
 
 from k2serve.router.errors import APIError
-from k2serve.router.tool_parser import (ContentDelta, StreamingToolParser, ToolCallDelta, finish_reason as
+from k2serve.router.text.tool_parser import (ContentDelta, StreamingToolParser, ToolCallDelta, finish_reason as
                                 tool_finish_reason)
-from k2serve.router.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError
+from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError
 
 
 class Backend(Protocol):

@@ -8,8 +8,8 @@ from typing import Any, Sequence
 from fastapi import Request
 
 from k2serve.router.errors import APIError
-from k2serve.router.generation import RouterContext
-from k2serve.router.worker_client import GenerateParams, GuidedRequest
+from k2serve.router.generation.choice import RouterContext
+from k2serve.router.pool.worker_client import GenerateParams, GuidedRequest
 
 
 def request_id(request: Request) -> str:

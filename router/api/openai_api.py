@@ -9,15 +9,15 @@ from typing import Any, AsyncIterator, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from k2serve.router.choice_streams import (choice_streams, collect_all, merge_choices, prime_first, sse_with_errors,
+from k2serve.router.api.choice_streams import (choice_streams, collect_all, merge_choices, prime_first, sse_with_errors,
                                    streaming_response, while_connected)
 from k2serve.router.errors import APIError
-from k2serve.router.generation import ChoiceResult, ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, sum_usage
-from k2serve.router.protocol import ChatCompletionRequest, CompletionRequest, read_request
-from k2serve.router.request_params import check_common, check_schema, request_id, sampling_params
-from k2serve.router.sse import DONE, OpenAIFrames
-from k2serve.router.tool_ids import next_tool_call_index, normalize_tool_call_ids
-from k2serve.router.worker_client import GuidedRequest, TokenLogprob
+from k2serve.router.generation.choice import ChoiceResult, ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, sum_usage
+from k2serve.router.api.protocol import ChatCompletionRequest, CompletionRequest, read_request
+from k2serve.router.api.request_params import check_common, check_schema, request_id, sampling_params
+from k2serve.router.api.sse import DONE, OpenAIFrames
+from k2serve.router.text.tool_ids import next_tool_call_index, normalize_tool_call_ids
+from k2serve.router.pool.worker_client import GuidedRequest, TokenLogprob
 
 routes = APIRouter()
 

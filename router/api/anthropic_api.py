@@ -13,14 +13,14 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from k2serve.router.choice_streams import prime_first, streaming_response, while_connected
+from k2serve.router.api.choice_streams import prime_first, streaming_response, while_connected
 from k2serve.router.errors import APIError, anthropic_error_body
-from k2serve.router.generation import ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, collect_choice, run_choice
-from k2serve.router.protocol import AnthropicMessage, MessagesRequest, read_request
-from k2serve.router.request_params import check_schema, request_id, sampling_params
-from k2serve.router.sse import anthropic_event, anthropic_text_delta
-from k2serve.router.tool_ids import next_tool_call_index, normalize_tool_call_ids
-from k2serve.router.worker_client import GuidedRequest
+from k2serve.router.generation.choice import ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, collect_choice, run_choice
+from k2serve.router.api.protocol import AnthropicMessage, MessagesRequest, read_request
+from k2serve.router.api.request_params import check_schema, request_id, sampling_params
+from k2serve.router.api.sse import anthropic_event, anthropic_text_delta
+from k2serve.router.text.tool_ids import next_tool_call_index, normalize_tool_call_ids
+from k2serve.router.pool.worker_client import GuidedRequest
 
 routes = APIRouter()
 

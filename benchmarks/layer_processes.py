@@ -25,7 +25,7 @@ MODEL = "kimi-k2-tiny"
 READY = "READY"
 
 
-class PacedEngine:
+class PacedEngine:  # a worker.server.ServedEngine
     """An AsyncEngine stand-in that steps like the real engine: every `step_s` one step gives each running
     request its next token, all of them in the same event-loop pass (the engine thread hands a step's
     outputs over together); a consumer that falls behind gets the tokens it missed merged into one
@@ -86,7 +86,9 @@ class PacedEngine:
         return True
 
     def get_load(self) -> Any:
-        return None
+        from k2serve.worker.engine import EngineLoad  # here: the router process must not import torch
+
+        return EngineLoad(self._running, 0, 0.0, 0.0, 0)
 
 
 def build_engine(kind: str, model_dir: Path, step_ms: float) -> Any:

@@ -39,7 +39,8 @@ from layer_processes import MODEL, LayerProcess, build_engine
 from overhead_report import machine, render, router_cost, verdict
 from k2serve.cluster.bench import BenchConfig, LengthDist, RequestResult, make_requests, run_requests, summarize
 from k2serve.router.text.tokenizer import K2Tokenizer
-from k2serve.router.pool.worker_client import Finished, GenerateParams, WorkerClient
+from k2serve.router.pool.worker import Finished, GenerateParams
+from k2serve.router.pool.worker_client import WorkerClient
 from k2serve.worker.request import SamplingParams
 
 

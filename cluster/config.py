@@ -24,7 +24,7 @@ from k2serve.router.pool.balancer import BalancerConfig
 from k2serve.router.config import RouterConfig
 from k2serve.worker.config import EngineConfig
 
-BALANCER_KEYS = {f.name for f in dc_fields(BalancerConfig)}
+BALANCER_KEYS = set(BalancerConfig.model_fields)
 ENGINE_KEYS = {f.name for f in dc_fields(EngineConfig)}
 
 
@@ -148,7 +148,7 @@ def describe_defaults() -> str:
     lines.append("  kv_cache_fraction: null  # GPU: fraction of free memory after weights for the KV cache")
     lines.append("router:")
     lines += [f"  {k}: {yaml_value(f.default)}  # {f.description}" for k, f in RouterConfig.model_fields.items()]
-    lines += [f"  {f.name}: {yaml_value(f.default)}  # {f.metadata.get('description', '')}" for f in dc_fields(BalancerConfig)]
+    lines += [f"  {k}: {yaml_value(f.default)}  # {f.description}" for k, f in BalancerConfig.model_fields.items()]
     lines += [f"  {k}: {yaml_value(f.default)}  # {f.description}" for k, f in AdmissionSection.model_fields.items()]
     return "\n".join(lines) + "\n"
 

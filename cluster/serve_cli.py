@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from k2serve.cluster.listener import bind
     from k2serve.cluster.environment import ray_init_kwargs
     from k2serve.cluster.router_service import build_router_app
-    from k2serve.router.pool.discovery import CallableDiscovery
+    from k2serve.router.pool.discovery import CallableDiscovery, GroupInfo
 
     config = load_config(args)
     router = config.router_config()
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"starting {len(config.groups)} worker group(s)...", file=sys.stderr, flush=True)
         controller = Controller(config, model_dir.resolve()).start()
         discovery = DiscoveryServer(controller, discovery_sock).start()
-        source = CallableDiscovery(controller.endpoints)
+        source = CallableDiscovery(lambda: [GroupInfo(e.name, e.address, e.healthy, e.generation)
+                                            for e in controller.endpoints()])
         make_app = lambda: build_router_app(config, model_dir, source)  # noqa: E731
         run_router(make_app, router_sock, config.controller.drain_timeout_s)
     finally:

@@ -25,7 +25,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 async def group_row(info, timeout: float) -> dict:
     """One group's status row: controller health, gRPC health and GetLoad."""
-    from k2serve.router.pool.worker_client import WorkerClient, WorkerError
+    from k2serve.router.pool.worker import WorkerError
+    from k2serve.router.pool.worker_client import WorkerClient
 
     client = WorkerClient(info.address)
     row: dict[str, Any] = {"group": info.name, "address": info.address, "gen": info.generation,

@@ -1,211 +1,99 @@
-"""create_app: the router's FastAPI application (OpenAI + Anthropic APIs, probes, auth, limits).
+"""create_app: the router's FastAPI application, from the route table to each request's handler.
 
-State lives on `app.state.ctx` (a RouterContext); there are no module-level globals. The gRPC port
-of the workers is for workers and routers only; clients reach the model through this app.
+A request goes through, in order:
+
+1. the middleware added with `add_middleware`, outermost first: anything added after create_app, then
+   the router's request metrics (when the app has metrics) and the API key check (when one is set);
+2. ErrorResponses (api/error_responses.py): an exception becomes the answer of the app's exception
+   handlers, in the API's own error format;
+3. FastAPI's router over ROUTES: an unknown path is a 404, a wrong method a 405;
+4. the route's Endpoint, which calls the handler with the app's RouterContext and sends its response.
+
+The app's RouterContext is on `app.state.ctx`; there is no module-level state.
 """
 
 from __future__ import annotations
 
-import hmac
-import logging
-import time
-from typing import Any, Callable, Sequence
+from typing import Awaitable, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from k2serve.router.api import anthropic_api, openai_api, probes
+from k2serve.router.api.error_responses import ERROR_HANDLERS, ErrorResponses
+from k2serve.router.api.middleware import AuthMiddleware, RequestMetricsMiddleware
 from k2serve.router.config import RouterConfig
-from k2serve.router.text.detokenizer import IncrementalDetokenizer
-from k2serve.router.errors import APIError, error_body, validation_message
-from k2serve.router.api.fast_routes import FastRoutes, post_endpoints
-from k2serve.router.generation.choice import Backend, RoundRobin, RouterContext
+from k2serve.router.context import RouterContext
+from k2serve.router.metrics import RouterMetrics
+from k2serve.router.pool.group_pool import WorkerPool
+from k2serve.router.text.chat_template import ChatTemplate
+from k2serve.router.text.tokenizer import K2Tokenizer
 
-log = logging.getLogger(__name__)
+Handler = Callable[[RouterContext, Request], Awaitable[Response]]
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# path, method, handler: every endpoint of the router.
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("/v1/chat/completions", "POST", openai_api.chat_completions),
+    ("/v1/completions", "POST", openai_api.completions),
+    ("/v1/models", "GET", openai_api.list_models),
+    ("/v1/messages", "POST", anthropic_api.messages),
+    ("/health", "GET", probes.health),
+    ("/ready", "GET", probes.ready),
+    ("/metrics", "GET", probes.metrics),
+)
+API_PATHS = frozenset(path for path, _, _ in ROUTES if path.startswith("/v1/"))
 
 
-def _default_detokenizer(tokenizer):
-    # Skipping special tokens drops [EOS] / <|im_end|> but keeps K2's tool-call markers (special: false).
-    return IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
-
-
-def create_app(config: RouterConfig, backends: Sequence[Backend] | Any, tokenizer: Any, template: Any,
-               detokenizer_factory=None, metrics: Any = None) -> FastAPI:
-    """Build the router app.
-
-    `backends`: a list of worker backends (WorkerClient or fakes; round-robin) or any object with
-    `pick(prompt_ids) -> backend` and `backends` (e.g. the balancer). `tokenizer`: K2Tokenizer;
-    `template`: ChatTemplate; `detokenizer_factory(tokenizer)` defaults to IncrementalDetokenizer.
-    """
-    from k2serve.router.api.anthropic_api import routes as anthropic_routes
-    from k2serve.router.api.openai_api import routes as openai_routes
-
-    picker = backends if hasattr(backends, "pick") else RoundRobin(list(backends))
-    endpoints = post_endpoints([openai_routes, anthropic_routes])
-
-    def front(fastapi_stack):  # inside out: FastRoutes, auth, then the request metrics (they count 401s too)
-        inner = FastRoutes(fastapi_stack, endpoints)
-        inner = _AuthMiddleware(inner, config.api_key.encode()) if config.api_key else inner
-        if metrics is None:
-            return inner
-        api_paths = frozenset(route.path for r in (openai_routes, anthropic_routes) for route in r.routes)
-        return _RequestMetricsMiddleware(inner, metrics, api_paths)
-
-    app = RouterApp(front, title="k2serve router", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.ctx = RouterContext(config=config, picker=picker, tokenizer=tokenizer, template=template,
-                                  detokenizer_factory=detokenizer_factory or _default_detokenizer, metrics=metrics)
-    _install_error_handlers(app)
-    app.include_router(openai_routes)
-    app.include_router(anthropic_routes)
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/ready", ready, methods=["GET"])
-    if metrics is not None and hasattr(metrics, "render"):
-        app.add_api_route("/metrics", _metrics_endpoint(metrics), methods=["GET"])
+def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: K2Tokenizer, template: ChatTemplate,
+               metrics: RouterMetrics | None = None) -> "RouterApp":
+    """The router app over `pool`; without `metrics` it records none and serves no /metrics."""
+    ctx = RouterContext(config, pool, tokenizer, template, metrics)
+    routes = [Route(path, Endpoint(handler, ctx), methods=[method]) for path, method, handler in ROUTES
+              if metrics is not None or handler is not probes.metrics]
+    app = RouterApp(routes=routes, title="k2serve router", docs_url=None, redoc_url=None, openapi_url=None,
+                    telemetry={"tracing": False, "metrics": False, "logs": False})
+    app.state.ctx = ctx
+    for exc_class, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(exc_class, handler)
+    if config.api_key:
+        app.add_middleware(AuthMiddleware, api_key=config.api_key)
+    if metrics is not None:
+        app.add_middleware(RequestMetricsMiddleware, metrics=metrics, endpoints=API_PATHS)
     return app
 
 
-async def health() -> dict:
-    """Liveness: the router process is up."""
-    return {"status": "ok"}
+class Endpoint:
+    """The ASGI app of one route: `handler(ctx, request)` returns the response, which is sent as it is.
 
+    A handler answers a client mistake by raising APIError; ErrorResponses turns it into the response.
+    """
 
-async def ready(request: Request):
-    """Readiness: at least one worker answers its health check and the model info is known."""
-    ctx: RouterContext = request.app.state.ctx
-    healthy = [await b.health() for b in ctx.picker.backends]
-    if any(healthy):
-        try:
-            await ctx.ensure_model_info()
-        except APIError:
-            healthy = []
-    status = 200 if any(healthy) else 503
-    return JSONResponse({"ready": status == 200, "healthy_workers": sum(healthy), "workers": len(healthy)},
-                        status_code=status)
+    def __init__(self, handler: Handler, ctx: RouterContext):
+        self.handler = handler
+        self.ctx = ctx
 
-
-def _metrics_endpoint(metrics):
-    from fastapi.responses import Response
-
-    async def endpoint() -> Response:
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
-    return endpoint
-
-
-def presented_key(request: Request) -> str | None:
-    """The API key a client sent: `Authorization: Bearer KEY` or Anthropic's `x-api-key`."""
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.handler(self.ctx, Request(scope, receive))
+        await response(scope, receive, send)
 
 
 class RouterApp(FastAPI):
-    """FastAPI with the router's own front in front of FastAPI's middleware stack.
+    """FastAPI whose per-request stack is the app's middleware around ErrorResponses around the routes.
 
-    `front(stack)` wraps the stack FastAPI builds (its error, telemetry, body-limit and exception
-    middleware, then the routes) in the router's plain ASGI layers: request metrics, auth and FastRoutes.
-    A streamed event of the API's POST endpoints then goes from the endpoint to uvicorn through no
-    send wrapper (FastAPI's error middleware wraps send for every event).
-
-    HTTP requests also skip FastAPI's per-request check for an OpenTelemetry provider (about 0.1 ms of
-    router CPU per request here): the router observes itself with Prometheus (router/metrics.py), and
-    FastAPI's own OpenTelemetry spans are not produced. A layer every request must pass (CORS, say)
-    belongs in `front`: one added with `add_middleware` sits inside FastRoutes and sees only what
-    FastAPI answers.
+    FastAPI's own stack also puts ServerErrorMiddleware, its telemetry and body-limit layers,
+    ExceptionMiddleware and an AsyncExitStack around every request, and two of them wrap `send` in a
+    coroutine that each streamed event then passes through. The router needs none of them: ErrorResponses
+    answers exceptions with the app's exception handlers, request bodies are capped where they are read
+    (api/protocol.read_request), telemetry is off (the router reports through Prometheus), and no route
+    takes uploaded files or dependencies. An exception raised by a middleware itself (outside
+    ErrorResponses) reaches the server, which answers 500.
     """
 
-    def __init__(self, front: Callable[[Any], Any], **kwargs: Any):
-        super().__init__(**kwargs)
-        self._front = front
-
-    def build_middleware_stack(self):
-        return self._front(super().build_middleware_stack())
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":  # lifespan and websockets as FastAPI runs them
-            await super().__call__(scope, receive, send)
-            return
-        if self.root_path:
-            scope["root_path"] = self.root_path
-        await Starlette.__call__(self, scope, receive, send)
-
-
-# Plain ASGI middleware: Starlette's BaseHTTPMiddleware (@app.middleware("http")) re-streams every
-# response body through a task and a memory channel, which delays each streamed token.
-
-
-class _AuthMiddleware:
-    """401 in the API's error format unless the request presents the API key (probes are open)."""
-
-    def __init__(self, app, expected: bytes):
-        self.app = app
-        self.expected = expected
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            key = presented_key(Request(scope))
-            if key is None or not hmac.compare_digest(key.encode(), self.expected):
-                err = APIError(401, "Invalid or missing API key", code="invalid_api_key")
-                await JSONResponse(error_body(scope["path"], err), status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class _RequestMetricsMiddleware:
-    """Count API requests by endpoint and status; duration from arrival to the last byte sent.
-
-    The endpoint label is one of `endpoints` or "other": paths come from clients, and a label per path
-    would let anyone grow the series without bound.
-    """
-
-    def __init__(self, app, metrics, endpoints: frozenset[str]):
-        self.app = app
-        self.metrics = metrics
-        self.endpoints = endpoints
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/"):
-            await self.app(scope, receive, send)
-            return
-        path = path if path in self.endpoints else "other"
-        start = time.monotonic()
-        self.metrics.request_started(path)
-        status = 500
-
-        def send_status(message):  # a plain function handing back send's awaitable: no frame per event
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            return send(message)
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.request_finished(path, status, time.monotonic() - start)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return JSONResponse(error_body(request.url.path, exc), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        err = APIError(400, validation_message(exc.errors()))
-        return JSONResponse(error_body(request.url.path, err), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        err = APIError(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(request.url.path, err), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        err = APIError(500, "internal server error")
-        return JSONResponse(error_body(request.url.path, err), status_code=500)
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = ErrorResponses(self.router, self.exception_handlers)
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app

@@ -1,19 +1,21 @@
-"""Test helpers for the router tests: a scripted fake worker backend and a uvicorn server thread."""
+"""Test helpers for the router tests: a scripted fake worker, a fake worker pool and a uvicorn server thread."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import httpx
 import uvicorn
 
-from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError, WorkerModelInfo
+from k2serve.router.pool.worker import (Finished, GenerateParams, StreamItem, TokenChunk, TokenLogprob, Worker,
+                                       WorkerError, WorkerLoad, WorkerModelInfo)
 
 TOOL_CALL_TEXT = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:{idx}"
                   "<|tool_call_argument_begin|>{{\"city\": \"Beijing\"}}<|tool_call_end|><|tool_calls_section_end|>")
@@ -79,15 +81,41 @@ class ScriptedBackend:
                 self.cancelled.append(params.request_id)
             self.active.discard(params.request_id)
 
-    async def get_load(self):
-        return None
+    async def get_load(self, timeout: float = 5.0) -> WorkerLoad:
+        return WorkerLoad(num_running=len(self.active))
 
-    async def get_model_info(self) -> WorkerModelInfo:
+    async def get_model_info(self, timeout: float = 10.0) -> WorkerModelInfo:
         return WorkerModelInfo("kimi-k2-tiny", self.context_length, 1280,
                                (self.tokenizer.eos_id, self.tokenizer.im_end_id), "")
 
-    async def health(self) -> bool:
+    async def health(self, timeout: float = 2.0) -> bool:
         return self.healthy
+
+    async def close(self) -> None:
+        return None
+
+
+class ListPool:
+    """A WorkerPool fake: each request goes to the next of `workers` in turn, with no admission, balancing
+    or retries (GroupPool's own tests cover those), so a worker's refusal or failure reaches the API as is."""
+
+    def __init__(self, workers: Sequence[Worker]):
+        self.workers = list(workers)
+        self._next = itertools.cycle(self.workers)
+
+    def generate(self, params: GenerateParams) -> AsyncIterator[StreamItem]:
+        return next(self._next).generate(params)
+
+    async def model_info(self) -> WorkerModelInfo | None:
+        for worker in self.workers:
+            try:
+                return await worker.get_model_info()
+            except WorkerError:
+                continue
+        return None
+
+    async def health(self) -> list[bool]:
+        return [await worker.health() for worker in self.workers]
 
 
 class ServerThread:

@@ -72,7 +72,8 @@ def test_each_rank_holds_only_its_shard(group, tiny_model_dir):
 def test_killing_a_rank_fails_in_flight_requests_and_marks_the_group_unhealthy(group):
     import ray
 
-    from k2serve.router.pool.worker_client import Finished, GenerateParams, WorkerClient, WorkerError
+    from k2serve.router.pool.worker import Finished, GenerateParams, WorkerError
+    from k2serve.router.pool.worker_client import WorkerClient
 
     address = group.serve("127.0.0.1", 0)
     assert group.is_healthy()

@@ -19,7 +19,7 @@ from k2serve.router.pool.discovery import CallableDiscovery, DiscoveryError, Gro
 from k2serve.router.pool.group_pool import GroupPool, GroupPoolConfig
 from k2serve.router.metrics import RouterMetrics
 from k2serve.router.text.tokenizer import K2Tokenizer
-from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, WorkerError, WorkerLoad, WorkerModelInfo
+from k2serve.router.pool.worker import Finished, GenerateParams, TokenChunk, WorkerError, WorkerLoad, WorkerModelInfo
 from router_harness import ServerThread
 
 MODEL = "kimi-k2-tiny"
@@ -91,7 +91,7 @@ def params(rid: str = "r", prompt=(1, 2, 3)) -> GenerateParams:
 
 
 async def drain(pool: GroupPool, p: GenerateParams) -> list:
-    return [item async for item in pool.pick(p.prompt_token_ids).generate(p)]
+    return [item async for item in pool.generate(p)]
 
 
 def counter(metrics: RouterMetrics, name: str, **labels) -> float:
@@ -123,7 +123,7 @@ def test_failure_after_first_token_is_an_error_not_a_retry():
         await pool.refresh()
         got = []
         with pytest.raises(WorkerError, match="group died"):
-            async for item in pool.pick((1,)).generate(params()):
+            async for item in pool.generate(params()):
                 got.append(item)
         assert len(got) == 1 and fleet.groups["b"].calls == []
         assert pool.balancer.get("a").breaker.consecutive_failures == 1
@@ -213,7 +213,7 @@ def test_discovery_adds_removes_and_replaces_groups():
         fleet = Fleet(a=FakeGroup("h:1"), b=FakeGroup("h:2"))
         pool = make_pool(fleet)
         await pool.refresh()
-        assert [g.name for g in pool.groups] == ["a", "b"] and len(pool.backends) == 2
+        assert [g.name for g in pool.groups] == ["a", "b"] and len(pool.workers) == 2
         old_a = fleet.groups["a"]
         for _ in range(3):
             pool.balancer.on_finish(pool.balancer.get("a"), ok=False)  # breaker opens
@@ -226,7 +226,7 @@ def test_discovery_adds_removes_and_replaces_groups():
         await pool.refresh()
         await asyncio.sleep(0.05)
         assert [g.name for g in pool.groups] == ["a", "c"]
-        assert pool.backends[0] is fleet.groups["a"] and old_a.closed
+        assert pool.workers[0] is fleet.groups["a"] and old_a.closed
         assert pool.balancer.get("a").breaker.state is BreakerState.CLOSED  # the new incarnation starts fresh
         assert pool.balancer.get("b") is None and fleet.made[1].closed  # b's client closed
         items = await drain(pool, params())
@@ -235,7 +235,7 @@ def test_discovery_adds_removes_and_replaces_groups():
         fleet.groups["c"] = same  # same address, new generation: still a new client
         fleet.generation["c"] = 2
         await pool.refresh()
-        assert pool.backends[1] is same
+        assert pool.workers[1] is same
     asyncio.run(main())
 
 

@@ -10,7 +10,7 @@ from k2serve.router.app import create_app
 from k2serve.router.text.chat_template import ChatTemplate
 from k2serve.router.config import RouterConfig
 from k2serve.router.text.tokenizer import K2Tokenizer
-from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread
+from router_harness import TOOL_CALL_TEXT, ListPool, ScriptedBackend, ServerThread
 
 MODEL = "kimi-k2-tiny"
 WEATHER = {"name": "get_weather", "description": "Get weather information",
@@ -32,7 +32,7 @@ def stack(tiny_model_dir):
     path = tiny_model_dir
     tokenizer = K2Tokenizer.from_dir(path)
     backend = ScriptedBackend(tokenizer, script)
-    app = create_app(RouterConfig(model_name=MODEL, api_key="sk-test"), [backend], tokenizer, ChatTemplate.from_dir(path))
+    app = create_app(RouterConfig(model_name=MODEL, api_key="sk-test"), ListPool([backend]), tokenizer, ChatTemplate.from_dir(path))
     with ServerThread(app) as server:
         yield backend, anthropic.Anthropic(base_url=server.url, api_key="sk-test", max_retries=0)
 
@@ -124,7 +124,7 @@ ENUM_WEATHER = {**WEATHER, "input_schema": {"type": "object", "required": ["city
 @pytest.fixture(scope="module")
 def real(tiny_model_dir):
     with WorkerThread(tiny_model_dir) as worker:
-        app = create_app(RouterConfig(), [WorkerClient(worker.address)], K2Tokenizer.from_dir(tiny_model_dir),
+        app = create_app(RouterConfig(), ListPool([WorkerClient(worker.address)]), K2Tokenizer.from_dir(tiny_model_dir),
                          ChatTemplate.from_dir(tiny_model_dir))
         with ServerThread(app) as server:
             yield anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)

@@ -9,8 +9,8 @@ from k2serve.router.app import create_app
 from k2serve.router.text.chat_template import ChatTemplate
 from k2serve.router.config import RouterConfig
 from k2serve.router.text.tokenizer import K2Tokenizer
-from k2serve.router.pool.worker_client import WorkerError
-from router_harness import ScriptedBackend, ServerThread
+from k2serve.router.pool.worker import WorkerError
+from router_harness import ListPool, ScriptedBackend, ServerThread
 
 MODEL = "kimi-k2-tiny"
 KEY = "sk-secret"
@@ -34,7 +34,7 @@ def server(tiny_model_dir):
     tokenizer = K2Tokenizer.from_dir(path)
     backend = ScriptedBackend(tokenizer, script, context_length=256)
     config = RouterConfig(model_name=MODEL, api_key=KEY, max_body_bytes=20_000)
-    with ServerThread(create_app(config, [backend], tokenizer, ChatTemplate.from_dir(path))) as srv:
+    with ServerThread(create_app(config, ListPool([backend]), tokenizer, ChatTemplate.from_dir(path))) as srv:
         yield srv
 
 

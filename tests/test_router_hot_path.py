@@ -109,7 +109,8 @@ def test_fill_chunk_writes_tokens_logprobs_and_counts(out):
 @pytest.mark.parametrize("out", outputs())
 def test_router_reads_back_tokens_logprobs_and_counts(out):
     from k2serve.v1 import worker_pb2
-    from k2serve.router.pool.worker_client import TokenChunk, TokenLogprob, response_from_proto
+    from k2serve.router.pool.worker import TokenChunk, TokenLogprob
+    from k2serve.router.pool.worker_client import response_from_proto
     from k2serve.worker.responses import fill_chunk
 
     response = worker_pb2.GenerateResponse()
@@ -120,12 +121,10 @@ def test_router_reads_back_tokens_logprobs_and_counts(out):
                               out.cached_tokens)
 
 
-def test_streamed_events_reach_the_server_from_the_endpoint_itself(tiny_model_dir):
-    """The API's POST endpoints sit in front of FastAPI's middleware stack (router.app.RouterApp): each SSE
-    event goes from EventStreamResponse's loop to the server's send with no wrapper coroutine between
-    them (FastAPI's error middleware wraps send, which cost about a fifth of the router's CPU per token),
-    and auth and the request metrics still see the request. Nor do requests pay FastAPI's per-request
-    check for an OpenTelemetry provider."""
+def test_streamed_events_reach_the_server_from_the_endpoint_itself(tiny_model_dir, monkeypatch):
+    """Each SSE event goes from EventStreamResponse's loop to the server's send with no wrapper coroutine
+    between them (router.app.RouterApp's layers wrap send in plain functions only), and auth and the
+    request metrics still see the request. Nor do requests look up OpenTelemetry providers."""
     import asyncio
     import sys
 
@@ -133,16 +132,26 @@ def test_streamed_events_reach_the_server_from_the_endpoint_itself(tiny_model_di
     from k2serve.router.text.chat_template import ChatTemplate
     from k2serve.router.config import RouterConfig
     from k2serve.router.text.tokenizer import K2Tokenizer
-    from router_harness import ScriptedBackend
+    from router_harness import ListPool, ScriptedBackend
 
     tokenizer = K2Tokenizer.from_dir(tiny_model_dir)
     metrics = RouterMetrics(CollectorRegistry(), model="kimi-k2-tiny")
     app = create_app(RouterConfig(model_name="kimi-k2-tiny", api_key="k"),
-                     [ScriptedBackend(tokenizer, lambda params, prompt: "one two three")], tokenizer,
+                     ListPool([ScriptedBackend(tokenizer, lambda params, prompt: "one two three")]), tokenizer,
                      ChatTemplate.from_dir(tiny_model_dir), metrics=metrics)
     body = json.dumps({"model": "kimi-k2-tiny", "prompt": "hi", "max_tokens": 8, "stream": True}).encode()
-    if hasattr(app, "_native_telemetry"):  # FastAPI >= 0.13x: checked on every request unless skipped
-        app._native_telemetry = None
+    otel = pytest.importorskip("opentelemetry") if hasattr(app, "_native_telemetry") else None  # FastAPI >= 0.13x
+    if otel is not None:
+        import opentelemetry._logs
+        import opentelemetry.metrics
+        import opentelemetry.trace
+
+        def looked_up():
+            raise AssertionError("a request looked up an OpenTelemetry provider")
+        for module, getter in ((opentelemetry.trace, "get_tracer_provider"),
+                               (opentelemetry.metrics, "get_meter_provider"),
+                               (opentelemetry._logs, "get_logger_provider")):
+            monkeypatch.setattr(module, getter, looked_up)
 
     async def request(key: str) -> tuple[list[dict], list[str]]:
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
@@ -185,22 +194,28 @@ def test_a_stream_that_breaks_after_its_first_event_is_logged_and_closed(tiny_mo
     from k2serve.router.text.chat_template import ChatTemplate
     from k2serve.router.config import RouterConfig
     from k2serve.router.text.tokenizer import K2Tokenizer
-    from k2serve.router.pool.worker_client import TokenChunk
+    from k2serve.router.pool.worker import TokenChunk, WorkerLoad, WorkerModelInfo
+    from router_harness import ListPool
 
-    class BreaksMidStream:
+    class BreaksMidStream:  # a Worker
         async def generate(self, params):
             yield TokenChunk((tokenizer.encode(" the")[0],), prompt_tokens=1, completion_tokens=1)
             raise RuntimeError("a bug after the first token")
 
-        async def get_model_info(self):
-            from k2serve.router.pool.worker_client import WorkerModelInfo
+        async def get_load(self, timeout=5.0):
+            return WorkerLoad()
+
+        async def get_model_info(self, timeout=10.0):
             return WorkerModelInfo("kimi-k2-tiny", 256, tokenizer.n_vocab)
 
-        async def health(self):
+        async def health(self, timeout=2.0):
             return True
 
+        async def close(self):
+            return None
+
     tokenizer = K2Tokenizer.from_dir(tiny_model_dir)
-    app = create_app(RouterConfig(model_name="kimi-k2-tiny"), [BreaksMidStream()], tokenizer,
+    app = create_app(RouterConfig(model_name="kimi-k2-tiny"), ListPool([BreaksMidStream()]), tokenizer,
                      ChatTemplate.from_dir(tiny_model_dir))
     body = json.dumps({"model": "kimi-k2-tiny", "prompt": "hi", "max_tokens": 8, "stream": True}).encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",

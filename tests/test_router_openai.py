@@ -16,7 +16,7 @@ from k2serve.router.text.chat_template import ChatTemplate
 from k2serve.router.config import RouterConfig
 from k2serve.router.metrics import RouterMetrics
 from k2serve.router.text.tokenizer import K2Tokenizer
-from router_harness import TOOL_CALL_TEXT, ScriptedBackend, ServerThread, wait_until
+from router_harness import TOOL_CALL_TEXT, ListPool, ScriptedBackend, ServerThread, wait_until
 
 MODEL = "kimi-k2-tiny"
 SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
@@ -48,7 +48,7 @@ def stack(tiny_model_dir):
     backend = ScriptedBackend(tokenizer, script)
     config = RouterConfig(model_name=MODEL).with_generation_config(path)
     metrics = RouterMetrics(CollectorRegistry(), model=MODEL)
-    app = create_app(config, [backend], tokenizer, ChatTemplate.from_dir(path), metrics=metrics)
+    app = create_app(config, ListPool([backend]), tokenizer, ChatTemplate.from_dir(path), metrics=metrics)
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         yield backend, client, server
@@ -295,7 +295,7 @@ ENUM_WEATHER_TOOL = {"type": "function", "function": {
 def real(tiny_model_dir):
     with WorkerThread(tiny_model_dir) as worker:
         config = RouterConfig().with_generation_config(tiny_model_dir)
-        app = create_app(config, [WorkerClient(worker.address)], K2Tokenizer.from_dir(tiny_model_dir),
+        app = create_app(config, ListPool([WorkerClient(worker.address)]), K2Tokenizer.from_dir(tiny_model_dir),
                          ChatTemplate.from_dir(tiny_model_dir))
         with ServerThread(app) as server:
             yield worker, server, openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

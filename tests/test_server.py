@@ -6,17 +6,17 @@ import asyncio
 
 import pytest
 
-from k2serve.router.pool.worker_client import (Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerClient,
-                                  WorkerError, request_to_proto)
+from k2serve.router.pool.worker import Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerError
+from k2serve.router.pool.worker_client import WorkerClient, request_to_proto
+from k2serve.worker.engine import EngineLoad
 from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams, TokenLogprob
 from k2serve.worker.server import ModelInfo, params_from_request, serve_worker
 
 INFO = ModelInfo("tiny-k2", 4096, 1000, (163585, 163586), "sha256:abc")
 
 
-class FakeEngine:
+class FakeEngine:  # a ServedEngine
     """Yields token i at step i; prompt [999] is rejected (429); [500] crashes; records aborts."""
-
 
     def __init__(self):
         self.active: dict[str, int] = {}
@@ -40,12 +40,12 @@ class FakeEngine:
         finally:
             self.active.pop(rid, None)
 
-    async def abort(self, rid):
+    def abort(self, rid: str) -> bool:
         self.aborted.append(rid.split("@")[0])
         return self.active.pop(rid, None) is not None
 
-    def get_load(self):
-        return {"num_running": len(self.active), "num_waiting": 0, "kv_cache_usage": 0.1 * len(self.active)}
+    def get_load(self) -> EngineLoad:
+        return EngineLoad(len(self.active), 0, 0.1 * len(self.active), 0.0, 0)
 
 
 def run(scenario):

@@ -14,9 +14,11 @@ import grpc
 import pytest
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
-from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError, request_to_proto
+from k2serve.router.pool.worker import Finished, GenerateParams, TokenChunk, WorkerError
+from k2serve.router.pool.worker_client import WorkerClient, request_to_proto
+from k2serve.worker.engine import EngineLoad
 from k2serve.worker.request import RequestOutput, SamplingParams
-from k2serve.worker.server import ModelInfo, serve_worker
+from k2serve.worker.server import ModelInfo, params_from_request, serve_worker
 
 INFO = ModelInfo("tiny-k2", 4096, 1000, (2,), "sha256:abc")
 
@@ -56,8 +58,8 @@ class SteppingEngine:
         self.aborted.append(rid)
         return rid in self.running
 
-    def get_load(self):
-        return {"num_running": len(self.running)}
+    def get_load(self) -> EngineLoad:
+        return EngineLoad(len(self.running), 0, 0.0, 0.0, 0)
 
 
 def run(scenario, step_s: float = 0.01):
@@ -204,15 +206,18 @@ def test_a_dead_worker_fails_every_request_in_flight_then_new_ones_fast():
     run(scenario)
 
 
-def test_a_request_that_breaks_the_servicer_fails_alone():
-    def factory(request):
+def test_a_request_that_breaks_the_servicer_fails_alone(monkeypatch):
+    from k2serve.worker import server as worker_server
+
+    def params_with_a_bug(request):
         if request.request_id.startswith("boom@"):
             raise KeyError("a bug, not a rejection")
-        return SamplingParams(max_tokens=request.sampling.max_tokens)
+        return params_from_request(request)
+    monkeypatch.setattr(worker_server, "params_from_request", params_with_a_bug)
 
     async def main():
         engine = SteppingEngine()
-        server = await serve_worker(engine, "127.0.0.1", 0, INFO, params_factory=factory)
+        server = await serve_worker(engine, "127.0.0.1", 0, INFO)
         client = WorkerClient(f"127.0.0.1:{server.k2serve_port}")
         try:
             with pytest.raises(WorkerError) as err:

@@ -1,4 +1,4 @@
-"""Anthropic-compatible endpoint: POST /v1/messages (streaming and not), as Moonshot serves K2.
+"""Anthropic-compatible handler: POST /v1/messages (streaming and not), as Moonshot serves K2.
 
 Requests become K2 chat messages (system, text, tool_use -> assistant tool_calls, tool_result ->
 tool messages) rendered by the same template as the OpenAI API. The real sampling temperature is the
@@ -10,19 +10,19 @@ from __future__ import annotations
 import json
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
-from k2serve.router.api.choice_streams import prime_first, streaming_response, while_connected
-from k2serve.router.errors import APIError, anthropic_error_body
-from k2serve.router.generation.choice import ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, collect_choice, run_choice
 from k2serve.router.api.protocol import AnthropicMessage, MessagesRequest, read_request
 from k2serve.router.api.request_params import check_schema, request_id, sampling_params
 from k2serve.router.api.sse import anthropic_event, anthropic_text_delta
+from k2serve.router.api.streaming import prime_first, streaming_response, while_connected
+from k2serve.router.context import RouterContext
+from k2serve.router.errors import APIError, anthropic_error_body
+from k2serve.router.generation.choice import collect_choice
+from k2serve.router.generation.events import ChoiceSpec, DoneEvent, TextEvent, ToolEvent, Usage
+from k2serve.router.pool.worker import GuidedRequest
 from k2serve.router.text.tool_ids import next_tool_call_index, normalize_tool_call_ids
-from k2serve.router.pool.worker_client import GuidedRequest
-
-routes = APIRouter()
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "abort": "end_turn"}
 
@@ -125,15 +125,12 @@ def _tool_input(arguments: str) -> Any:
     return value if isinstance(value, dict) else {"_value": value}
 
 
-@routes.post("/v1/messages")
-async def messages(request: Request):
-    """Anthropic Messages API."""
-    ctx: RouterContext = request.app.state.ctx
+async def messages(ctx: RouterContext, request: Request) -> Response:
+    """POST /v1/messages: the Anthropic Messages API."""
     req = await read_request(request, MessagesRequest, ctx.config.max_body_bytes)
     rid = request_id(request)
     params, spec = await prepare(ctx, req, rid)
-    stream = run_choice(ctx.picker.pick(params.prompt_token_ids), params, ctx.tokenizer, spec,
-                        ctx.detokenizer_factory, ctx.metrics)
+    [stream] = ctx.run_choices([params], spec)
     msg_id = f"msg_{rid}"
     if req.stream:
         [stream] = await prime_first(ctx, request, [stream])

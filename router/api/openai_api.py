@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models."""
+"""OpenAI-compatible handlers: POST /v1/chat/completions, POST /v1/completions, GET /v1/models."""
 
 from __future__ import annotations
 
@@ -6,20 +6,19 @@ import json
 import time
 from typing import Any, AsyncIterator, Sequence
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
-from k2serve.router.api.choice_streams import (choice_streams, collect_all, merge_choices, prime_first, sse_with_errors,
-                                   streaming_response, while_connected)
-from k2serve.router.errors import APIError
-from k2serve.router.generation.choice import ChoiceResult, ChoiceSpec, DoneEvent, RouterContext, TextEvent, ToolEvent, Usage, sum_usage
 from k2serve.router.api.protocol import ChatCompletionRequest, CompletionRequest, read_request
 from k2serve.router.api.request_params import check_common, check_schema, request_id, sampling_params
 from k2serve.router.api.sse import DONE, OpenAIFrames
+from k2serve.router.api.streaming import prime_first, sse_with_errors, streaming_response, while_connected
+from k2serve.router.context import RouterContext
+from k2serve.router.errors import APIError
+from k2serve.router.generation.choices import collect_all, merge_choices
+from k2serve.router.generation.events import ChoiceResult, ChoiceSpec, DoneEvent, TextEvent, ToolEvent, Usage, sum_usage
+from k2serve.router.pool.worker import GuidedRequest, TokenLogprob
 from k2serve.router.text.tool_ids import next_tool_call_index, normalize_tool_call_ids
-from k2serve.router.pool.worker_client import GuidedRequest, TokenLogprob
-
-routes = APIRouter()
 
 
 def usage_json(usage: Usage) -> dict:
@@ -135,15 +134,13 @@ async def prepare_chat(ctx: RouterContext, req: ChatCompletionRequest, rid: str)
 
 
 
-@routes.post("/v1/chat/completions")
-async def chat_completions(request: Request):
-    """OpenAI chat completions (streaming and not)."""
-    ctx: RouterContext = request.app.state.ctx
+async def chat_completions(ctx: RouterContext, request: Request) -> Response:
+    """POST /v1/chat/completions: OpenAI chat completions (streaming and not)."""
     req = await read_request(request, ChatCompletionRequest, ctx.config.max_body_bytes)
     rid = request_id(request)
     params, spec = await prepare_chat(ctx, req, rid)
     meta = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": ctx.model_name}
-    streams = choice_streams(ctx, params, spec)
+    streams = ctx.run_choices(params, spec)
     if req.stream:
         streams = await prime_first(ctx, request, streams)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -220,10 +217,8 @@ def completion_prompts(ctx: RouterContext, prompt) -> list[list[int]]:
     return prompts
 
 
-@routes.post("/v1/completions")
-async def completions(request: Request):
-    """OpenAI (legacy) text completions."""
-    ctx: RouterContext = request.app.state.ctx
+async def completions(ctx: RouterContext, request: Request) -> Response:
+    """POST /v1/completions: OpenAI (legacy) text completions."""
     req = await read_request(request, CompletionRequest, ctx.config.max_body_bytes)
     rid = request_id(request)
     await ctx.check_model(req.model)
@@ -238,7 +233,7 @@ async def completions(request: Request):
                                    req.temperature) for i in range(req.n)]
     spec = ChoiceSpec(stop_strings=req.stop_list())
     meta = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": ctx.model_name}
-    streams = choice_streams(ctx, params, spec)
+    streams = ctx.run_choices(params, spec)
     want_lps = req.logprobs is not None
     if req.stream:
         streams = await prime_first(ctx, request, streams)
@@ -286,10 +281,8 @@ async def completion_stream(ctx: RouterContext, streams, meta: dict, want_lps: b
 # ---------------------------------------------------------------- models
 
 
-@routes.get("/v1/models")
-async def list_models(request: Request):
-    """The one served model."""
-    ctx: RouterContext = request.app.state.ctx
+async def list_models(ctx: RouterContext, request: Request) -> Response:
+    """GET /v1/models: the one served model."""
     info = await ctx.ensure_model_info()
-    return {"object": "list", "data": [{"id": ctx.model_name, "object": "model", "created": 0,
-                                        "owned_by": "k2serve", "max_model_len": info.context_length}]}
+    return JSONResponse({"object": "list", "data": [{"id": ctx.model_name, "object": "model", "created": 0,
+                                                     "owned_by": "k2serve", "max_model_len": info.context_length}]})

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from fastapi import Request
+from starlette.requests import Request
 
 from k2serve.router.errors import APIError
-from k2serve.router.generation.choice import RouterContext
-from k2serve.router.pool.worker_client import GenerateParams, GuidedRequest
+from k2serve.router.context import RouterContext
+from k2serve.router.pool.worker import GenerateParams, GuidedRequest
 
 
 def request_id(request: Request) -> str:

@@ -1,114 +1,25 @@
-"""Generation: run one choice on a worker and turn its token stream into API-level events.
+"""run_choice: one choice's worker token stream -> text, tool-call and done events.
 
-Both HTTP APIs share this: pick a backend, stream TokenChunks, detokenize incrementally, apply stop
-strings on the text (truncate at the match, finish "stop", cancel the worker request), and parse K2
-tool calls. Events out: TextEvent (content text + the logprobs of the tokens behind it), ToolEvent
-(a tool-call start or argument fragment), DoneEvent (finish reason, usage).
+Both HTTP APIs share this: detokenize incrementally, apply stop strings on the text (truncate at the
+match, finish "stop", cancel the worker request), and parse K2 tool calls.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import AsyncIterator
 
 from k2serve.router.errors import APIError
-from k2serve.router.text.tool_parser import (ContentDelta, StreamingToolParser, ToolCallDelta, finish_reason as
-                                tool_finish_reason)
-from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, TokenLogprob, WorkerError
-
-
-class Backend(Protocol):
-    """What the router needs from a worker group (WorkerClient implements it; tests use fakes)."""
-
-    def generate(self, params: GenerateParams) -> AsyncIterator[TokenChunk | Finished]: ...
-
-    async def get_load(self) -> Any: ...
-
-    async def get_model_info(self) -> Any: ...
-
-    async def health(self) -> bool: ...
-
-
-class RoundRobin:
-    """Backend selection behind `pick(prompt_ids)`; the load / prefix-aware balancer replaces it."""
-
-    def __init__(self, backends: Sequence[Backend]):
-        if not backends:
-            raise ValueError("the router needs at least one worker backend")
-        self.backends = list(backends)
-        self._next = itertools.cycle(range(len(self.backends)))
-
-    def pick(self, prompt_ids: Sequence[int]) -> Backend:
-        return self.backends[next(self._next)]
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class TextEvent:
-    text: str
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-@dataclass(frozen=True)
-class ToolEvent:
-    delta: ToolCallDelta
-
-
-@dataclass(frozen=True)
-class DoneEvent:
-    finish_reason: str                 # stop | length | tool_calls | abort
-    usage: Usage
-    stop_string: str | None = None     # the stop string that ended the text, if any
-
-
-Event = TextEvent | ToolEvent | DoneEvent
-
-
-class StopStringMatcher:
-    """Finds the first stop string in streamed text; holds back a tail that could start one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self._hold = max((len(s) for s in self.stops), default=1) - 1
-        self._buffer = ""
-        self.matched: str | None = None
-
-    def push(self, text: str) -> str:
-        """Text safe to emit now; after a match, the text before it (and `matched` is set)."""
-        if not self.stops:
-            return text
-        self._buffer += text
-        hit = min(((self._buffer.find(s), s) for s in self.stops if s in self._buffer), default=None)
-        if hit is not None:
-            self.matched = hit[1]
-            out, self._buffer = self._buffer[:hit[0]], ""
-            return out
-        cut = max(len(self._buffer) - self._hold, 0)
-        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self._buffer = self._buffer, ""
-        return out
-
-
-@dataclass
-class ChoiceSpec:
-    """How to post-process one choice's tokens."""
-
-    stop_strings: Sequence[str] = ()
-    parse_tools: bool = False            # run the K2 tool-call parser
-    emit_tool_calls: bool = True         # False (tool_choice none): markers are dropped, calls too
-    max_tool_calls: int | None = None    # 1 when parallel_tool_calls is false
-    tool_names: Sequence[str] = ()
+from k2serve.router.generation.events import (ChoiceResult, ChoiceSpec, DoneEvent, Event, TextEvent, ToolEvent,
+                                              Usage)
+from k2serve.router.metrics import RouterMetrics
+from k2serve.router.pool.worker import Finished, StreamItem, WorkerError
+from k2serve.router.text.detokenizer import IncrementalDetokenizer
+from k2serve.router.text.stop_strings import StopStringMatcher
+from k2serve.router.text.tokenizer import K2Tokenizer
+from k2serve.router.text.tool_parser import ContentDelta, StreamingToolParser, ToolCallDelta
+from k2serve.router.text.tool_parser import finish_reason as tool_finish_reason
 
 
 @dataclass
@@ -120,7 +31,7 @@ class _State:
 class _TokenTimer:
     """Feeds RouterMetrics (when present): time to first token, inter-token gaps, token counts."""
 
-    def __init__(self, metrics: Any):
+    def __init__(self, metrics: RouterMetrics | None):
         self.metrics = metrics
         self.last = time.monotonic()
         self.first = True
@@ -141,18 +52,19 @@ class _TokenTimer:
             self.metrics.tokens(prompt=usage.prompt_tokens, cached=usage.cached_tokens)
 
 
-async def run_choice(backend: Backend, params: GenerateParams, tokenizer: Any, spec: ChoiceSpec,
-                     detokenizer_factory, metrics: Any = None) -> AsyncIterator[Event]:
-    """Stream one choice's events; raises APIError when the worker refuses or fails the request.
+async def run_choice(stream: AsyncIterator[StreamItem], tokenizer: K2Tokenizer, spec: ChoiceSpec,
+                     metrics: RouterMetrics | None = None) -> AsyncIterator[Event]:
+    """Turn one worker stream into events; raises APIError when the worker refuses or fails the request.
 
-    `metrics` (a RouterMetrics, optional) receives TTFT, inter-token latency and token counts.
+    The stream is closed when this ends (or is closed), which cancels a request still running on the worker.
+    `metrics` receives TTFT, inter-token latency and token counts.
     """
     timer = _TokenTimer(metrics)
-    detok = detokenizer_factory(tokenizer)
+    # Skipping special tokens drops [EOS] / <|im_end|> but keeps K2's tool-call markers (special: false).
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
     stops = StopStringMatcher(spec.stop_strings)
     parser = StreamingToolParser(spec.tool_names) if spec.parse_tools else None
     state = _State()
-    stream = backend.generate(params)
     last = None  # the latest item: its cumulative counts are the usage (built once, not per token)
     try:
         async for item in stream:
@@ -216,18 +128,6 @@ def _finish_reason(parser, spec: ChoiceSpec, stops: StopStringMatcher, state: _S
     return reason
 
 
-@dataclass
-class ChoiceResult:
-    """A whole choice, collected (non-streaming responses)."""
-
-    text: str = ""
-    tool_calls: list[dict] = field(default_factory=list)   # {"id", "name", "arguments"}
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str = "stop"
-    stop_string: str | None = None
-    usage: Usage = field(default_factory=Usage)
-
-
 async def collect_choice(events: AsyncIterator[Event]) -> ChoiceResult:
     """Accumulate a choice's events into a ChoiceResult."""
     result = ChoiceResult()
@@ -250,71 +150,3 @@ def _add_tool_delta(calls: list[dict], delta: ToolCallDelta) -> None:
         calls.append({"id": delta.id, "name": delta.name or "", "arguments": delta.arguments})
     elif 0 <= delta.index < len(calls):
         calls[delta.index]["arguments"] += delta.arguments
-
-
-def sum_usage(usages: Sequence[Usage]) -> Usage:
-    """Usage of an n-choice request: the prompt counted once, completions summed."""
-    if not usages:
-        return Usage()
-    return Usage(usages[0].prompt_tokens, sum(u.completion_tokens for u in usages), usages[0].cached_tokens)
-
-
-@dataclass
-class RouterContext:
-    """Everything a request handler needs; lives on `app.state.ctx` (no module globals)."""
-
-    config: Any                      # RouterConfig
-    picker: Any                      # has pick(prompt_ids) -> Backend
-    tokenizer: Any                   # router.tokenizer.K2Tokenizer
-    template: Any                    # router.chat_template.ChatTemplate
-    detokenizer_factory: Any         # tokenizer -> object with push(ids) -> str, flush() -> str
-    model_info: Any = None           # WorkerModelInfo, fetched from a worker at startup or first use
-    metrics: Any = None              # router.metrics.RouterMetrics, optional
-
-    async def ensure_model_info(self) -> Any:
-        """The served model's info, asked of the workers once; 503 while none answers."""
-        if self.model_info is None:
-            if hasattr(self.picker, "wait_discovered"):
-                await self.picker.wait_discovered()  # a GroupPool learns its groups after startup
-            for backend in self.picker.backends:
-                try:
-                    self.model_info = await backend.get_model_info()
-                    break
-                except WorkerError:
-                    continue
-        if self.model_info is None:
-            raise APIError(503, "no worker is available to serve the model")
-        return self.model_info
-
-    @property
-    def model_name(self) -> str:
-        return self.config.model_name or self.model_info.model_name
-
-    async def check_model(self, requested: str) -> None:
-        """404 unless `requested` names the served model."""
-        await self.ensure_model_info()
-        if requested != self.model_name:
-            raise APIError(404, f"The model `{requested}` does not exist; this server serves "
-                                f"`{self.model_name}`", param="model", code="model_not_found")
-
-    def render_prompt(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
-        """Chat template + tokenizer -> prompt ids; a template failure is the client's 400."""
-        try:
-            return self.template.encode(self.tokenizer, messages, tools=tools, add_generation_prompt=True)
-        except ValueError as exc:
-            raise APIError(400, f"cannot render the conversation: {exc}", param="messages") from None
-
-    def max_tokens_for(self, num_prompt: int, requested: int | None) -> int:
-        """max_tokens within the context: default fills it; 400 when the prompt plus it does not fit."""
-        context = self.model_info.context_length
-        if requested is None:
-            requested = context - num_prompt
-            if requested < 1:
-                raise APIError(400, f"The prompt has {num_prompt} tokens, which fills the model's "
-                                    f"context of {context} tokens", param="messages",
-                               code="context_length_exceeded")
-        if num_prompt + requested > context:
-            raise APIError(400, f"This model's maximum context length is {context} tokens, but "
-                                f"{num_prompt} prompt tokens plus max_tokens {requested} were requested",
-                           param="max_tokens", code="context_length_exceeded")
-        return requested

@@ -8,7 +8,18 @@ import collections
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from k2serve.router.errors import APIError
+
+
+class AdmissionConfig(BaseModel):
+    """The router's admission limits (AdmissionControl's two numbers)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_concurrency: int = Field(256, ge=1, description="Requests the router forwards at once")
+    max_queue: int = Field(1024, ge=0, description="Requests waiting for a slot; beyond it: 429")
 
 
 class Overloaded(APIError):

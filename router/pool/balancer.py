@@ -10,7 +10,7 @@ groups that can take a request:
 * `cache_aware`: send requests sharing a prompt prefix to the group that served it (its prefix cache
   holds the KV), unless that group is busier than the least loaded one by the configured thresholds.
 
-Admission (the router's concurrency limit and bounded queue) lives in router/pool/admission.py.
+Admission (the router's concurrency limit and bounded queue) lives in admission.py.
 """
 
 from __future__ import annotations
@@ -19,40 +19,41 @@ import collections
 import enum
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from k2serve.router.pool.worker import Worker
 
 Clock = Callable[[], float]
 
 
-def _field(default, description: str):
-    return field(default=default, metadata={"description": description})
-
-
-@dataclass(frozen=True)
-class BalancerConfig:
+class BalancerConfig(BaseModel):
     """How the router spreads requests over worker groups."""
 
-    policy: str = _field("cache_aware", "round_robin | least_load | cache_aware")
-    prefix_block_tokens: int = _field(64, "cache_aware: prompt tokens per hashed prefix block")
-    max_prefix_blocks: int = _field(256, "cache_aware: leading blocks hashed per prompt")
-    prefix_table_blocks: int = _field(65536, "cache_aware: block hashes remembered per group (LRU)")
-    balance_abs_threshold: float = _field(8.0, "cache_aware: spill to the least loaded group when the "
-                                          "affine group's load exceeds it by more than this ...")
-    balance_rel_threshold: float = _field(1.5, "... and by more than this factor")
-    report_weight: float = _field(1.0, "load score weight of reported running + waiting requests")
-    kv_usage_weight: float = _field(8.0, "load score weight of reported KV-cache usage (0..1)")
-    load_report_ttl_s: float = _field(10.0, "load reports older than this are ignored")
-    failure_threshold: int = _field(3, "consecutive failures that eject a group (breaker opens)")
-    cooldown_s: float = _field(10.0, "seconds an ejected group waits before a probe request")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown balancing policy {self.policy!r}; expected one of {sorted(POLICIES)}")
-        for name in ("prefix_block_tokens", "max_prefix_blocks", "prefix_table_blocks", "failure_threshold"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"BalancerConfig.{name} must be >= 1, got {getattr(self, name)}")
+    policy: str = Field("cache_aware", description="round_robin | least_load | cache_aware")
+    prefix_block_tokens: int = Field(64, ge=1, description="cache_aware: prompt tokens per hashed prefix block")
+    max_prefix_blocks: int = Field(256, ge=1, description="cache_aware: leading blocks hashed per prompt")
+    prefix_table_blocks: int = Field(65536, ge=1, description="cache_aware: block hashes remembered per group (LRU)")
+    balance_abs_threshold: float = Field(8.0, description="cache_aware: spill to the least loaded group when the "
+                                         "affine group's load exceeds it by more than this ...")
+    balance_rel_threshold: float = Field(1.5, description="... and by more than this factor")
+    report_weight: float = Field(1.0, description="load score weight of reported running + waiting requests")
+    kv_usage_weight: float = Field(8.0, description="load score weight of reported KV-cache usage (0..1)")
+    load_report_ttl_s: float = Field(10.0, description="load reports older than this are ignored")
+    failure_threshold: int = Field(3, ge=1, description="consecutive failures that eject a group (breaker opens)")
+    cooldown_s: float = Field(10.0, description="seconds an ejected group waits before a probe request")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str) -> str:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown balancing policy {policy!r}; expected one of {sorted(POLICIES)}")
+        return policy
 
 
 class BreakerState(enum.Enum):
@@ -110,7 +111,7 @@ class CircuitBreaker:
 
 
 class LoadLike(Protocol):
-    """A group's load report (router.worker_client.WorkerLoad has these fields)."""
+    """A group's load report (WorkerLoad has these fields)."""
 
     num_running: int
     num_waiting: int
@@ -123,7 +124,7 @@ class BackendSpec:
 
     name: str
     address: str = ""
-    client: Any = None  # the caller's handle for the group (e.g. a WorkerClient), carried along
+    client: Worker | None = None  # carried along for the caller (GroupPool)
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Backend:
     name: str
     address: str
     breaker: CircuitBreaker
-    client: Any = None
+    client: Worker | None = None
     in_flight: int = 0
     num_running: int = 0
     num_waiting: int = 0

@@ -1,13 +1,13 @@
 """Discovery sources: where the router learns which worker groups exist.
 
-A source is anything with `async fetch() -> list[GroupInfo]`:
+A source is a `Discovery`: `fetch()` returns the current groups, `close()` releases what it holds.
 
 * `StaticDiscovery`: a fixed list of (name, address), e.g. from the command line.
-* `CallableDiscovery`: a function returning the groups, e.g. the in-process controller's `endpoints()`.
+* `CallableDiscovery`: a function returning the groups, e.g. over the in-process controller's endpoints.
 * `HttpDiscovery`: polls the controller's `GET /v1/groups` (routers in their own processes and pods).
 
-The router never imports cluster/: the controller's endpoints are read by their attribute or key
-names (`name`, `address`, `healthy`, `generation`).
+The router never imports cluster/: the controller publishes its groups as JSON objects with the
+GroupInfo field names (`name`, `address`, `healthy`, `generation`; other keys are ignored).
 """
 
 from __future__ import annotations
@@ -31,18 +31,19 @@ class DiscoveryError(Exception):
 
 
 class Discovery(Protocol):
-    """A source of the current worker groups."""
+    """A source of the current worker groups; `fetch` raises DiscoveryError when it cannot be read."""
 
     async def fetch(self) -> list[GroupInfo]: ...
 
+    async def close(self) -> None: ...
+
 
 def group_info(entry: Any) -> GroupInfo:
-    """A GroupInfo from a dict (JSON) or an object with the same attribute names."""
-    get = entry.get if isinstance(entry, dict) else (lambda k, d=None: getattr(entry, k, d))
-    name, address = get("name"), get("address")
-    if not name or not address:
+    """A GroupInfo from one JSON object of the controller's `GET /v1/groups`."""
+    if not isinstance(entry, dict) or not entry.get("name") or not entry.get("address"):
         raise DiscoveryError(f"a discovered group needs a name and an address, got {entry!r}")
-    return GroupInfo(str(name), str(address), bool(get("healthy", True)), int(get("generation", 0) or 0))
+    return GroupInfo(str(entry["name"]), str(entry["address"]), bool(entry.get("healthy", True)),
+                     int(entry.get("generation") or 0))
 
 
 class StaticDiscovery:
@@ -57,15 +58,21 @@ class StaticDiscovery:
     async def fetch(self) -> list[GroupInfo]:
         return list(self.groups)
 
+    async def close(self) -> None:
+        return None
+
 
 class CallableDiscovery:
     """Groups from a function (called in the event loop: it must be quick, like Controller.endpoints)."""
 
-    def __init__(self, fn: Callable[[], Iterable[Any]]):
+    def __init__(self, fn: Callable[[], Iterable[GroupInfo]]):
         self.fn = fn
 
     async def fetch(self) -> list[GroupInfo]:
-        return [group_info(e) for e in self.fn()]
+        return list(self.fn())
+
+    async def close(self) -> None:
+        return None
 
 
 class HttpDiscovery:

@@ -1,17 +1,15 @@
 """GroupPool: the worker groups behind one router, with discovery, health, balancing, retries, admission.
 
-The pool keeps one WorkerClient per discovered group and a `Balancer` over them. A background task
-(in the serving event loop) refreshes the groups from a discovery source and probes every group's
-gRPC health and load each `poll_interval_s`. Each request:
+The pool keeps one Worker (a WorkerClient) per discovered group and a `Balancer` over them. A background
+task (in the serving event loop) refreshes the groups from a discovery source and probes every group's
+gRPC health and load each `poll_interval_s`. Each request (`generate`):
 
 1. waits for a slot in `AdmissionControl` (a full queue is a 429),
 2. is sent to the group the balancer picks (503 when no group can take it),
 3. is re-sent to another group if its group fails (5xx or transport error) before the first token;
    after the first token a failure ends the stream with the error (the APIs turn it into an error event).
 
-It offers the picker interface `create_app` expects: `pick(prompt_ids)` returns a per-request handle
-whose `generate(params)` does all of the above, and `backends` lists the group clients (readiness,
-model info).
+`WorkerPool` is what the request path needs from it; tests give the router fakes of it.
 """
 
 from __future__ import annotations
@@ -20,41 +18,53 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Protocol, Sequence
 
-from k2serve.router.pool.admission import AdmissionControl
-from k2serve.router.pool.balancer import Backend, Balancer, BackendSpec
-from k2serve.router.pool.discovery import Discovery, DiscoveryError, GroupInfo
+from pydantic import BaseModel, ConfigDict, Field
+
 from k2serve.router.errors import APIError
-from k2serve.router.pool.worker_client import Finished, GenerateParams, TokenChunk, WorkerClient, WorkerError
+from k2serve.router.metrics import RouterMetrics
+from k2serve.router.pool.admission import AdmissionControl
+from k2serve.router.pool.balancer import Backend, BackendSpec, Balancer
+from k2serve.router.pool.discovery import Discovery, DiscoveryError, GroupInfo
+from k2serve.router.pool.worker import GenerateParams, StreamItem, Worker, WorkerError, WorkerModelInfo
+from k2serve.router.pool.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
 
 
-def _field(default, description: str):
-    return field(default=default, metadata={"description": description})
-
-
-@dataclass(frozen=True)
-class GroupPoolConfig:
+class GroupPoolConfig(BaseModel):
     """How the pool watches its groups and retries requests."""
 
-    poll_interval_s: float = _field(1.0, "seconds between discovery refreshes and health/load probes")
-    probe_timeout_s: float = _field(2.0, "timeout of one gRPC health check or GetLoad")
-    failed_probes_unhealthy: int = _field(2, "consecutive failed health checks that mark a group unhealthy "
-                                          "(failed requests also eject it, through the circuit breaker)")
-    max_attempts: int = _field(3, "groups tried per request before its first token (1: no retry)")
-    drain_s: float = _field(30.0, "a removed group's client is closed when its streams end, or after this")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        if self.poll_interval_s <= 0 or self.probe_timeout_s <= 0:
-            raise ValueError(f"GroupPoolConfig intervals must be > 0, got poll_interval_s={self.poll_interval_s} "
-                             f"and probe_timeout_s={self.probe_timeout_s}")
-        if self.failed_probes_unhealthy < 1:
-            raise ValueError(f"GroupPoolConfig.failed_probes_unhealthy must be >= 1, got {self.failed_probes_unhealthy}")
-        if self.max_attempts < 1:
-            raise ValueError(f"GroupPoolConfig.max_attempts must be >= 1, got {self.max_attempts}")
+    poll_interval_s: float = Field(1.0, gt=0, description="seconds between discovery refreshes and health/load probes")
+    probe_timeout_s: float = Field(2.0, gt=0, description="timeout of one gRPC health check or GetLoad")
+    failed_probes_unhealthy: int = Field(2, ge=1, description="consecutive failed health checks that mark a group "
+                                         "unhealthy (failed requests also eject it, through the circuit breaker)")
+    max_attempts: int = Field(3, ge=1, description="groups tried per request before its first token (1: no retry)")
+    drain_s: float = Field(30.0, description="a removed group's client is closed when its streams end, or after this")
+
+
+class _Retry(Exception):
+    """The group failed a request before its first item; the pool tries another."""
+
+
+class WorkerPool(Protocol):
+    """The worker groups as the request path sees them (GroupPool; tests use fakes).
+
+    `generate` streams one request's TokenChunks and its Finished, or raises APIError (the router cannot
+    place it: 429, 503) or WorkerError (the worker refused or failed it). `model_info` is the served
+    model's facts from the first group that answers, None while none does; `health` is every known
+    group's health check, in name order.
+    """
+
+    def generate(self, params: GenerateParams) -> AsyncIterator[StreamItem]: ...
+
+    async def model_info(self) -> WorkerModelInfo | None: ...
+
+    async def health(self) -> list[bool]: ...
 
 
 @dataclass
@@ -62,18 +72,8 @@ class _Member:
     """A discovered group and the client the pool opened for it."""
 
     info: GroupInfo
-    client: Any
+    client: Worker
     failed_probes: int = 0
-
-
-class PooledRequest:
-    """What `GroupPool.pick` returns: a backend whose `generate` balances, retries and admits."""
-
-    def __init__(self, pool: "GroupPool"):
-        self.pool = pool
-
-    def generate(self, params: GenerateParams) -> AsyncIterator[TokenChunk | Finished]:
-        return self.pool.stream(params)
 
 
 class GroupPool:
@@ -85,9 +85,9 @@ class GroupPool:
     """
 
     def __init__(self, discovery: Discovery, balancer: Balancer | None = None,
-                 admission: AdmissionControl | None = None, metrics: Any = None,
+                 admission: AdmissionControl | None = None, metrics: RouterMetrics | None = None,
                  config: GroupPoolConfig = GroupPoolConfig(),
-                 client_factory: Callable[[str], Any] = WorkerClient):
+                 client_factory: Callable[[str], Worker] = WorkerClient):
         self.discovery = discovery
         self.balancer = balancer or Balancer()
         self.admission = admission
@@ -99,10 +99,24 @@ class GroupPool:
         self._refreshed: asyncio.Event | None = None
         self._closing: set[asyncio.Task] = set()
 
-    # ---------------------------------------------------------------- picker interface
+    # ---------------------------------------------------------------- what the request path uses
+
+    async def model_info(self) -> WorkerModelInfo | None:
+        """The served model's facts from the first group that answers (after the first refresh)."""
+        await self.wait_discovered()
+        for worker in self.workers:
+            try:
+                return await worker.get_model_info()
+            except WorkerError:
+                continue
+        return None
+
+    async def health(self) -> list[bool]:
+        """Every current group's health check, in name order."""
+        return [await worker.health() for worker in self.workers]
 
     @property
-    def backends(self) -> list[Any]:
+    def workers(self) -> list[Worker]:
         """The current groups' clients, in name order."""
         return [self._members[n].client for n in sorted(self._members)]
 
@@ -110,10 +124,6 @@ class GroupPool:
     def groups(self) -> list[GroupInfo]:
         """The current groups as discovery last reported them, in name order."""
         return [self._members[n].info for n in sorted(self._members)]
-
-    def pick(self, prompt_ids: Sequence[int]) -> PooledRequest:
-        """A handle for one request; the group is chosen when it is sent (after admission)."""
-        return PooledRequest(self)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -133,9 +143,7 @@ class GroupPool:
         members, self._members = list(self._members.values()), {}
         self.balancer.set_backends([])
         await asyncio.gather(*(m.client.close() for m in members), *self._closing, return_exceptions=True)
-        close = getattr(self.discovery, "close", None)
-        if close is not None:
-            await close()
+        await self.discovery.close()
 
     async def _run(self) -> None:
         while True:
@@ -190,7 +198,7 @@ class GroupPool:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close_when_idle(self, client: Any, backend: Backend | None) -> None:
+    async def _close_when_idle(self, client: Worker, backend: Backend | None) -> None:
         deadline = time.monotonic() + self.config.drain_s
         while backend is not None and backend.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -232,7 +240,7 @@ class GroupPool:
 
     # ---------------------------------------------------------------- requests
 
-    async def stream(self, params: GenerateParams) -> AsyncIterator[TokenChunk | Finished]:
+    async def generate(self, params: GenerateParams) -> AsyncIterator[StreamItem]:
         """Admit, pick, stream; retry on another group while no item has been yielded.
 
         Raises APIError 429 (queue full) or 503 (no group can take it), or WorkerError from the worker.
@@ -246,26 +254,36 @@ class GroupPool:
                 if backend is None:
                     raise self._unavailable(tried)
                 self._dispatched(backend, arrived if not tried else None)
-                started = False
-                ok = True
-                self.balancer.on_start(backend)
+                can_retry = len(tried) + 1 < self.config.max_attempts
                 try:
-                    async for item in backend.client.generate(params):
-                        started = True
-                        yield item
+                    async with contextlib.aclosing(self._attempt(backend, params, can_retry)) as attempt:
+                        async for item in attempt:
+                            yield item
                     return
-                except WorkerError as exc:
-                    ok = exc.status < 500
-                    if started or ok or len(tried) + 1 >= self.config.max_attempts:
-                        raise
-                    log.warning("request %s failed on group %s before its first token (%s); retrying",
-                                params.request_id, backend.name, exc.message)
+                except _Retry:
                     tried.append(backend.name)
-                    if self.metrics is not None:
-                        self.metrics.retry(backend.name)
-                finally:
-                    self.balancer.on_finish(backend, ok)
-                    self._publish(backend.name)
+
+    async def _attempt(self, backend: Backend, params: GenerateParams, can_retry: bool) -> AsyncIterator[StreamItem]:
+        """One group's try; raises _Retry when the group failed before the first item and `can_retry`."""
+        started, ok = False, True
+        self.balancer.on_start(backend)
+        try:
+            async with contextlib.aclosing(backend.client.generate(params)) as stream:
+                async for item in stream:
+                    started = True
+                    yield item
+        except WorkerError as exc:
+            ok = exc.status < 500
+            if started or ok or not can_retry:
+                raise
+            log.warning("request %s failed on group %s before its first token (%s); retrying",
+                        params.request_id, backend.name, exc.message)
+            if self.metrics is not None:
+                self.metrics.retry(backend.name)
+            raise _Retry() from exc
+        finally:
+            self.balancer.on_finish(backend, ok)
+            self._publish(backend.name)
 
     @contextlib.asynccontextmanager
     async def _admitted(self) -> AsyncIterator[None]:

@@ -1,20 +1,21 @@
-"""WorkerClient: the router's gRPC client for one worker group (k2serve.v1.Worker).
+"""WorkerClient: the router's gRPC client for one worker group (k2serve.v1.Worker), a `Worker`.
 
-Protobuf objects stay in the gRPC modules (here and router/pool/worker_session.py on the router's side):
-callers pass and receive the plain dataclasses below. Cancelling the consumer of `generate` (closing
-the iterator or cancelling its task) aborts the request on the worker, which frees its blocks.
+Protobuf objects stay in the gRPC modules (here and worker_session.py on the router's side): callers
+pass and receive the plain dataclasses of worker.py. Cancelling the consumer of `generate` (closing the
+iterator or cancelling its task) aborts the request on the worker, which frees its blocks.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
+from k2serve.router.pool.worker import (Finished, GenerateParams, GuidedRequest, StreamItem, TokenChunk, TokenLogprob,
+                                       WorkerError, WorkerLoad, WorkerModelInfo)
 from k2serve.router.pool.worker_session import RequestMux
 
 SERVICE_NAME = "k2serve.v1.Worker"
@@ -26,102 +27,6 @@ KEEPALIVE_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 )
-
-
-@dataclass(frozen=True)
-class GuidedRequest:
-    """A structured-output constraint: kind is json_schema | json_object | regex | tool_call."""
-
-    kind: str
-    json_schema: str = ""       # serialized schema for kind json_schema
-    regex: str = ""             # pattern for kind regex
-    tools: tuple = ()           # OpenAI tool dicts for kind tool_call
-    mode: str = ""              # tool_call: auto | required | named
-    name: str = ""              # tool_call mode named: the function name
-    first_index: int = 0        # tool_call: index of the turn's first call id
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    """One generation request as the router builds it; None means the worker's default."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    max_tokens: int | None = None
-    min_tokens: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool | None = None
-    logprobs: int | None = None
-    guided: GuidedRequest | None = None
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """Log probability of one generated token and its top alternatives ((token_id, logprob), ...)."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class TokenChunk:
-    """New tokens from the worker, with cumulative counts."""
-
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] = ()
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The request ended: finish_reason stop | length | abort."""
-
-    finish_reason: str
-    matched_stop_token_id: int | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class WorkerLoad:
-    """GetLoad snapshot."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_hit_rate: float = 0.0
-
-
-@dataclass(frozen=True)
-class WorkerModelInfo:
-    """GetModelInfo answer."""
-
-    model_name: str
-    context_length: int
-    vocab_size: int
-    stop_token_ids: tuple[int, ...] = ()
-    tokenizer_id: str = ""
-
-
-class WorkerError(Exception):
-    """A worker refused or failed a request; `status` is HTTP-like (400, 429, 503, 500)."""
-
-    def __init__(self, message: str, status: int = 500):
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "presence_penalty",
@@ -157,7 +62,7 @@ def _guided_to_proto(g: GuidedRequest) -> worker_pb2.GuidedSpec:
     raise ValueError(f"unknown guided kind {g.kind!r}")
 
 
-def response_from_proto(resp: worker_pb2.GenerateResponse) -> TokenChunk | Finished:
+def response_from_proto(resp: worker_pb2.GenerateResponse) -> StreamItem:
     """GenerateResponse -> TokenChunk | Finished; an in-stream error raises WorkerError."""
     kind = resp.WhichOneof("response")
     if kind == "chunk":
@@ -202,7 +107,7 @@ class WorkerClient:
             self._stub = worker_pb2_grpc.WorkerStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def generate(self, params: GenerateParams) -> AsyncIterator[TokenChunk | Finished]:
+    async def generate(self, params: GenerateParams) -> AsyncIterator[StreamItem]:
         """Stream TokenChunks then one Finished; raises WorkerError on an in-stream or transport error."""
         self._open()
         if self._mux is None or self._mux.closed:

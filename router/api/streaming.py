@@ -1,24 +1,18 @@
-"""Running a request's n choices: start them on workers, prime, merge or collect, and answer as SSE."""
+"""A request's choices over HTTP: priming a stream, watching for the client to leave, the SSE response."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator, Awaitable, TypeVar
 
-from fastapi import Request
+from starlette.requests import Request
 from starlette.requests import ClientDisconnect
 
-from k2serve.router.errors import APIError, openai_error_body
-from k2serve.router.generation.choice import ChoiceResult, ChoiceSpec, Event, RouterContext, collect_choice, run_choice
 from k2serve.router.api.sse import sse
 from k2serve.router.api.sse_response import EventStreamResponse
-from k2serve.router.pool.worker_client import GenerateParams
-
-
-def choice_streams(ctx: RouterContext, params: list[GenerateParams], spec: ChoiceSpec) -> list[AsyncIterator[Event]]:
-    """One event stream per choice, each on the worker the picker chooses for its prompt."""
-    return [run_choice(ctx.picker.pick(p.prompt_token_ids), p, ctx.tokenizer, spec, ctx.detokenizer_factory,
-                       ctx.metrics) for p in params]
+from k2serve.router.context import RouterContext
+from k2serve.router.errors import APIError, openai_error_body
+from k2serve.router.generation.events import Event
 
 
 async def primed(stream: AsyncIterator[Event]) -> AsyncIterator[Event]:
@@ -49,49 +43,6 @@ async def prime_first(ctx: RouterContext, request: Request,
     return [first, *streams[1:]]
 
 
-async def merge_choices(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
-    """Interleave n choice streams as (index, event); cancelling the consumer cancels them all."""
-    if len(streams) == 1:
-        async for event in streams[0]:
-            yield 0, event
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[Event]) -> None:
-        try:
-            async for event in stream:
-                await queue.put((i, event, None))
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, None, exc))
-        await queue.put((i, None, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, event, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if event is None:
-                remaining -= 1
-            else:
-                yield i, event
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def collect_all(streams: list[AsyncIterator[Event]]) -> list[ChoiceResult]:
-    """Every choice run to completion, concurrently; cancelling the caller cancels them all."""
-    tasks = [asyncio.create_task(collect_choice(s)) for s in streams]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
 T = TypeVar("T")
 
 
@@ -116,7 +67,7 @@ async def while_connected(ctx: RouterContext, request: Request, work: Awaitable[
     raise ClientDisconnect()
 
 
-async def _disconnected(request: Request) -> Any:
+async def _disconnected(request: Request) -> None:
     """Return when the client disconnects (the body was read before: what comes now is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass

@@ -9,6 +9,7 @@ import threading
 import ray
 
 from k2serve.worker.distributed import free_port
+from k2serve.worker.plan_channel import BroadcastingRunner
 from k2serve.worker.rank_worker import RankSpec, RankWorker
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,7 @@ class RankActor:
 
     def execute_plans(self, plans: list) -> list:
         """Rank 0, for tests and tools: run plans through the group and return their logits."""
-        from k2serve.worker.plan_channel import BroadcastingRunner, PlanChannel
-
-        runner = BroadcastingRunner(self.worker.runner, PlanChannel(self.worker.info))
-        return [runner.execute(plan) for plan in plans]
+        return [self.worker.runner.execute(plan) for plan in plans]
 
     def build_engine(self) -> None:
         self.engine = self.worker.build_engine()
@@ -130,7 +128,5 @@ class RankActor:
             except Exception as e:  # stopping anyway: the actor is killed next
                 log.warning("gRPC server did not stop cleanly: %r", e)
             self._serving["engine"].shutdown()
-        if self.worker.info.is_driver and not self.worker.info.is_single:
-            from k2serve.worker.plan_channel import PlanChannel
-
-            PlanChannel(self.worker.info).send(None)
+        if isinstance(self.worker.runner, BroadcastingRunner):  # rank 0 of a loaded group
+            self.worker.runner.stop_followers()

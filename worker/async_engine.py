@@ -72,7 +72,7 @@ class AsyncEngine:
             raise RequestRejected("the engine is shutting down", status=503)
         self.start()
         loop = asyncio.get_running_loop()
-        if params.guided is not None and hasattr(self.engine, "compile_guide"):
+        if params.guided is not None:
             # off the engine thread: a large grammar compiles for seconds, and every request would wait
             await loop.run_in_executor(None, self.engine.compile_guide, params.guided)
         stream = _Stream(loop, asyncio.Queue())

@@ -1,15 +1,18 @@
 """How rank 0's step plans reach the other ranks of a group: one broadcast per step, no Ray calls.
 
-Rank 0 wraps its ModelRunner in a BroadcastingRunner: `execute(plan)` first broadcasts the plan over
-the gloo control group, then runs its own shard. Every other rank runs `follow(runner, channel)`,
-which executes each plan it receives until rank 0 sends None (shutdown).
+Rank 0's runner is a BroadcastingRunner: `execute(plan)` first broadcasts the plan over the gloo control
+group, then runs its own shard. Every other rank runs `follow(runner, channel)`, which executes each
+plan it receives until rank 0 sends None (shutdown).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
+from k2serve.worker.model_runner import ModelRunner
 from k2serve.worker.parallel import ParallelInfo
+from k2serve.worker.scheduler import StepPlan
 
 
 class PlanChannel:
@@ -28,24 +31,26 @@ class PlanChannel:
         return box[0]
 
 
-class BroadcastingRunner:
-    """Rank 0's ModelRunner: each plan goes to every rank, then runs here; logits come back here."""
+class BroadcastingRunner(ModelRunner):
+    """Rank 0's ModelRunner: each plan goes to every rank, then runs here; logits come back here.
 
-    def __init__(self, runner, channel: PlanChannel):
-        self.runner, self.channel = runner, channel
+    Built like a ModelRunner, with the group's PlanChannel first.
+    """
 
-    def __getattr__(self, name):
-        return getattr(self.runner, name)
+    def __init__(self, channel: PlanChannel, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channel = channel
 
-    def execute(self, plan):
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
         self.channel.send(plan)
-        return self.runner.execute(plan)
+        return super().execute(plan)
 
     def stop_followers(self) -> None:
+        """Release the other ranks from `follow`."""
         self.channel.send(None)
 
 
-def follow(runner, channel: PlanChannel) -> int:
+def follow(runner: ModelRunner, channel: PlanChannel) -> int:
     """Execute rank 0's plans until it sends None; returns the number of steps run."""
     steps = 0
     while (plan := channel.recv()) is not None:

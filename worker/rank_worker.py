@@ -1,9 +1,9 @@
 """RankWorker: one rank of a worker group, independent of how it was started (Ray or a test).
 
 Every rank joins the group's torch.distributed world, loads only its shard of the model (its heads,
-its vocab slice, its experts) and allocates the same number of latent-cache blocks. Rank 0 builds
-the Engine over a BroadcastingRunner, so each step's plan reaches the others by one broadcast; the
-other ranks run `follow()` until rank 0 shuts them down.
+its vocab slice, its experts) and allocates the same number of latent-cache blocks. Rank 0's runner is
+a BroadcastingRunner, so each step's plan reaches the others by one broadcast; rank 0 builds the Engine
+over it, and the other ranks run `follow()` until rank 0 shuts them down.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class RankWorker:
         model = load_model(self.spec.model_dir, dtype, self.info, self.spec.dispatcher,
                            progress=self.info.is_driver, fp8_backend=fp8_backend, device=device)
         blocks = num_kv_blocks(self.spec.engine, model.config, dtype)
-        self.runner = ModelRunner(model, blocks, self.spec.engine.block_size, dtype, self.spec.engine.device)
+        args = (model, blocks, self.spec.engine.block_size, dtype, device)
+        self.runner = BroadcastingRunner(PlanChannel(self.info), *args) if self.info.is_driver else ModelRunner(*args)
         return self.num_parameters()
 
     def num_parameters(self) -> int:
@@ -75,15 +76,14 @@ class RankWorker:
         return [n for n, _ in self.runner.model.named_parameters()]
 
     def build_engine(self):
-        """Rank 0: the Engine whose runner broadcasts every plan to the group."""
+        """Rank 0: the Engine over this rank's runner, which broadcasts every plan to the group."""
         from k2serve.worker.engine import Engine
         from k2serve.worker.vocab import Vocab
 
         if not self.info.is_driver:
             raise RuntimeError(f"only rank 0 runs the engine, this is rank {self.info.rank}")
-        runner = BroadcastingRunner(self.runner, PlanChannel(self.info))
         vocab = Vocab.from_model_dir(Path(self.spec.model_dir), self.runner.model.config.vocab_size)
-        return Engine(self.spec.engine, runner, vocab)
+        return Engine(self.spec.engine, self.runner, vocab)
 
     def follow(self) -> int:
         """Ranks > 0: execute rank 0's plans until it stops the group."""

@@ -14,12 +14,11 @@ The gRPC port is for workers and routers only: it has no authentication.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +27,9 @@ from k2serve.v1 import worker_pb2, worker_pb2_grpc
 from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams
 from k2serve.worker.responses import ResponseFactory, fill_chunk, fill_error, fill_final
 from k2serve.worker.session import WorkerSession
+
+if TYPE_CHECKING:  # the engine module imports torch; this one serves gRPC without it
+    from k2serve.worker.engine import EngineLoad
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +131,28 @@ def params_from_request(request: worker_pb2.GenerateRequest) -> SamplingParams:
         raise RequestRejected(f"invalid sampling parameters: {exc}") from None
 
 
-def _load_field(load: Any, name: str) -> float:
-    """GetLoad reads the engine's load snapshot (a dataclass or a dict) by field name."""
-    value = load.get(name, 0) if isinstance(load, dict) else getattr(load, name, 0)
-    return value or 0
+class ServedEngine(Protocol):
+    """What the servicer needs from the engine (AsyncEngine; tests and benchmarks use fakes).
+
+    `generate` streams a request's RequestOutputs until one is finished, or raises RequestRejected (with an
+    HTTP-like status) before the first; closing it early aborts the request. `abort` returns at once:
+    False when no request has that id. `get_load` is a snapshot.
+    """
+
+    def generate(self, request_id: str, prompt_ids: list[int],
+                 params: SamplingParams) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> bool: ...
+
+    def get_load(self) -> EngineLoad: ...
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Serves Generate / Abort / GetLoad / GetModelInfo from one AsyncEngine.
+    """Serves Generate / Session / Abort / GetLoad / GetModelInfo from one engine."""
 
-    `params_factory` turns a GenerateRequest into the engine's parameters (default: SamplingParams);
-    tests pass a simpler one to drive a fake engine.
-    """
-
-    def __init__(self, engine: Any, model_info: ModelInfo, params_factory=None):
+    def __init__(self, engine: ServedEngine, model_info: ModelInfo):
         self._engine = engine
         self._model_info = model_info
-        self._params_factory = params_factory or params_from_request
         self._sessions: set[WorkerSession] = set()
         self._draining = False
 
@@ -177,14 +184,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             if not rid or not request.prompt_token_ids:
                 raise RequestRejected("request_id and a non-empty prompt_token_ids are required")
-            params = self._params_factory(request)
+            params = params_from_request(request)
         except RequestRejected as exc:
             yield fill_error(new(), exc.message, exc.status)
             return
         async for response in self._stream(rid, list(request.prompt_token_ids), params, new):
             yield response
 
-    async def _stream(self, rid: str, prompt: list[int], params: Any,
+    async def _stream(self, rid: str, prompt: list[int], params: SamplingParams,
                       new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
         finished = False
         try:
@@ -195,7 +202,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if not finished:  # the client cancelled (or the stream broke): free the request's blocks
                 await self._abort(rid)
 
-    async def _engine_responses(self, rid, prompt, params,
+    async def _engine_responses(self, rid: str, prompt: list[int], params: SamplingParams,
                                 new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
         try:
             async for out in self._engine.generate(rid, prompt, params):
@@ -208,33 +215,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     fill_final(response, out)
                     yield response
                     return
+        except RequestRejected as exc:
+            yield fill_error(new(), exc.message, exc.status)
+            return
         except Exception as exc:  # noqa: BLE001 - every failure becomes an in-stream error
-            status = getattr(exc, "status", None)
-            if not isinstance(status, int):
-                log.exception("request %s failed", rid)
-            yield fill_error(new(), str(exc) or type(exc).__name__, status if isinstance(status, int) else 500)
+            log.exception("request %s failed", rid)
+            yield fill_error(new(), str(exc) or type(exc).__name__, 500)
             return
         yield fill_error(new(), "engine ended the stream without finishing the request", 500)
 
     async def _abort(self, rid: str) -> bool:
         try:
-            result = self._engine.abort(rid)
-            result = await result if inspect.isawaitable(result) else result
+            return self._engine.abort(rid)
         except Exception:  # noqa: BLE001 - abort is best effort
             log.exception("abort of %s failed", rid)
             return False
-        return bool(result) if result is not None else True
 
     async def Abort(self, request, context) -> worker_pb2.AbortResponse:
         return worker_pb2.AbortResponse(aborted=await self._abort(request.request_id))
 
     async def GetLoad(self, request, context) -> worker_pb2.GetLoadResponse:
         load = self._engine.get_load()
-        load = await load if inspect.isawaitable(load) else load
-        return worker_pb2.GetLoadResponse(
-            num_running=int(_load_field(load, "num_running")), num_waiting=int(_load_field(load, "num_waiting")),
-            kv_cache_usage=float(_load_field(load, "kv_cache_usage")),
-            prefix_cache_hit_rate=float(_load_field(load, "prefix_cache_hit_rate")))
+        return worker_pb2.GetLoadResponse(num_running=load.num_running, num_waiting=load.num_waiting,
+                                          kv_cache_usage=load.kv_cache_usage,
+                                          prefix_cache_hit_rate=load.prefix_cache_hit_rate)
 
     async def GetModelInfo(self, request, context) -> worker_pb2.GetModelInfoResponse:
         info = self._model_info
@@ -243,8 +247,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             stop_token_ids=list(info.stop_token_ids), tokenizer_id=info.tokenizer_id)
 
 
-async def serve_worker(engine: Any, host: str, port: int, model_info: ModelInfo,
-                       params_factory=None) -> grpc.aio.Server:
+async def serve_worker(engine: ServedEngine, host: str, port: int, model_info: ModelInfo) -> grpc.aio.Server:
     """Start a grpc.aio server with the Worker and grpc.health.v1.Health services; returns it started.
 
     `port` 0 picks a free port: read it from `server.k2serve_port`. Stop with `await server.stop(grace)`.
@@ -253,7 +256,7 @@ async def serve_worker(engine: Any, host: str, port: int, model_info: ModelInfo,
                                       ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    servicer = WorkerServicer(engine, model_info, params_factory)
+    servicer = WorkerServicer(engine, model_info)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -178,22 +178,25 @@ class LayerProcess:
     """One layer (`--role worker|router`) in its own Python process; it prints `READY <port> <pid>`.
 
     `profile` (a file name) runs it under `py-spy record` (raw collapsed stacks, written at exit);
-    `cpus` pins it to those CPUs.
+    `cpus` pins it to those CPUs; `script` and `env` run another checkout's layer_processes.py.
     """
 
-    def __init__(self, role: str, role_args: list[str], profile: str | None = None, cpus: set[int] | None = None):
+    def __init__(self, role: str, role_args: list[str], profile: str | None = None, cpus: set[int] | None = None,
+                 script: Path | None = None, env: dict[str, str] | None = None):
         self.role = role
         role_args = role_args + (["--cpus", ",".join(map(str, sorted(cpus)))] if cpus else [])
         # --gil: samples only where Python holds the GIL (CPU, not waits); --nonblocking: no pauses
         spy = [py_spy(), "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking", "-o", str(profile),
                "--"]
         prefix = spy if profile else []
-        self.argv = prefix + [sys.executable, str(Path(__file__).resolve()), "--role", role, *role_args]
+        script = script or Path(__file__).resolve()  # another checkout's copy runs that checkout's layer
+        self.argv = prefix + [sys.executable, str(script), "--role", role, *role_args]
+        self.env = env
         self.port = self.pid = 0
         self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> "LayerProcess":
-        self._proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE)
+        self._proc = await asyncio.create_subprocess_exec(*self.argv, stdout=asyncio.subprocess.PIPE, env=self.env)
         try:
             line = await asyncio.wait_for(self._ready_line(), 180)
         except asyncio.TimeoutError:

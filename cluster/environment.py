@@ -26,11 +26,6 @@ def ray_init_kwargs(num_cpus: int | None = None, address: str | None = None) -> 
     return kwargs
 
 
-def api_key() -> str | None:
-    """K2SERVE_API_KEY, when set, protects the router's APIs."""
-    return os.environ.get("K2SERVE_API_KEY") or None
-
-
 def default_home() -> Path:
     """Where `k2serve serve` keeps the generated tiny checkpoint (K2SERVE_HOME, default ~/.cache/k2serve)."""
     return Path(os.environ.get("K2SERVE_HOME", Path.home() / ".cache" / "k2serve"))

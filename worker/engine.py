@@ -23,7 +23,7 @@ import torch
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.kv_cache import KVCacheManager
 from k2serve.worker.metrics import EngineMetrics, EngineState, WorkerMetrics
-from k2serve.worker.model_runner import ModelRunner, kv_cache_block_bytes
+from k2serve.worker.model_runner import ModelRunner, num_kv_blocks
 from k2serve.worker.request import Request, RequestOutput, RequestRejected, RequestStatus, SamplingParams, TokenLogprob
 from k2serve.worker.sampler import Sampler
 from k2serve.worker.scheduler import Scheduler, StepPlan
@@ -93,9 +93,7 @@ class Engine:
 
         dtype = getattr(torch, config.dtype)
         model = load_model(model_dir, dtype=dtype, progress=False).to(config.device)
-        num_blocks = config.num_kv_blocks or max(
-            1, config.kv_cache_memory_bytes // kv_cache_block_bytes(model.config, config.block_size, dtype))
-        runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.device)
+        runner = ModelRunner(model, num_kv_blocks(config, model.config, dtype), config.block_size, dtype, config.device)
         return cls(config, runner, Vocab.from_model_dir(model_dir, model.config.vocab_size))
 
     # ---- requests ----

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from k2serve.worker.config import EngineConfig
 from k2serve.worker.model.attention_metadata import AttentionMetadata
 from k2serve.worker.model.layers.moe_stats import MoEStatsSnapshot
 from k2serve.worker.parallel import ParallelInfo, all_reduce
@@ -30,6 +31,13 @@ def kv_cache_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes over all layers: layers * block_size * (kv_lora_rank + qk_rope_head_dim)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return config.num_hidden_layers * block_size * config.kv_cache_dim * elem
+
+
+def num_kv_blocks(engine: EngineConfig, model_config, dtype: torch.dtype) -> int:
+    """Blocks of latent cache per rank: the configured number, else what kv_cache_memory_bytes holds."""
+    if engine.num_kv_blocks:
+        return engine.num_kv_blocks
+    return max(1, engine.kv_cache_memory_bytes // kv_cache_block_bytes(model_config, engine.block_size, dtype))
 
 
 def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> ForwardBatch:

@@ -17,7 +17,7 @@ import torch
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.distributed import destroy_distributed, init_distributed
 from k2serve.worker.loader import load_model
-from k2serve.worker.model_runner import ModelRunner, kv_cache_block_bytes
+from k2serve.worker.model_runner import ModelRunner, num_kv_blocks
 from k2serve.worker.parallel import ParallelInfo
 from k2serve.worker.plan_channel import BroadcastingRunner, PlanChannel, follow
 
@@ -35,13 +35,6 @@ class RankSpec:
     backend: str = "gloo"  # "nccl" on GPU
     collective_timeout_s: float = 30.0
     dispatcher: str = "all_to_all"
-
-
-def num_kv_blocks(engine: EngineConfig, model_config, dtype: torch.dtype) -> int:
-    """Blocks of latent cache per rank; identical on every rank of a group."""
-    if engine.num_kv_blocks:
-        return engine.num_kv_blocks
-    return max(1, engine.kv_cache_memory_bytes // kv_cache_block_bytes(model_config, engine.block_size, dtype))
 
 
 class RankWorker:

@@ -27,6 +27,7 @@ from k2serve.v1 import worker_pb2, worker_pb2_grpc
 from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams
 from k2serve.worker.responses import ResponseFactory, fill_chunk, fill_error, fill_final
 from k2serve.worker.session import WorkerSession
+from k2serve.worker.vocab import Vocab
 
 if TYPE_CHECKING:  # the engine module imports torch; this one serves gRPC without it
     from k2serve.worker.engine import EngineLoad
@@ -50,7 +51,7 @@ class ModelInfo:
     @classmethod
     def from_model_dir(cls, path: str | Path, model_name: str | None = None,
                        context_length: int | None = None) -> "ModelInfo":
-        """Read config.json, generation_config.json and tiktoken.model of a K2-format checkpoint.
+        """Read config.json and the tokenizer files of a K2-format checkpoint (stop ids as the engine's Vocab).
 
         `context_length` overrides max_position_embeddings (pass the engine's max_model_len).
         """
@@ -59,28 +60,8 @@ class ModelInfo:
         return cls(model_name=model_name or path.name,
                    context_length=int(context_length or config.get("max_position_embeddings", 0)),
                    vocab_size=int(config.get("vocab_size", 0)),
-                   stop_token_ids=_stop_ids(path, config),
+                   stop_token_ids=Vocab.from_model_dir(path).stop_token_ids,
                    tokenizer_id=_tokenizer_id(path))
-
-
-def _stop_ids(path: Path, config: dict) -> tuple[int, ...]:
-    """eos ids from generation_config.json / config.json plus <|im_end|> (K2 stops on both)."""
-    ids: list[int] = []
-    gen_path = path / "generation_config.json"
-    sources = [json.loads(gen_path.read_text())] if gen_path.exists() else []
-    for src in sources + [config]:
-        eos = src.get("eos_token_id")
-        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    ids += _im_end_ids(path)
-    return tuple(dict.fromkeys(int(i) for i in ids))
-
-
-def _im_end_ids(path: Path) -> list[int]:
-    tok_path = path / "tokenizer_config.json"
-    if not tok_path.exists():
-        return []
-    decoder = json.loads(tok_path.read_text()).get("added_tokens_decoder", {})
-    return [int(i) for i, tok in decoder.items() if isinstance(tok, dict) and tok.get("content") == "<|im_end|>"]
 
 
 def _tokenizer_id(path: Path) -> str:

@@ -1,31 +1,29 @@
 """ClusterConfig: one validated YAML file for the whole cluster, composed from the components' configs.
 
-    model:      {path, name}                       which checkpoint, served under which model id
-    groups:     [{name, tp, ep, device, ...}]      worker groups (one model replica each)
-    engine:     worker.config.EngineConfig fields (+ kv_cache_fraction on GPU)
-    router:     router.config.RouterConfig fields (+ policy and the other balancer fields, + admission)
-    controller: health checks, group replacement, ports
-    ray:        address to join (None: start a local Ray) and local CPU slots
+    model:      ModelSection        which checkpoint, served under which model id
+    groups:     [GroupSection]      worker groups (one model replica each)
+    engine:     EngineConfig        the engine of every group (worker/config.py)
+    router:     RouterSection       the router's settings, its balancer's and its admission limits
+    controller: ControllerSection   health checks, group replacement, ports
+    ray:        RaySection          address to join (None: start a local Ray) and local CPU slots
 
-Every field has a default and a description (`k2serve config --print-defaults`). Environment variables
-are read in cluster/environment.py only.
+Every section is a frozen pydantic model that rejects unknown keys; every field has a default and a
+description, and `describe_defaults` (`k2serve config --print-defaults`) prints them all from the models.
+Environment variables are read in cluster/environment.py and, for the router's API key, router/config.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields as dc_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from k2serve.router.pool.balancer import BalancerConfig
 from k2serve.router.config import RouterConfig
+from k2serve.router.pool.admission import AdmissionConfig
+from k2serve.router.pool.balancer import BalancerConfig
 from k2serve.worker.config import EngineConfig
-
-BALANCER_KEYS = set(BalancerConfig.model_fields)
-ENGINE_KEYS = {f.name for f in dc_fields(EngineConfig)}
 
 
 class Section(BaseModel):
@@ -38,27 +36,35 @@ class ModelSection(Section):
 
 
 class GroupSection(Section):
+    """One worker group: a model replica over tp ranks (attention tp = expert ep = world size)."""
+
     name: str = Field("group-0", description="Unique group name")
     tp: int = Field(2, ge=1, description="Tensor-parallel ranks for attention (= world size)")
     ep: int = Field(2, ge=1, description="Expert-parallel ranks for the MoE layers (must equal tp)")
-    device: str = Field("cpu", description="cuda (NCCL) or cpu (gloo)")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda (NCCL) or cpu (gloo)")
     ranks_per_node: int = Field(8, ge=1, description="Devices per node: larger groups take whole nodes")
     cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPU slots per rank")
-    dispatcher: str = Field("all_to_all", description="MoE dispatcher: all_to_all or all_gather (baseline)")
+    dispatcher: Literal["all_to_all", "all_gather"] = Field(
+        "all_to_all", description="MoE dispatcher: all_to_all or all_gather (baseline)")
     collective_timeout_s: float = Field(30.0, gt=0, description="A collective that takes longer fails the group")
 
     @model_validator(mode="after")
-    def _tp_equals_ep(self):
+    def _tp_equals_ep(self) -> "GroupSection":
         if self.tp != self.ep:
-            raise ValueError(f"group {self.name!r}: tp={self.tp} must equal ep={self.ep}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"group {self.name!r}: device must be cpu or cuda, got {self.device!r}")
+            raise ValueError(f"group {self.name!r}: tp={self.tp} and ep={self.ep} must be equal (every rank holds "
+                             f"heads and experts; data-parallel attention is not supported yet)")
         return self
 
+    @property
+    def world_size(self) -> int:
+        return self.tp
 
-class AdmissionSection(Section):
-    max_concurrency: int = Field(256, ge=1, description="Requests the router forwards at once")
-    max_queue: int = Field(1024, ge=0, description="Requests waiting for a slot; beyond it: 429")
+
+class RouterSection(AdmissionConfig, BalancerConfig, RouterConfig):
+    """The `router` section: the fields of RouterConfig, BalancerConfig and AdmissionConfig in one mapping.
+
+    It is each of the three (their fields and checks), so it is passed wherever one of them is expected.
+    """
 
 
 class ControllerSection(Section):
@@ -79,46 +85,18 @@ class RaySection(Section):
 class ClusterConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection, description="Checkpoint")
     groups: list[GroupSection] = Field(default_factory=lambda: [GroupSection()], description="Worker groups")
-    engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields, plus kv_cache_fraction")
-    router: dict[str, Any] = Field(default_factory=dict, description="RouterConfig fields, balancer fields, admission")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The engine of every group")
+    router: RouterSection = Field(default_factory=RouterSection, description="Router, balancer and admission")
     controller: ControllerSection = Field(default_factory=ControllerSection, description="Supervision and ports")
     ray: RaySection = Field(default_factory=RaySection, description="Ray cluster")
 
     @field_validator("groups")
     @classmethod
-    def _unique_names(cls, groups):
+    def _unique_names(cls, groups: list[GroupSection]) -> list[GroupSection]:
         names = [g.name for g in groups]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"group names must be unique and at least one group is needed, got {names}")
         return groups
-
-    @model_validator(mode="after")
-    def _sections_build(self):
-        self.engine_config(), self.router_config(), self.balancer_config(), self.admission()
-        return self
-
-    def engine_config(self) -> EngineConfig:
-        unknown = set(self.engine) - ENGINE_KEYS - {"kv_cache_fraction"}
-        if unknown:
-            raise ValueError(f"unknown engine keys {sorted(unknown)}; known: {sorted(ENGINE_KEYS)}")
-        return EngineConfig(**{k: v for k, v in self.engine.items() if k in ENGINE_KEYS})
-
-    @property
-    def kv_cache_fraction(self) -> float | None:
-        return self.engine.get("kv_cache_fraction")
-
-    def router_config(self) -> RouterConfig:
-        keys = set(RouterConfig.model_fields)
-        unknown = set(self.router) - keys - BALANCER_KEYS - set(AdmissionSection.model_fields)
-        if unknown:
-            raise ValueError(f"unknown router keys {sorted(unknown)}")
-        return RouterConfig.from_env(**{k: v for k, v in self.router.items() if k in keys})
-
-    def balancer_config(self) -> BalancerConfig:
-        return BalancerConfig(**{k: v for k, v in self.router.items() if k in BALANCER_KEYS})
-
-    def admission(self) -> AdmissionSection:
-        return AdmissionSection(**{k: v for k, v in self.router.items() if k in AdmissionSection.model_fields})
 
     @classmethod
     def from_yaml(cls, text: str) -> "ClusterConfig":
@@ -133,24 +111,25 @@ class ClusterConfig(Section):
 
 
 def describe_defaults() -> str:
-    """The default config as YAML, every field followed by its description as a comment."""
+    """The default config as YAML, every key followed by its description as a comment."""
     lines = ["# k2serve cluster config: defaults (each key documented)"]
-    for section, model in (("model", ModelSection), ("controller", ControllerSection), ("ray", RaySection)):
-        lines.append(f"{section}:")
-        lines += [f"  {k}: {yaml_value(f.default)}  # {f.description}" for k, f in model.model_fields.items()]
-    lines.append("groups:")
-    first = True
-    for k, f in GroupSection.model_fields.items():
-        lines.append(f"  {'- ' if first else '  '}{k}: {yaml_value(f.default)}  # {f.description}")
-        first = False
-    lines.append("engine:")
-    lines += [f"  {f.name}: {yaml_value(f.default)}  # {f.metadata.get('description', '')}" for f in dc_fields(EngineConfig)]
-    lines.append("  kv_cache_fraction: null  # GPU: fraction of free memory after weights for the KV cache")
-    lines.append("router:")
-    lines += [f"  {k}: {yaml_value(f.default)}  # {f.description}" for k, f in RouterConfig.model_fields.items()]
-    lines += [f"  {k}: {yaml_value(f.default)}  # {f.description}" for k, f in BalancerConfig.model_fields.items()]
-    lines += [f"  {k}: {yaml_value(f.default)}  # {f.description}" for k, f in AdmissionSection.model_fields.items()]
+    for name, field in ClusterConfig.model_fields.items():
+        lines.append(f"{name}:  # {field.description}")
+        section, listed = _section_type(field.annotation)
+        for i, (key, line) in enumerate(_field_lines(section)):
+            lines.append(("  - " if listed and i == 0 else "    " if listed else "  ") + f"{key}: {line}")
     return "\n".join(lines) + "\n"
+
+
+def _section_type(annotation: Any) -> tuple[type[BaseModel], bool]:
+    """(the section's model, whether the section is a list of them)."""
+    args = getattr(annotation, "__args__", None)
+    return (args[0], True) if args else (annotation, False)
+
+
+def _field_lines(section: type[BaseModel]) -> list[tuple[str, str]]:
+    return [(key, f"{yaml_value(f.get_default(call_default_factory=True))}  # {f.description}")
+            for key, f in section.model_fields.items()]
 
 
 def yaml_value(value: Any) -> str:

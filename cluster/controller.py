@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from k2serve.cluster.config import ClusterConfig, GroupSection
-from k2serve.cluster.group import GroupSpec, WorkerGroup
+from k2serve.cluster.group import WorkerGroup
+from k2serve.worker.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,32 +28,28 @@ class GroupEndpoint:
     metrics_address: str | None = None  # rank 0's Prometheus host:port (GET /metrics), if served
 
 
-def group_spec(section: GroupSection, config: ClusterConfig, model_dir: str) -> GroupSpec:
-    return GroupSpec(
-        name=section.name, model_dir=model_dir, tp=section.tp, ep=section.ep, device=section.device,
-        ranks_per_node=section.ranks_per_node, cpus_per_rank=section.cpus_per_rank,
-        engine=config.engine_config(), dispatcher=section.dispatcher,
-        collective_timeout_s=section.collective_timeout_s,
-    )
-
-
 class ManagedGroup:
     """One configured group and its current incarnation."""
 
-    def __init__(self, spec: GroupSpec, grpc_host: str, grpc_port: int, model_name: str,
-                 metrics_port: int | None = None):
-        self.spec, self.grpc_host, self.grpc_port, self.model_name = spec, grpc_host, grpc_port, model_name
+    def __init__(self, config: GroupSection, model_dir: str, engine: EngineConfig, grpc_host: str, grpc_port: int,
+                 model_name: str, metrics_port: int | None = None):
+        self.config, self.model_dir, self.engine = config, model_dir, engine
+        self.grpc_host, self.grpc_port, self.model_name = grpc_host, grpc_port, model_name
         self.metrics_port = metrics_port
         self.group: WorkerGroup | None = None
         self.generation = 0
         self.healthy = False
 
+    @property
+    def name(self) -> str:
+        return self.config.name
+
     def start(self) -> None:
-        self.group = WorkerGroup(self.spec).start()
+        self.group = WorkerGroup(self.config, self.model_dir, self.engine).start()
         self.group.serve(self.grpc_host, self.grpc_port, self.model_name, self.metrics_port)
         self.generation += 1
         self.healthy = True
-        log.info("group %s generation %d serving at %s", self.spec.name, self.generation, self.group.address)
+        log.info("group %s generation %d serving at %s", self.name, self.generation, self.group.address)
 
     def stop(self) -> None:
         if self.group is not None:
@@ -62,19 +59,16 @@ class ManagedGroup:
     def endpoint(self) -> GroupEndpoint | None:
         if self.group is None or self.group.grpc_port is None:
             return None
-        return GroupEndpoint(self.spec.name, self.group.address, self.healthy, self.generation, tuple(self.group.pids),
+        return GroupEndpoint(self.name, self.group.address, self.healthy, self.generation, tuple(self.group.pids),
                              self.group.metrics_address)
 
 
 class Controller:
     def __init__(self, config: ClusterConfig, model_dir: str | Path):
         self.config = config
-        grpc_host, port = config.controller.worker_grpc_host, config.controller.worker_grpc_port
-        metrics_port = config.controller.worker_metrics_port
-        self.groups = [
-            ManagedGroup(group_spec(g, config, str(model_dir)), grpc_host, port, config.model.name, metrics_port)
-            for g in config.groups
-        ]
+        ports = config.controller
+        self.groups = [ManagedGroup(g, str(model_dir), config.engine, ports.worker_grpc_host, ports.worker_grpc_port,
+                                    config.model.name, ports.worker_metrics_port) for g in config.groups]
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
@@ -102,7 +96,7 @@ class Controller:
         if g.group is not None and g.group.is_healthy():
             return
         if g.healthy:
-            log.warning("group %s generation %d is unhealthy", g.spec.name, g.generation)
+            log.warning("group %s generation %d is unhealthy", g.name, g.generation)
             with self._lock:
                 g.healthy = False
         if not self.config.controller.replace_dead_groups or self._stop.is_set():
@@ -112,7 +106,7 @@ class Controller:
         try:
             g.start()
         except Exception:
-            log.exception("group %s could not be restarted; will retry", g.spec.name)
+            log.exception("group %s could not be restarted; will retry", g.name)
             with self._lock:
                 g.stop()
 

@@ -63,12 +63,13 @@ def generate_group(args, prompts, params) -> list[list[int]]:
     import ray
 
     from k2serve.cluster.environment import ray_init_kwargs
-    from k2serve.cluster.group import GroupSpec, WorkerGroup
+    from k2serve.cluster.config import GroupSection
+    from k2serve.cluster.group import WorkerGroup
 
     ep = args.ep or args.tp
     ray.init(**ray_init_kwargs(num_cpus=max(2, args.tp)))
     config = EngineConfig(max_num_seqs=args.concurrency, dtype=args.dtype)
-    group = WorkerGroup(GroupSpec("generate", str(Path(args.model).resolve()), tp=args.tp, ep=ep, engine=config))
+    group = WorkerGroup(GroupSection(name="generate", tp=args.tp, ep=ep), str(Path(args.model).resolve()), config)
     try:
         group.start()
         return ray.get(group.driver.generate.remote(prompts, params))

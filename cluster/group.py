@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from k2serve.cluster.config import GroupSection
 from k2serve.cluster.placement import placement_bundles
 from k2serve.cluster.rank_actor import RankActor
 from k2serve.worker.config import EngineConfig
@@ -25,41 +25,19 @@ from k2serve.worker.rank_worker import RankSpec
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GroupSpec:
-    """One worker group: a model replica over `tp` ranks (attention tp = expert ep = world size)."""
-
-    name: str
-    model_dir: str
-    tp: int = 2
-    ep: int = 2
-    device: str = "cpu"
-    ranks_per_node: int = 8
-    cpus_per_rank: float = 1.0
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    dispatcher: str = "all_to_all"
-    collective_timeout_s: float = 30.0
-    start_timeout_s: float = 300.0
-
-    def __post_init__(self):
-        if self.tp != self.ep:
-            raise ValueError(
-                f"group {self.name!r}: tp={self.tp} and ep={self.ep} must be equal (every rank holds heads "
-                f"and experts; data-parallel attention is not supported yet)"
-            )
-
-    @property
-    def world_size(self) -> int:
-        return self.tp
-
-
 def _pid(actor) -> int:
     return os.getpid()
 
 
 class WorkerGroup:
-    def __init__(self, spec: GroupSpec):
-        self.spec = spec
+    """The group `config` describes, serving the checkpoint in `model_dir` with `engine`'s settings."""
+
+    def __init__(self, config: GroupSection, model_dir: str, engine: EngineConfig = EngineConfig(),
+                 start_timeout_s: float = 300.0):
+        self.config = config
+        self.model_dir = model_dir
+        self.engine = engine
+        self.start_timeout_s = start_timeout_s
         self.actors: list = []
         self.follower_refs: list = []
         self.pg = None
@@ -70,33 +48,35 @@ class WorkerGroup:
 
     def start(self) -> "WorkerGroup":
         """Place, start and connect every rank; rank 0 ends up holding the engine."""
-        spec, t0 = self.spec, time.monotonic()
-        placement = placement_bundles(spec.world_size, spec.device, spec.ranks_per_node, spec.cpus_per_rank)
-        self.pg = placement_group(placement.bundles, strategy=placement.strategy, name=f"k2serve-{spec.name}")
-        ray.get(self.pg.ready(), timeout=spec.start_timeout_s)
-        self.actors = [self._make_actor(r, placement) for r in range(spec.world_size)]
+        group, timeout, t0 = self.config, self.start_timeout_s, time.monotonic()
+        placement = placement_bundles(group.world_size, group.device, group.ranks_per_node, group.cpus_per_rank)
+        self.pg = placement_group(placement.bundles, strategy=placement.strategy, name=f"k2serve-{group.name}")
+        ray.get(self.pg.ready(), timeout=timeout)
+        self.actors = [self._make_actor(r, placement) for r in range(group.world_size)]
         master = ray.get(self.actors[0].node_ip.remote())
         port = ray.get(self.actors[0].free_port.remote())
-        ray.get([a.join.remote(master, port) for a in self.actors], timeout=spec.start_timeout_s)
-        ray.get([a.load.remote() for a in self.actors], timeout=spec.start_timeout_s)
+        ray.get([a.join.remote(master, port) for a in self.actors], timeout=timeout)
+        ray.get([a.load.remote() for a in self.actors], timeout=timeout)
         self.follower_refs = [a.follow.remote() for a in self.actors[1:]]
         ray.get(self.driver.build_engine.remote())
         self.pids = ray.get([a.__ray_call__.remote(_pid) for a in self.actors])
-        log.info("group %s: %d ranks up in %.1fs", spec.name, spec.world_size, time.monotonic() - t0)
+        log.info("group %s: %d ranks up in %.1fs", group.name, group.world_size, time.monotonic() - t0)
         return self
 
+    def rank_spec(self, rank: int) -> RankSpec:
+        """What rank `rank` of this group is told."""
+        group = self.config
+        return RankSpec(rank, group.world_size, self.model_dir, self.engine, group.device,
+                        group.collective_timeout_s, group.dispatcher)
+
     def _make_actor(self, rank: int, placement):
-        spec = self.spec
-        rank_spec = RankSpec(
-            rank, spec.world_size, spec.model_dir, spec.engine,
-            "nccl" if spec.device == "cuda" else "gloo", spec.collective_timeout_s, spec.dispatcher,
-        )
+        group = self.config
         strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=placement.bundle_of(rank))
         actor_cls = ray.remote(RankActor).options(
             scheduling_strategy=strategy, max_concurrency=4, name=None,
-            **placement.rank_resources(spec.device, spec.cpus_per_rank),
+            **placement.rank_resources(group.device, group.cpus_per_rank),
         )
-        return actor_cls.remote(rank_spec)
+        return actor_cls.remote(self.rank_spec(rank))
 
     @property
     def driver(self):
@@ -107,7 +87,7 @@ class WorkerGroup:
         """Start rank 0's gRPC server (and, with `metrics_port`, 0 = free, its Prometheus endpoint on the
         same host); returns the gRPC address host:port."""
         self.grpc_host = ray.get(self.driver.node_ip.remote()) if host == "0.0.0.0" else host
-        self.grpc_port = ray.get(self.driver.serve.remote(host, port, model_name, self.spec.name, metrics_port))
+        self.grpc_port = ray.get(self.driver.serve.remote(host, port, model_name, self.config.name, metrics_port))
         if metrics_port is not None:
             self.metrics_port = ray.get(self.driver.metrics_port.remote())
         return self.address
@@ -140,7 +120,7 @@ class WorkerGroup:
             try:
                 ray.get(self.driver.stop.remote(), timeout=10)
             except Exception as e:  # a dead rank 0 cannot stop gracefully
-                log.warning("group %s: graceful stop failed: %s", self.spec.name, e)
+                log.warning("group %s: graceful stop failed: %s", self.config.name, e)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         if self.pg is not None:

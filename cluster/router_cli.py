@@ -59,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.address = None
     config = load_config(args)
-    router = config.router_config()
-    sock = bind(router.host, router.port, "router")
+    sock = bind(config.router.host, config.router.port, "router")
     model_dir = ensure_model(config)
     source = make_discovery(args, config)
     where = getattr(source, "url", None) or ", ".join(f"{n}={a}" for n, a in static_groups(args.group))

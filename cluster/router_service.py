@@ -19,10 +19,10 @@ from k2serve.router.text.tokenizer import K2Tokenizer
 
 def build_pool(config: ClusterConfig, discovery: Discovery, metrics: RouterMetrics | None = None) -> GroupPool:
     """A GroupPool with the cluster config's balancer, admission limits and health interval."""
-    admission = config.admission()
+    router = config.router
     pool_config = GroupPoolConfig(poll_interval_s=config.controller.health_interval_s)
-    return GroupPool(discovery, Balancer(config.balancer_config()),
-                     AdmissionControl(admission.max_concurrency, admission.max_queue), metrics, pool_config)
+    return GroupPool(discovery, Balancer(router), AdmissionControl(router.max_concurrency, router.max_queue),
+                     metrics, pool_config)
 
 
 def build_router_app(config: ClusterConfig, model_dir: str | Path, discovery: Discovery):
@@ -31,7 +31,7 @@ def build_router_app(config: ClusterConfig, model_dir: str | Path, discovery: Di
     Call it inside the serving event loop: the pool's poll task and gRPC channels belong to that loop.
     The pool is on `app.state.pool`.
     """
-    router_config = config.router_config().with_generation_config(model_dir)
+    router_config = config.router.with_env().with_generation_config(model_dir)
     if router_config.model_name is None:
         router_config = router_config.model_copy(update={"model_name": config.model.name})
     metrics = RouterMetrics(CollectorRegistry(), model=router_config.model_name)

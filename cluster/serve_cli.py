@@ -33,10 +33,9 @@ def load_config(args):
     from k2serve.cluster.config import ClusterConfig
 
     config = ClusterConfig.from_file(args.config) if args.config else ClusterConfig()
-    router = dict(config.router)
-    router.update({k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    bind = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     ray = config.ray.model_copy(update={"address": args.address}) if args.address else config.ray
-    return config.model_copy(update={"router": router, "ray": ray})
+    return config.model_copy(update={"router": config.router.model_copy(update=bind), "ray": ray})
 
 
 def ensure_model(config) -> Path:
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from k2serve.router.pool.discovery import CallableDiscovery, GroupInfo
 
     config = load_config(args)
-    router = config.router_config()
+    router = config.router
     router_sock = bind(router.host, router.port, "router")
     discovery_sock = bind(router.host, config.controller.discovery_port, "discovery endpoint")
     model_dir = ensure_model(config)

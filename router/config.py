@@ -1,6 +1,6 @@
 """RouterConfig: the router's settings (HTTP bind, security, limits, generation defaults).
 
-Environment variables are read only here (`RouterConfig.from_env`): K2SERVE_API_KEY.
+The router reads one environment variable, here (`RouterConfig.with_env`): K2SERVE_API_KEY.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ API_KEY_ENV = "K2SERVE_API_KEY"
 
 
 class RouterConfig(BaseModel):
-    """Frozen router configuration; cluster/config.py composes it from the cluster YAML."""
+    """The router's own settings; cluster/config.py composes them into the `router` section of the YAML."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -36,12 +36,11 @@ class RouterConfig(BaseModel):
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request")
     max_top_logprobs: int = Field(20, ge=0, description="Largest top_logprobs")
 
-    @classmethod
-    def from_env(cls, **overrides) -> "RouterConfig":
-        """Build from keyword settings, taking api_key from K2SERVE_API_KEY when not given."""
-        if overrides.get("api_key") is None and os.environ.get(API_KEY_ENV):
-            overrides["api_key"] = os.environ[API_KEY_ENV]
-        return cls(**overrides)
+    def with_env(self) -> "RouterConfig":
+        """This config with api_key from K2SERVE_API_KEY when it sets none."""
+        if self.api_key is None and os.environ.get(API_KEY_ENV):
+            return self.model_copy(update={"api_key": os.environ[API_KEY_ENV]})
+        return self
 
     def with_generation_config(self, model_dir: str | Path) -> "RouterConfig":
         """Take default temperature / top_p from the checkpoint's generation_config.json, if present."""

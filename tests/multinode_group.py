@@ -10,7 +10,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from k2serve.cluster.environment import RAY_LOCAL_ENV, apply_local_ray_env
-from k2serve.cluster.group import GroupSpec, WorkerGroup
+from k2serve.cluster.config import GroupSection
+from k2serve.cluster.group import WorkerGroup
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.request import SamplingParams
 
@@ -21,9 +22,8 @@ def main(model_dir: str, prompts: list[list[int]], max_tokens: int) -> None:
     cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address, log_to_driver=False,
              runtime_env={"env_vars": dict(RAY_LOCAL_ENV)})
-    spec = GroupSpec("two-nodes", model_dir, tp=2, ep=2, ranks_per_node=1,
-                     engine=EngineConfig(num_kv_blocks=32, block_size=16))
-    group = WorkerGroup(spec).start()
+    config = GroupSection(name="two-nodes", tp=2, ep=2, ranks_per_node=1)
+    group = WorkerGroup(config, model_dir, EngineConfig(num_kv_blocks=32, block_size=16)).start()
     try:
         nodes = ray.get([a.node_id.remote() for a in group.actors])
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from k2serve.cluster.group import GroupSpec, WorkerGroup
+from k2serve.cluster.config import GroupSection
+from k2serve.cluster.group import WorkerGroup
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.loader import load_model
 from k2serve.worker.model_runner import ModelRunner
@@ -33,8 +34,8 @@ def single_logits(tiny_model_dir):
 
 @pytest.mark.parametrize("world, dispatcher", [(4, "all_to_all"), (2, "all_gather")])
 def test_group_logits_match_single_process(ray_session, tiny_model_dir, single_logits, world, dispatcher):
-    group = WorkerGroup(GroupSpec(f"g{world}{dispatcher}", str(tiny_model_dir), tp=world, ep=world,
-                                  engine=ENGINE, dispatcher=dispatcher)).start()
+    config = GroupSection(name=f"g{world}{dispatcher}", tp=world, ep=world, dispatcher=dispatcher)
+    group = WorkerGroup(config, str(tiny_model_dir), ENGINE).start()
     try:
         import ray
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from k2serve.cluster.group import GroupSpec, WorkerGroup
+from k2serve.cluster.config import GroupSection
+from k2serve.cluster.group import WorkerGroup
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.engine import Engine
 from k2serve.worker.loader import load_model
@@ -24,8 +25,8 @@ def params() -> list[SamplingParams]:
 
 @pytest.fixture(scope="module")
 def group(ray_session, tiny_model_dir):
-    g = WorkerGroup(GroupSpec("engine-test", str(tiny_model_dir), tp=2, ep=2, engine=ENGINE,
-                              collective_timeout_s=3.0)).start()
+    g = WorkerGroup(GroupSection(name="engine-test", tp=2, ep=2, collective_timeout_s=3.0), str(tiny_model_dir),
+                    ENGINE).start()
     yield g
     g.stop()
 

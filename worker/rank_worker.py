@@ -26,15 +26,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RankSpec:
-    """What a rank needs to know to start."""
+    """What one rank of a group needs to know to start (cluster/group.py derives it from the group's config)."""
 
     rank: int
     world_size: int
     model_dir: str
     engine: EngineConfig = field(default_factory=EngineConfig)
-    backend: str = "gloo"  # "nccl" on GPU
+    device: str = "cpu"  # the group's device: "cuda" (NCCL between the ranks) or "cpu" (gloo)
     collective_timeout_s: float = 30.0
     dispatcher: str = "all_to_all"
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device == "cuda" else "gloo"
 
 
 class RankWorker:
@@ -52,7 +56,7 @@ class RankWorker:
     def load(self) -> int:
         """Load this rank's shard; returns the number of parameter elements it holds."""
         dtype = getattr(torch, self.spec.engine.dtype)
-        device = self.spec.engine.device
+        device = self.spec.device
         # Chosen once, by device: FP8 matrices + Triton kernels on GPU, dense weights on CPU.
         fp8_backend = "auto" if device.startswith("cuda") else None
         model = load_model(self.spec.model_dir, dtype, self.info, self.spec.dispatcher,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Ray binds to the external interface by default; keep it on loopback for the local default (DESIGN 7).
+# Ray binds to the external interface by default; keep it on loopback for the local default.
 RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 

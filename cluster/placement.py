@@ -1,4 +1,4 @@
-"""Ray placement for a worker group, as data: a pure function tests call without Ray (STYLE 14).
+"""Ray placement for a worker group, as data: a pure function tests call without Ray.
 
 One GPU per rank. Ranks are packed onto as few nodes as possible: a group that fits on one node
 gets one bundle on one node (STRICT_PACK); a larger group takes whole nodes, one bundle per node

@@ -24,7 +24,7 @@ K2_SPECIAL_OFFSETS: dict[int, str] = {
     14: "<|tool_call_argument_begin|>", 15: "<|tool_call_end|>", 17: "<|im_middle|>",
     254: "[UNK]", 255: "[PAD]",
 }
-# HF "special": false, so skip_special_tokens keeps them (K2-FACTS section 4).
+# HF "special": false, so skip_special_tokens keeps them (docs/k2-format.md, Tokenizer).
 K2_NON_SPECIAL_MARKERS = frozenset({
     "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
     "<|tool_call_argument_begin|>", "<|tool_call_end|>",

@@ -1,4 +1,8 @@
-"""FP8 kernels (Triton) with torch references; `select_backend` picks the implementation per device."""
+"""FP8 kernels (Triton) with torch references; `select_backend` picks the implementation per device.
+
+It owns the block-FP8 arithmetic (quantization, GEMM, fused MoE experts) and the argument checks of each
+kernel's wrapper. It must not import k2serve.router, k2serve.worker or k2serve.cluster.
+"""
 
 from k2serve.kernels.backend import Fp8Backend, TorchReferenceBackend, TritonBackend, select_backend
 

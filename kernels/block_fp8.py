@@ -1,6 +1,6 @@
 """Block-FP8 weights as K2 stores them: e4m3 data plus one float32 multiplier per 128x128 block.
 
-`W[i, j] = W_fp8[i, j] * scale_inv[i // bn, j // bk]` (K2-FACTS section 2); edge blocks may be partial.
+`W[i, j] = W_fp8[i, j] * scale_inv[i // bn, j // bk]` (docs/k2-format.md); edge blocks may be partial.
 These are the torch references that the loader, the tiny-checkpoint writer and the kernels share.
 """
 

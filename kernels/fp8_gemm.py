@@ -1,4 +1,4 @@
-"""Block-scaled W8A8 FP8 GEMM (Triton), K2-FACTS section 2.
+"""Block-scaled W8A8 FP8 GEMM (Triton), as docs/k2-format.md (Block-FP8 checkpoint) has it.
 
 `y[m, n] = sum_kb a_scale[m, kb] * w_scale[n // bn, kb] * sum_{k in chunk kb} a[m, k] * w[n, k]`:
 e4m3 activations [M, K] with per-token-group scales [M, ceil(K/bk)], e4m3 weight [N, K] with block

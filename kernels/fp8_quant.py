@@ -1,4 +1,4 @@
-"""Per-token-group FP8 activation quantization (Triton), K2-FACTS section 2.
+"""Per-token-group FP8 activation quantization (Triton), as docs/k2-format.md (Block-FP8 checkpoint) has it.
 
 [M, K] bf16/fp16/fp32 -> e4m3 [M, K] and float32 scales [M, ceil(K/128)], with
 `scale = max(max|x|, eps) / 448` per token per group of 128 channels and `q = x / scale`.

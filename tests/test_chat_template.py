@@ -31,7 +31,7 @@ ASSISTANT_CALL = {"role": "assistant", "content": None, "tool_calls": [CALL]}
 TOOL_RESULT = {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather",
                "content": '{"weather": "Sunny"}'}
 
-# K2-FACTS section 5, verbatim (with the tool list spelled out in place of its `...`).
+# K2's published rendering (docs/k2-format.md, Chat format), verbatim (with the tool list spelled out in place of its `...`).
 PROMPT = (
     "<|im_system|>tool_declare<|im_middle|>" + WEATHER_JSON + "<|im_end|><|im_system|>system<|im_middle|>"
     "You are Kimi, an AI assistant created by Moonshot AI.<|im_end|><|im_user|>user<|im_middle|>What's the "

@@ -1,4 +1,4 @@
-"""YaRN frequencies and the interleaved pair layout (K2-FACTS section 3)."""
+"""YaRN frequencies and the interleaved pair layout (docs/k2-format.md, Math)."""
 
 import torch
 

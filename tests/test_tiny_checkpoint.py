@@ -1,4 +1,4 @@
-"""The tiny checkpoint is in K2's exact on-disk format (DESIGN section 5; K2-FACTS sections 1, 2, 4, 5)."""
+"""The tiny checkpoint is in K2's exact on-disk format (docs/architecture.md, The tiny checkpoint; docs/k2-format.md)."""
 
 from __future__ import annotations
 

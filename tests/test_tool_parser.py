@@ -1,4 +1,4 @@
-"""K2 tool-call parsing: every pitfall of K2-FACTS section 6, whole and streamed in many chunkings."""
+"""K2 tool-call parsing: every pitfall of docs/k2-format.md (Tool calls), whole and streamed in many chunkings."""
 
 import random
 

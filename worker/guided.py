@@ -4,7 +4,7 @@ A `GuidedDecoding` compiles each distinct GuidedSpec once (cached) against the c
 each request gets a `Guide` (a grammar matcher). Every step the engine masks the logits of guided rows to
 the tokens the grammar allows, and advances the matcher with the sampled token.
 
-K2 tool calls (K2-FACTS section 6) are matched on the marker TOKENS, not their spelling:
+K2 tool calls (docs/k2-format.md, Tool calls) are matched on the marker TOKENS, not their spelling:
     <|tool_calls_section_begin|> ( <|tool_call_begin|> functions.NAME:IDX <|tool_call_argument_begin|>
     {schema-valid JSON} <|tool_call_end|> )+ <|tool_calls_section_end|>   then a stop token (<|im_end|>).
 Modes: "named" forces exactly one call of that function with IDX = first_index; "required" forces one to

@@ -30,7 +30,7 @@ BATCH_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 
 ALL_TO_ALL_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                       0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
-# The two all-to-all exchanges of an expert-parallel MoE layer (DESIGN section 3).
+# The two all-to-all exchanges of an expert-parallel MoE layer (docs/architecture.md).
 ALL_TO_ALL_PHASES = ("dispatch", "combine")
 
 

@@ -2,10 +2,9 @@
 
 All of the router's requests to a group share one bidirectional gRPC call: generate and abort requests
 go out through an outbox that gRPC drains in order, everything queued meanwhile in one message (a
-gRPC message costs far more than its bytes, and requests arrive in bursts); one reader task takes each SessionResponse batch
-apart and hands every response to its request's inbox. A worker step's tokens for all of its requests
-thus arrive in one message instead of one message per request, which is most of the gRPC CPU per token
-on both ends. When the call fails (the worker died, the network broke) every request in flight gets the
+gRPC message costs far more than its bytes, and requests arrive in bursts); one reader task takes each
+SessionResponse batch apart and hands every response to its request's inbox. A worker step's tokens for
+all of its requests thus arrive in one message instead of one message per request. When the call fails (the worker died, the network broke) every request in flight gets the
 same WorkerError, exactly as its own stream would have failed, and the mux is closed; the owner opens a
 new one for the next request.
 
@@ -125,7 +124,7 @@ class Inbox:
     """One request's responses, handed over by the mux's reader and awaited by the request's task.
 
     What asyncio.Queue does for one consumer and no size limit, without its bookkeeping for `join`,
-    `task_done` and waiting producers: per streamed token that bookkeeping cost more than the hand-over.
+    `task_done` and waiting producers, which would run for every streamed token.
     """
 
     __slots__ = ("_items", "_waiter")

@@ -2,9 +2,9 @@
 
 The template comes from the checkpoint (`chat_template.jinja`, else `chat_template` in
 tokenizer_config.json) and runs in jinja2's ImmutableSandboxedEnvironment with the variables and
-helpers that Hugging Face's `apply_chat_template` provides (K2-FACTS section 5).
+helpers that Hugging Face's `apply_chat_template` provides (docs/k2-format.md, Chat format).
 
-Injection safety (K2-FACTS section 4): before rendering, every occurrence of a control-token text
+Injection safety (docs/k2-format.md, Tokenizer): before rendering, every occurrence of a control-token text
 inside a caller-supplied string (message contents, names, ids, tool arguments, tool schemas) is
 replaced by a private-use placeholder. After rendering, only marker text the template itself
 produced becomes control tokens; each placeholder is encoded as the ordinary text it stood for.

@@ -1,6 +1,6 @@
 """IncrementalDetokenizer: streamed token ids -> text deltas that never split a UTF-8 character.
 
-A byte-level BPE token may end in the middle of a multi-byte character (K2-FACTS section 4), so
+A byte-level BPE token may end in the middle of a multi-byte character (docs/k2-format.md, Tokenizer), so
 detokenization works on bytes: complete characters are emitted as soon as they are whole, an
 incomplete tail is held back until the next tokens complete it, and `flush` ends the stream.
 """

@@ -4,7 +4,7 @@ K2 ships `tiktoken.model` (`base64(token_bytes) rank` lines, rank = id) and `tok
 (special tokens in `added_tokens_decoder`). As K2's own tokenization_kimi.py does, the special ids are
 `num_base + offset` for offsets 0..257 (256 reserved slots plus 2, so K2's tiktoken n_vocab is 163,842
 while the model has 163,840 rows); an id not named in `added_tokens_decoder` is
-`<|reserved_token_{id}|>` (absolute id). See K2-FACTS section 4.
+`<|reserved_token_{id}|>` (absolute id). See docs/k2-format.md, Tokenizer.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class K2Tokenizer:
         self.bos_id = self._require(bos_token)
         self.eos_id = self._require(eos_token)
         self.im_end_id = self._require(IM_END)
-        # Matches any control-token text; a trie-shaped regex is ~6x faster than a 258-way alternation.
+        # Matches any control-token text; trie-shaped, since a 258-way alternation is tried branch by branch.
         self.special_pattern: re.Pattern[str] = re.compile(trie_regex(self._special_tokens))
 
     @classmethod
@@ -89,7 +89,7 @@ class K2Tokenizer:
 
     @property
     def stop_ids(self) -> list[int]:
-        """Chat turns end with `<|im_end|>`; stop on it and on `[EOS]` (K2-FACTS section 1)."""
+        """Chat turns end with `<|im_end|>`; stop on it and on `[EOS]` (docs/k2-format.md)."""
         return [self.eos_id, self.im_end_id]
 
     def is_control(self, token_id: int) -> bool:

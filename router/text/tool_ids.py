@@ -1,4 +1,4 @@
-"""Normalize tool-call ids in a chat history to K2's `functions.NAME:IDX` form (K2-FACTS section 6).
+"""Normalize tool-call ids in a chat history to K2's `functions.NAME:IDX` form (docs/k2-format.md, Tool calls).
 
 K2 numbers its tool calls across the whole conversation. Histories from other models or clients carry
 ids like `call_abc123`; rendered verbatim they make K2 emit malformed ids. Before rendering, every

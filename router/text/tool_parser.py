@@ -1,4 +1,4 @@
-"""Parse Kimi K2's native tool-call output, whole or streamed (K2-FACTS section 6).
+"""Parse Kimi K2's native tool-call output, whole or streamed (docs/k2-format.md, Tool calls).
 
 The model writes optional content, then
 

@@ -11,7 +11,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """YaRN rope scaling as K2 and DeepSeek-V3 publish it (K2-FACTS section 3)."""
+    """YaRN rope scaling as K2 and DeepSeek-V3 publish it (docs/k2-format.md, Math)."""
 
     type: str = "yarn"
     factor: float = 32.0

@@ -1,7 +1,7 @@
 """DeepseekV3ForCausalLM: the Kimi K2 / DeepSeek-V3 decoder over a paged MLA cache.
 
 Per layer: `h = x + Attn(RMSNorm(x)); y = h + FFN(RMSNorm(h))`; final RMSNorm, then the untied
-lm_head. With several ranks (DESIGN section 3) attention is head-parallel; in MoE layers o_proj
+lm_head. With several ranks (docs/architecture.md) attention is head-parallel; in MoE layers o_proj
 reduce-scatters into token shards, the residual stream stays sharded through the expert-parallel
 FFN, and the shards are all-gathered before the next attention. Dense layers use a tensor-parallel
 MLP with all-reduce. Parameter names match the checkpoint's.

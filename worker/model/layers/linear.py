@@ -1,4 +1,4 @@
-"""Linear layers that own their sharding and their collective (STYLE 5).
+"""Linear layers that own their sharding and their collective.
 
 Each weight carries a `ShardSpec` naming the dimension it is split along; the loader reads only
 that slice from the checkpoint. A layer holds its weight in one of two forms, chosen once at

@@ -1,4 +1,4 @@
-"""YaRN rotary embedding with DeepSeek's interleaved pair layout (K2-FACTS section 3)."""
+"""YaRN rotary embedding with DeepSeek's interleaved pair layout (docs/k2-format.md, Math)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MoE routing in float32: sigmoid scores, bias only for selection, group-limited top-k (K2-FACTS 3)."""
+"""MoE routing in float32: sigmoid scores, bias only for selection, group-limited top-k (docs/k2-format.md)."""
 
 from __future__ import annotations
 

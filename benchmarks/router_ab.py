@@ -56,13 +56,14 @@ async def one_run(name: str, url: str, meter: Meter, args: argparse.Namespace, r
     summary, cpu, _ = await measure_router(args, url, meter, repeat=repeat, layer=2)
     tokens = max(summary["total_output_tokens"], 1)
     return {"router": name, "repeat": repeat, "failed": summary["failed"], "tokens": tokens,
-            "router_us_per_token": cpu["router"] / tokens * 1e6, "worker_us_per_token": cpu["worker"] / tokens * 1e6,
-            "tok_per_s": summary["output_throughput"]}
+            "router_us_per_token": cpu["router"] / tokens * 1e6,
+            "worker_us_per_token": cpu["worker"] / tokens * 1e6, "tok_per_s": summary["output_throughput"]}
 
 
 async def main_async(args: argparse.Namespace, model_dir: Path, shim: Path) -> list[dict[str, Any]]:
     common = ["--engine", "paced", "--step-ms", str(args.step_ms), "--model-dir", str(model_dir)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     async with LayerProcess("worker", common) as worker:
         router_args = common + ["--worker", f"127.0.0.1:{worker.port}"]
         base_script = args.baseline / "benchmarks" / "layer_processes.py"
@@ -83,8 +84,8 @@ async def main_async(args: argparse.Namespace, model_dir: Path, shim: Path) -> l
 
 
 def _row(run: dict[str, Any]) -> str:
-    return (f"{run['router']:<9}{run['repeat']:>4}{run['router_us_per_token']:>10.1f}{run['worker_us_per_token']:>10.1f}"
-            f"{run['tok_per_s']:>10.0f}{run['failed']:>6}")
+    return (f"{run['router']:<9}{run['repeat']:>4}{run['router_us_per_token']:>10.1f}"
+            f"{run['worker_us_per_token']:>10.1f}{run['tok_per_s']:>10.0f}{run['failed']:>6}")
 
 
 def report(runs: list[dict[str, Any]]) -> str:

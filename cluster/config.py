@@ -31,7 +31,8 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    path: str | None = Field(None, description="Checkpoint directory (K2 format); None: the tiny model, generated on first use")
+    path: str | None = Field(
+        None, description="Checkpoint directory (K2 format); None: the tiny model, generated on first use")
     name: str = Field("kimi-k2-instruct", description="Model id served by the APIs")
 
 
@@ -71,9 +72,12 @@ class ControllerSection(Section):
     health_interval_s: float = Field(1.0, gt=0, description="Seconds between group health checks")
     replace_dead_groups: bool = Field(True, description="Start a new group in place of a dead one")
     discovery_port: int = Field(8001, ge=0, le=65535, description="HTTP port publishing live groups (GET /v1/groups)")
-    worker_grpc_host: str = Field("127.0.0.1", description="Rank 0's gRPC bind address (0.0.0.0 on a real cluster; routers get the node IP)")
-    worker_grpc_port: int = Field(0, ge=0, le=65535, description="Rank 0's gRPC port (0: a free port; 50051 in k8s)")
-    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Rank 0's Prometheus port (0: a free port; 9400 in k8s)")
+    worker_grpc_host: str = Field(
+        "127.0.0.1", description="Rank 0's gRPC bind address (0.0.0.0 on a real cluster; routers get the node IP)")
+    worker_grpc_port: int = Field(
+        0, ge=0, le=65535, description="Rank 0's gRPC port (0: a free port; 50051 in k8s)")
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Rank 0's Prometheus port (0: a free port; 9400 in k8s)")
     drain_timeout_s: float = Field(10.0, ge=0, description="On shutdown, wait this long for in-flight requests")
 
 

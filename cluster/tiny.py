@@ -2,7 +2,8 @@
 
 `make_tiny_model(path, seed)` writes config.json, generation_config.json, two block-FP8 safetensors
 shards with their index, and a K2-format tokenizer (tiktoken.model + tokenizer_config.json with K2's
-special tokens and chat template). Same seed, same bytes. See docs/architecture.md (The tiny checkpoint) and docs/k2-format.md.
+special tokens and chat template). Same seed, same bytes. See docs/architecture.md (The tiny checkpoint)
+and docs/k2-format.md.
 """
 
 from __future__ import annotations

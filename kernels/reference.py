@@ -1,6 +1,6 @@
 """Torch references for the FP8 kernels (no Triton needed): the CPU backend and the kernel tests use them.
 
-Each reference mirrors its kernel's rounding steps (docs/k2-format.md, Block-FP8 checkpoint): activations are quantized per
+Each reference mirrors its kernel's rounding steps (docs/k2-format.md): activations are quantized per
 token per group of 128 channels with `scale = max|x| / 448`, GEMMs accumulate in fp32 and apply
 `a_scale[row, kb] * w_scale[n // 128, kb]`. The `*_error_bound` functions give rigorous element-wise
 bounds that tests and the GPU benchmark check kernels against.

@@ -33,10 +33,11 @@ def test_every_section_is_a_typed_frozen_model_with_described_fields():
 
 
 def test_the_engine_and_router_sections_are_typed_and_reject_unknown_keys():
-    config = ClusterConfig.from_yaml("engine: {max_num_seqs: 8}\nrouter: {policy: least_load, max_queue: 3, max_n: 2}\n")
+    config = ClusterConfig.from_yaml("engine: {max_num_seqs: 8}\n"
+                                     "router: {policy: least_load, max_queue: 3, max_n: 2}\n")
     assert isinstance(config.engine, EngineConfig) and config.engine.max_num_seqs == 8
     router = config.router
-    assert isinstance(router, RouterConfig) and isinstance(router, BalancerConfig) and isinstance(router, AdmissionConfig)
+    assert all(isinstance(router, cls) for cls in (RouterConfig, BalancerConfig, AdmissionConfig))
     assert (router.policy, router.max_queue, router.max_n) == ("least_load", 3, 2)
     for bad, key in (("engine: {max_num_seq: 8}", "max_num_seq"), ("router: {polcy: x}", "polcy"),
                      ("router: {max_queue: -1}", "max_queue"), ("engine: {block_size: many}", "block_size")):

@@ -1,4 +1,4 @@
-"""The tiny checkpoint is in K2's exact on-disk format (docs/architecture.md, The tiny checkpoint; docs/k2-format.md)."""
+"""The tiny checkpoint is in K2's exact on-disk format (docs/architecture.md and docs/k2-format.md)."""
 
 from __future__ import annotations
 

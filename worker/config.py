@@ -11,15 +11,23 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_num_seqs: int = Field(64, ge=1, description="Most requests running (holding KV blocks) at once.")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Token budget of one step: decodes plus prefill chunks.")
-    max_model_len: int | None = Field(None, description="Longest prompt + output; None: the model's max_position_embeddings.")
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, description="Token budget of one step: decodes plus prefill chunks.")
+    max_model_len: int | None = Field(
+        None, description="Longest prompt + output; None: the model's max_position_embeddings.")
     block_size: int = Field(16, ge=1, description="Tokens per KV cache block.")
-    num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks to allocate; None: derive from kv_cache_memory_bytes.")
-    kv_cache_memory_bytes: int = Field(1 << 30, description="Memory for the KV cache when num_kv_blocks is None (all layers).")
-    kv_cache_fraction: float | None = Field(None, gt=0, le=1, description="GPU: fraction of free memory after weights for the KV cache")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="KV cache blocks to allocate; None: derive from kv_cache_memory_bytes.")
+    kv_cache_memory_bytes: int = Field(
+        1 << 30, description="Memory for the KV cache when num_kv_blocks is None (all layers).")
+    kv_cache_fraction: float | None = Field(
+        None, gt=0, le=1, description="GPU: fraction of free memory after weights for the KV cache")
     enable_prefix_caching: bool = Field(True, description="Reuse cached blocks of identical prompt prefixes.")
-    max_num_waiting: int = Field(4096, ge=1, description="Most queued requests; beyond it submissions are rejected with 429.")
+    max_num_waiting: int = Field(
+        4096, ge=1, description="Most queued requests; beyond it submissions are rejected with 429.")
     max_top_logprobs: int = Field(20, description="Largest top_logprobs a request may ask for.")
-    default_max_tokens: int | None = Field(None, description="max_tokens used when a request leaves it unset (None: to context end).")
-    dtype: str = Field("float32", description="Activation / KV cache dtype name (torch dtype attribute, e.g. bfloat16).")
+    default_max_tokens: int | None = Field(
+        None, description="max_tokens used when a request leaves it unset (None: to context end).")
+    dtype: str = Field(
+        "float32", description="Activation / KV cache dtype name (torch dtype attribute, e.g. bfloat16).")
     device: str = Field("cpu", description="Torch device of the model and cache.")

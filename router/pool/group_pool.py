@@ -300,7 +300,8 @@ class GroupPool:
 
     async def _wait_first_refresh(self) -> None:
         try:
-            await asyncio.wait_for(self._refreshed.wait(), self.config.poll_interval_s + 2 * self.config.probe_timeout_s)
+            timeout = self.config.poll_interval_s + 2 * self.config.probe_timeout_s
+            await asyncio.wait_for(self._refreshed.wait(), timeout)
         except asyncio.TimeoutError:
             pass  # answer with what is known (likely a 503)
 

@@ -4,8 +4,9 @@ All of the router's requests to a group share one bidirectional gRPC call: gener
 go out through an outbox that gRPC drains in order, everything queued meanwhile in one message (a
 gRPC message costs far more than its bytes, and requests arrive in bursts); one reader task takes each
 SessionResponse batch apart and hands every response to its request's inbox. A worker step's tokens for
-all of its requests thus arrive in one message instead of one message per request. When the call fails (the worker died, the network broke) every request in flight gets the
-same WorkerError, exactly as its own stream would have failed, and the mux is closed; the owner opens a
+all of its requests thus arrive in one message instead of one message per request. When the call fails
+(the worker died, the network broke) every request in flight gets the same WorkerError, exactly as its
+own stream would have failed, and the mux is closed; the owner opens a
 new one for the next request.
 
 On the wire a request travels under an id unique to this mux (`<request id>@<mux tag>.<n>`): request

@@ -11,7 +11,8 @@ through a `k2serve` shim package on PYTHONPATH built from its pyproject's packag
 checkout's. The same streaming load (`k2serve bench`'s client, /v1/completions, min_tokens = max_tokens)
 goes to one router, then the other, alternating which goes first (AB BA AB ...), so that a busy moment of
 the machine falls on both. Each run's router CPU (from /proc) is divided by its output tokens. Prints every
-run, the medians and their ratio (this / baseline). Not a test: run it by hand, on a quiet machine if you can.
+run, the medians and their ratio (this / baseline) and the median of the repeats' ratios. Not a test: run
+it by hand, on a quiet machine if you can.
 """
 
 from __future__ import annotations
@@ -93,8 +94,12 @@ def report(runs: list[dict[str, Any]]) -> str:
            for name in ("baseline", "this")}
     lines = [f"{'router':<9}{'run':>4}{'router':>10}{'worker':>10}{'tok/s':>10}{'fail':>6}   (CPU us per output token)"]
     lines += [_row(r) for r in runs]
+    pairs = {}
+    for r in runs:
+        pairs.setdefault(r["repeat"], {})[r["router"]] = r["router_us_per_token"]
+    paired = statistics.median(p["this"] / p["baseline"] for p in pairs.values() if len(p) == 2)
     lines.append(f"median router CPU per output token: baseline {med['baseline']:.1f} us, this {med['this']:.1f} us, "
-                 f"ratio {med['this'] / med['baseline']:.3f}")
+                 f"ratio {med['this'] / med['baseline']:.3f}; median of the per-repeat ratios {paired:.3f}")
     return "\n".join(lines)
 
 

@@ -12,13 +12,17 @@ def register_make_tiny_model(subparsers: Any) -> None:
     p = subparsers.add_parser("make-tiny-model", help="write a tiny checkpoint in Kimi K2's exact format")
     p.add_argument("dir", help="output directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "mla-k2-widths"],
+                   help="shape: tiny (every dimension small) or mla-k2-widths (K2's real MLA widths: kv_lora_rank 512, "
+                        "qk_rope_head_dim 64, qk_nope_head_dim 128, v_head_dim 128; the rest tiny), which peers such "
+                        "as vLLM's CPU MLA backend can load")
     p.set_defaults(func=run_make_tiny_model)
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
     from k2serve.cluster.tiny import make_tiny_model
 
-    print(make_tiny_model(args.dir, seed=args.seed))
+    print(make_tiny_model(args.dir, seed=args.seed, preset=args.preset))
     return 0
 
 

@@ -4,6 +4,10 @@
 shards with their index, and a K2-format tokenizer (tiktoken.model + tokenizer_config.json with K2's
 special tokens and chat template). Same seed, same bytes. See docs/architecture.md (The tiny checkpoint)
 and docs/k2-format.md.
+
+Presets name shapes (config overrides): "tiny" (the default, every dimension small) and "mla-k2-widths"
+(K2's real MLA widths, everything else tiny). The second is what other engines can load too: vLLM's
+CPU MLA backend, for one, supports only the 576-wide latent of kv_lora_rank 512 + qk_rope_head_dim 64.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from k2serve.kernels.block_fp8 import quantize_block_fp8
 
 NUM_BASE_RANKS = 1024
 NUM_SHARDS = 2
+
+# Named shapes for `k2serve make-tiny-model --preset`: config overrides on top of tiny_config_dict's defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "mla-k2-widths": {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128},
+}
 
 # Named special tokens at K2's offsets from the first special id (K2 id - 163584).
 # Unnamed offsets are `<|reserved_token_{id}|>` with the ABSOLUTE id, as K2's tokenization_kimi.py names them.
@@ -85,11 +95,22 @@ def tiny_config_dict(**overrides: Any) -> dict[str, Any]:
     return config
 
 
-def make_tiny_model(path: str | Path, seed: int = 0, config_overrides: dict[str, Any] | None = None) -> Path:
-    """Write a K2-format checkpoint with random weights to `path` (created if needed); deterministic in `seed`."""
+def preset_overrides(preset: str) -> dict[str, Any]:
+    """The config overrides a preset names; ValueError naming the presets for an unknown one."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return dict(PRESETS[preset])
+
+
+def make_tiny_model(path: str | Path, seed: int = 0, config_overrides: dict[str, Any] | None = None,
+                    preset: str = "tiny") -> Path:
+    """Write a K2-format checkpoint with random weights to `path` (created if needed); deterministic in `seed`.
+
+    The config is the preset's shape with `config_overrides` applied on top.
+    """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    config = tiny_config_dict(**(config_overrides or {}))
+    config = tiny_config_dict(**(preset_overrides(preset) | (config_overrides or {})))
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(config))
     write_weights(out, config, seed)

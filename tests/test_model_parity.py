@@ -105,3 +105,15 @@ def test_group_selection_differs_from_plain_topk():
     ids, weights = router(x)
     assert ((ids // 4) == (ids[:, :1] // 4)).all(), "with topk_group=1 all experts come from one group"
     assert torch.allclose(weights.sum(-1), torch.full((64,), cfg.routed_scaling_factor))
+
+
+@torch.no_grad()
+def test_mla_k2_widths_preset_matches_transformers(tmp_path):
+    """The preset other engines load (K2's real MLA widths: 576-wide latent, 192-wide q.k heads)."""
+    path = make_tiny_model(tmp_path / "mla", seed=0, preset="mla-k2-widths")
+    ours, hf = load_model(path, progress=False), load_hf_model(path)
+    assert ours.config.kv_cache_dim == 576 and ours.config.qk_head_dim == 192
+    ids = PROMPTS[0]
+    ref = hf(torch.tensor([ids])).logits[0]
+    assert torch.allclose(prefill_logits(ours, ids), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert greedy(ours, ids, 24) == hf_greedy(hf, ids, 24)

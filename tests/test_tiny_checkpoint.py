@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from k2serve.cluster.tiny import (
-    NUM_BASE_RANKS, make_tiny_model, tiny_config_dict,
+    NUM_BASE_RANKS, PRESETS, make_tiny_model, tiny_config_dict,
 )
 from k2serve.cluster.tiny_tokenizer import TRAINING_CORPUS, train_bpe
 from k2serve.kernels.block_fp8 import dequantize_block_fp8
@@ -213,3 +213,36 @@ def test_config_overrides_shape_the_weights(tmp_path):
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.mlp.gate_proj.weight" in index and "model.layers.1.mlp.gate.weight" not in index
     assert "model.layers.2.mlp.experts.15.down_proj.weight_scale_inv" in index
+
+
+def test_mla_k2_widths_preset(tmp_path):
+    """K2's real MLA widths (what vLLM's CPU MLA backend accepts), the other dimensions as in the tiny preset."""
+    path = make_tiny_model(tmp_path / "mla", seed=0, preset="mla-k2-widths")
+    config = json.loads((path / "config.json").read_text())
+    widths = [config[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")]
+    assert widths == [512, 64, 128, 128]
+    assert {k: v for k, v in config.items() if k not in PRESETS["mla-k2-widths"]} == \
+        {k: v for k, v in tiny_config_dict().items() if k not in PRESETS["mla-k2-widths"]}
+    tensors = load_all(path)
+    kv_a = tensors["model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv"]
+    assert tuple(tensors["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].shape) == (576, 192)
+    assert tuple(kv_a.shape) == (5, 2)  # 576 = 4.5 blocks of 128 rows, as in K2
+    assert tuple(tensors["model.layers.1.self_attn.kv_b_proj.weight"].shape) == (4 * 256, 512)
+    assert tuple(tensors["model.layers.1.self_attn.o_proj.weight"].shape) == (192, 4 * 128)
+
+
+def test_presets_and_overrides_combine(tmp_path):
+    config = json.loads((make_tiny_model(tmp_path / "m", preset="mla-k2-widths",
+                                         config_overrides=dict(num_hidden_layers=2)) / "config.json").read_text())
+    assert (config["kv_lora_rank"], config["num_hidden_layers"]) == (512, 2)
+    with pytest.raises(ValueError, match="unknown tiny model preset 'huge'.*mla-k2-widths"):
+        make_tiny_model(tmp_path / "x", preset="huge")
+
+
+def test_cli_offers_every_preset(tmp_path):
+    from k2serve.cluster.cli import build_parser, main
+
+    for preset in PRESETS:
+        assert build_parser().parse_args(["make-tiny-model", "dir", "--preset", preset]).preset == preset
+    assert main(["make-tiny-model", str(tmp_path / "cli"), "--preset", "mla-k2-widths"]) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["kv_lora_rank"] == 512

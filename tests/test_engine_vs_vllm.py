@@ -1,0 +1,100 @@
+"""benchmarks/engine_vs_vllm.py without vLLM: the checkpoint it writes for vLLM, its dry run, the peer protocol."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from engine_vs_vllm import agreement, main
+from k2serve.worker.loader import Checkpoint
+from peers import VllmPeer
+from vllm_checkpoint import WEIGHTS_FILE, write_plain_checkpoint
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return write_plain_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("plain") / "deepseek-v3")
+
+
+def read_plain(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def test_plain_weights_are_what_our_loader_computes_with(tiny_model_dir, plain_dir):
+    ckpt, written = Checkpoint(tiny_model_dir), read_plain(plain_dir)
+    fp8 = [n for n in ckpt.weight_map if ckpt.is_fp8(n)]
+    assert len(fp8) > 100 and not any(n.endswith("_scale_inv") for n in written)
+    assert set(written) == {n for n in ckpt.weight_map if not n.endswith("_scale_inv")}
+    for name in fp8:  # dequantized exactly as k2serve dequantizes them, partial blocks included
+        assert written[name].dtype == torch.float32 and torch.equal(written[name], ckpt.read_dense(name)), name
+    assert written["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert written["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert "model.layers.2.mlp.experts.15.down_proj.weight" in written  # per-expert names, as vLLM loads them
+
+
+def test_plain_config_is_deepseek_v3_without_quantization(tiny_model_dir, plain_dir):
+    k2 = json.loads((tiny_model_dir / "config.json").read_text())
+    plain = json.loads((plain_dir / "config.json").read_text())
+    assert plain["model_type"] == "deepseek_v3" and plain["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert "quantization_config" not in plain and plain["torch_dtype"] == "float32"
+    same = set(k2) - {"model_type", "quantization_config", "torch_dtype"}
+    assert {k: plain[k] for k in same} == {k: k2[k] for k in same}
+
+
+def test_agreement_counts_requests_and_tokens_before_the_first_mismatch():
+    assert agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 3, 4], [5, 6]]) == (1.0, 1.0)
+    assert agreement([[1, 2, 3, 4], [5, 6]], [[1, 9, 3, 4], [5, 6]]) == (0.5, 3 / 6)
+
+
+def test_dry_run_checks_the_conversion_and_runs_k2serve(tmp_path, capsys):
+    main(["--dry-run", "--concurrency", "1,3", "--min-tokens", "3", "--max-tokens", "6",
+          "--work-dir", str(tmp_path), "--venv", str(tmp_path / "venv")])
+    out = capsys.readouterr().out
+    assert "conversion check: 3 greedy requests identical on both checkpoints" in out
+    assert f"--model {tmp_path / 'deepseek-v3-plain'} --dtype float32" in out
+    config = json.loads((tmp_path / "deepseek-v3-plain" / "config.json").read_text())
+    assert config["kv_lora_rank"] + config["qk_rope_head_dim"] == 576  # the latent vLLM's CPU MLA takes
+
+
+FAKE_VLLM = '''
+"""A stand-in for vLLM's LLM class: echoes each prompt's first token, max_tokens times; chatty on stdout."""
+from types import SimpleNamespace
+
+class LLM:
+    def __init__(self, **kwargs):
+        print("fake vLLM starting", kwargs["dtype"])  # must not reach the protocol stream
+
+    def generate(self, inputs, params, use_tqdm=True):
+        print("generating")
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[i["prompt_token_ids"][0]] * p.max_tokens)])
+                for i, p in zip(inputs, params)]
+
+class SamplingParams:
+    def __init__(self, max_tokens, **kwargs):
+        self.max_tokens = max_tokens
+'''
+
+
+def test_vllm_peer_protocol_over_a_fake_vllm(tmp_path):
+    """vllm_peer.py's JSON-lines protocol and VllmPeer's client, with vLLM's LLM class faked (no vLLM here)."""
+    package = tmp_path / "fake" / "vllm"
+    (package / "inputs").mkdir(parents=True)
+    (package / "__init__.py").write_text(textwrap.dedent(FAKE_VLLM))
+    (package / "inputs" / "__init__.py").write_text("def TokensPrompt(prompt_token_ids):\n"
+                                                     "    return {'prompt_token_ids': prompt_token_ids}\n")
+    peer = VllmPeer(Path(sys.executable), tmp_path, "bfloat16", tmp_path / "peer.log", 4, 64,
+                    {"PYTHONPATH": str(tmp_path / "fake")})
+    try:
+        run = peer.generate([[7, 1], [9]], [3, 2])
+        assert run.token_ids == [[7, 7, 7], [9, 9]] and run.seconds >= 0
+        assert peer.generate([[5]], [1]).token_ids == [[5]]
+    finally:
+        peer.close()
+    assert "fake vLLM starting bfloat16" in (tmp_path / "peer.log").read_text()

@@ -98,3 +98,18 @@ def test_vllm_peer_protocol_over_a_fake_vllm(tmp_path):
     finally:
         peer.close()
     assert "fake vLLM starting bfloat16" in (tmp_path / "peer.log").read_text()
+
+
+def test_engine_profile_times_the_step_parts(tiny_model_dir):
+    """engine_profile.py's timers, attached from outside, see every part of the step and sum sensibly."""
+    from engine_profile import Timers, instrument
+    from peers import K2servePeer
+
+    peer = K2servePeer(tiny_model_dir, "float32", 2, 32)
+    timers = Timers()
+    instrument(peer.engine, timers)
+    run = peer.generate([[1, 2, 3], [4, 5]], [4, 2])
+    assert [len(t) for t in run.token_ids] == [4, 2] and timers.calls["step"] == 4
+    for region in ("schedule", "execute", "sample", "postprocess", "attention", "moe", "moe.experts (per-expert loop)"):
+        assert 0 < timers.seconds[region] <= timers.seconds["step"], region
+    assert timers.calls["attention"] == 4 * 3 and timers.calls["moe"] == 4 * 2  # 3 layers, 2 of them MoE

@@ -11,7 +11,7 @@ its venv, one per dtype (vllm_peer.py); k2serve runs in this process, one engine
 Workload (as engine_vs_hf.py): at concurrency C, C prompts of 8..64 token ids submitted at once,
 greedy, ignore_eos, output lengths spread evenly over --min-tokens..--max-tokens. Every engine runs
 each level --repeats times, the engines alternating (in a rotating order) so that a disturbance on a
-shared machine hits all of them; the best time counts. Throughput = requested output tokens / wall
+shared machine hits all of them; the best time counts (the median is shown beside it). Throughput = requested output tokens / wall
 time. Greedy agreement per pair: the share of requests whose tokens all match, and the share of tokens
 generated before a request's first mismatch. Progress goes to stderr; the tables (markdown) to stdout,
 ending with the line `k2serve/vllm tok/s: c=1 X, c=16 Y, c=64 Z` (each engine in its fastest dtype).
@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="vLLM's venv (made when absent)")
     p.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for vLLM (e.g. VLLM_CPU_OMP_THREADS_BIND=0-1); repeatable")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for k2serve (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for k2serve (0: torch's default, one per core). 1 is what a k2serve rank gets "
+                        "under Ray (one CPU slot, OMP_NUM_THREADS=1) and what vLLM chooses on 2 cores (cores - 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="no vLLM: check the conversion, run k2serve small")
     return p.parse_args(argv)
@@ -102,17 +104,26 @@ def start_peers(args, k2_dir: Path, plain_dir: Path, work: Path, say: Progress, 
     return peers
 
 
-def measure(peers: list[Peer], prompts, lengths, repeats: int, say: Progress) -> dict[str, Run]:
-    """Each peer's best run over `repeats` rounds, peers alternating in a rotating order."""
-    best: dict[str, Run] = {}
+def measure(peers: list[Peer], prompts, lengths, repeats: int, say: Progress) -> dict[str, list[Run]]:
+    """Each peer's runs over `repeats` rounds, peers alternating in a rotating order."""
+    runs: dict[str, list[Run]] = {peer.name: [] for peer in peers}
     for r in range(repeats):
         for peer in peers[r % len(peers):] + peers[: r % len(peers)]:
             run = peer.generate(prompts, lengths)
             check_lengths(peer.name, run, lengths)
             say(f"  round {r + 1}/{repeats}: {peer.name} {sum(lengths) / run.seconds:8.1f} tok/s")
-            if peer.name not in best or run.seconds < best[peer.name].seconds:
-                best[peer.name] = run
-    return best
+            runs[peer.name].append(run)
+    return runs
+
+
+def best(runs: dict[str, list[Run]]) -> dict[str, Run]:
+    return {name: min(rs, key=lambda r: r.seconds) for name, rs in runs.items()}
+
+
+def median_seconds(runs: list[Run]) -> float:
+    times = sorted(r.seconds for r in runs)
+    mid = len(times) // 2
+    return times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
 
 
 def check_lengths(name: str, run: Run, lengths: list[int]) -> None:
@@ -141,29 +152,29 @@ def fastest(results: dict[str, Run], prefix: str) -> tuple[str, float] | None:
     return min(runs, key=lambda r: r[1]) if runs else None
 
 
-def print_throughput(all_results: dict[int, dict[str, Run]], workloads: dict[int, list[int]]) -> dict[int, float]:
-    names = list(next(iter(all_results.values())))
+def print_throughput(all_runs: dict[int, dict[str, list[Run]]], workloads: dict[int, list[int]]) -> dict[int, float]:
+    """Best-of-rounds tok/s per engine (median over rounds in brackets) and the ratio of the fastest dtypes."""
+    names = list(next(iter(all_runs.values())))
     print("| C | tokens | " + " | ".join(f"{n} tok/s" for n in names) + " | k2serve / vLLM (fastest dtypes) |")
     print("|---" * (len(names) + 3) + "|")
     ratios = {}
-    for c, results in all_results.items():
-        total = sum(workloads[c])
+    for c, runs in all_runs.items():
+        total, results = sum(workloads[c]), best(runs)
         ours, theirs = fastest(results, "k2serve"), fastest(results, "vLLM")
-        ratio = theirs[1] / ours[1] if ours and theirs else float("nan")
-        ratios[c] = ratio
-        cells = " | ".join(f"{total / results[n].seconds:,.1f}" for n in names)
-        print(f"| {c} | {total} | {cells} | {ratio:.2f}x |")
+        ratios[c] = theirs[1] / ours[1] if ours and theirs else float("nan")
+        cells = " | ".join(f"{total / results[n].seconds:,.1f} ({total / median_seconds(runs[n]):,.1f})" for n in names)
+        print(f"| {c} | {total} | {cells} | {ratios[c]:.2f}x |")
     return ratios
 
 
-def print_agreement(all_results: dict[int, dict[str, Run]]) -> None:
-    names = list(next(iter(all_results.values())))
+def print_agreement(all_runs: dict[int, dict[str, list[Run]]]) -> None:
+    names = list(next(iter(all_runs.values())))
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     print("\nGreedy agreement (requests identical / tokens before the first mismatch):\n")
     print("| C | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |")
     print("|---" * (len(pairs) + 1) + "|")
-    for c, results in all_results.items():
-        cells = [agreement(results[a].token_ids, results[b].token_ids) for a, b in pairs]
+    for c, runs in all_runs.items():
+        cells = [agreement(runs[a][0].token_ids, runs[b][0].token_ids) for a, b in pairs]
         print(f"| {c} | " + " | ".join(f"{e:.0%} / {p:.0%}" for e, p in cells) + " |")
 
 
@@ -190,6 +201,7 @@ def run_comparison(args: argparse.Namespace, work: Path, say: Progress) -> None:
     finally:
         for peer in peers:
             peer.close()
+    print("tok/s: best of the rounds (median of the rounds)\n")
     ratios = print_throughput(all_results, workloads)
     print_agreement(all_results)
     print("\nk2serve/vllm tok/s: " + ", ".join(f"c={c} {r:.2f}" for c, r in ratios.items()))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine_vs_vllm import agreement, main
+from engine_vs_vllm import agreement, main, print_throughput
 from k2serve.worker.loader import Checkpoint
-from peers import VllmPeer
+from peers import Run, VllmPeer
 from vllm_checkpoint import WEIGHTS_FILE, write_plain_checkpoint
 
 
@@ -51,6 +51,15 @@ def test_plain_config_is_deepseek_v3_without_quantization(tiny_model_dir, plain_
 def test_agreement_counts_requests_and_tokens_before_the_first_mismatch():
     assert agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 3, 4], [5, 6]]) == (1.0, 1.0)
     assert agreement([[1, 2, 3, 4], [5, 6]], [[1, 9, 3, 4], [5, 6]]) == (0.5, 3 / 6)
+
+
+def test_throughput_table_best_median_and_ratio_of_fastest_dtypes(capsys):
+    runs = {"k2serve float32": [Run([], 2.0), Run([], 4.0), Run([], 3.0)], "k2serve bfloat16": [Run([], 8.0)],
+            "vLLM bfloat16": [Run([], 5.0)], "vLLM float32": [Run([], 1.0), Run([], 9.0)]}
+    ratios = print_throughput({16: runs}, {16: [100, 100]})
+    assert ratios == {16: 0.5}  # vLLM float32's best 1 s against k2serve float32's best 2 s
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == "| 16 | 200 | 100.0 (66.7) | 25.0 (25.0) | 40.0 (40.0) | 200.0 (40.0) | 0.50x |"
 
 
 def test_dry_run_checks_the_conversion_and_runs_k2serve(tmp_path, capsys):

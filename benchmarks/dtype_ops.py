@@ -38,6 +38,11 @@ def time_us(fn: Callable[[], object], min_seconds: float = 0.2) -> float:
     return 1e6 * sorted(batches)[2]
 
 
+def rms_normed(x: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 def operators(t: int, s: int, dtype: torch.dtype) -> dict[str, Callable[[], object]]:
     """The step's operators at T tokens and context S, with inputs in `dtype`."""
     g = torch.Generator().manual_seed(0)
@@ -45,7 +50,8 @@ def operators(t: int, s: int, dtype: torch.dtype) -> dict[str, Callable[[], obje
     def r(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    x, w_exp, w_kva, w_qb, w_head = r(t, HIDDEN), r(EXPERT, HIDDEN), r(LATENT + ROPE, HIDDEN), r(HEADS * 192, Q_LORA), r(VOCAB, HIDDEN)
+    x, w_exp, w_kva = r(t, HIDDEN), r(EXPERT, HIDDEN), r(LATENT + ROPE, HIDDEN)
+    w_qb, w_head = r(HEADS * 192, Q_LORA), r(VOCAB, HIDDEN)
     q_nope, w_uk, latent, q_lat = r(t, HEADS, NOPE), r(HEADS, NOPE, LATENT), r(t, s, LATENT), r(t, HEADS, LATENT)
     cache, slots = r(4096, LATENT + ROPE), torch.randint(0, 4096, (t, s), generator=g)
     probs, norm_w = r(t, HEADS, s), r(HIDDEN)
@@ -58,7 +64,7 @@ def operators(t: int, s: int, dtype: torch.dtype) -> dict[str, Callable[[], obje
         "scores: bmm [T,4,512]x[T,512,S]": lambda: torch.matmul(q_lat, latent.transpose(1, 2)),
         "values: bmm [T,4,S]x[T,S,512]": lambda: torch.matmul(probs, latent),
         "padded gather cache[slots] [T,S,576]": lambda: cache[slots],
-        "RMSNorm (fp32 inside)": lambda: norm_w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype),
+        "RMSNorm (fp32 inside)": lambda: norm_w * rms_normed(x).to(dtype),
         "softmax over [T,4,S] in fp32": lambda: probs.float().softmax(-1).to(dtype),
         "silu(gate) * up [T,96]": lambda: F.silu(x[:, :EXPERT]) * x[:, :EXPERT],
     }

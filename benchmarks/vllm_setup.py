@@ -38,7 +38,8 @@ def ensure_vllm_venv(venv: Path = DEFAULT_VENV, say: Callable[[str], None] = pri
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     version = installed_vllm_version(python)
     if version != VLLM_VERSION:
-        raise RuntimeError(f"vLLM in {venv} does not import (got {version!r}); see {venv.parent / 'vllm-venv-install.log'}")
+        log = venv.parent / "vllm-venv-install.log"
+        raise RuntimeError(f"vLLM in {venv} does not import (got {version!r}); see {log}")
     marker.write_text(VLLM_REQUIREMENT + "\n")
     return python
 

@@ -14,7 +14,8 @@ each level --repeats times, the engines alternating (in a rotating order) so tha
 shared machine hits all of them; the best time counts (the median is shown beside it). Throughput =
 requested output tokens / wall time. Greedy agreement per pair: the share of requests whose tokens
 all match, and the share of tokens generated before a request's first mismatch. Progress goes to
-stderr; the tables (markdown) to stdout, ending with the line `k2serve/vllm tok/s: c=1 X, c=16 Y, c=64 Z` (each engine in its fastest dtype).
+stderr; the tables (markdown) to stdout, ending with the line
+`k2serve/vllm tok/s: c=1 X, c=16 Y, c=64 Z` (each engine in its fastest dtype).
 
 `--dry-run` needs no vLLM: it writes both checkpoints, checks that k2serve generates the same tokens
 from the plain one as from the K2-format one (the conversion loses nothing), runs k2serve on a small

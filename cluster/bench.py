@@ -78,6 +78,7 @@ class BenchConfig:
     ignore_eos: bool = False  # vLLM/SGLang extension: always generate max_tokens
     force_min_tokens: bool = False  # send min_tokens = max_tokens (vLLM extension; k2serve's router accepts it)
     temperature: float = 0.0
+    return_token_ids: bool = False  # vLLM extension: chunks carry token_ids (a tokenizer-less server streams no text)
 
     def __post_init__(self) -> None:
         if self.endpoint not in ("chat", "completions"):
@@ -174,6 +175,8 @@ def request_body(cfg: BenchConfig, spec: RequestSpec) -> dict[str, Any]:
         body["ignore_eos"] = True
     if cfg.force_min_tokens:
         body["min_tokens"] = spec.max_tokens
+    if cfg.return_token_ids:
+        body["return_token_ids"] = True
     if cfg.endpoint == "chat":
         body["messages"] = spec.messages
     else:
@@ -182,9 +185,9 @@ def request_body(cfg: BenchConfig, spec: RequestSpec) -> dict[str, Any]:
 
 
 def chunk_output(chunk: dict[str, Any]) -> bool:
-    """Whether a stream chunk carries generated output (text, reasoning or tool-call deltas)."""
+    """Whether a stream chunk carries generated output (text, token ids, reasoning or tool-call deltas)."""
     for choice in chunk.get("choices") or []:
-        if choice.get("text"):
+        if choice.get("text") or choice.get("token_ids"):
             return True
         delta = choice.get("delta") or {}
         if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):

@@ -37,6 +37,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM/SGLang extension)")
     p.add_argument("--min-tokens", action="store_true", help="send min_tokens = max_tokens (fixed output length)")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--return-token-ids", action="store_true",
+                   help="send return_token_ids (vLLM extension; a server started with --skip-tokenizer-init streams no text)")
     p.add_argument("--sweep", help="comma-separated concurrencies, e.g. 1,2,4,8 (one run each)")
     p.add_argument("--output", help="write the report (and per-request results) as JSON")
     p.add_argument("--plot-dir", help="write PNG plots into this directory")
@@ -56,7 +58,7 @@ def config_from_args(args: argparse.Namespace, concurrency: int | None) -> Bench
         slo_ttft_s=None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1e3,
         slo_tpot_s=None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1e3,
         timeout_s=args.timeout, api_key=args.api_key, ignore_eos=args.ignore_eos,
-        force_min_tokens=args.min_tokens, temperature=args.temperature,
+        force_min_tokens=args.min_tokens, temperature=args.temperature, return_token_ids=args.return_token_ids,
     )
 
 

@@ -259,3 +259,16 @@ def test_request_body_asks_for_usage_and_fixed_lengths():
     assert body["stream"] and body["stream_options"] == {"include_usage": True}
     assert body["min_tokens"] == body["max_tokens"] == spec.max_tokens and body["ignore_eos"] is True
     assert "min_tokens" not in request_body(BenchConfig(model="m"), spec)
+
+
+def test_token_id_chunks_count_as_output_and_token_id_prompts_pass_through():
+    """A server without a tokenizer (vLLM --skip-tokenizer-init) streams empty text with `token_ids`."""
+    from k2serve.cluster.bench import chunk_output, request_body
+
+    assert chunk_output({"choices": [{"index": 0, "text": "", "token_ids": [444]}]})
+    assert not chunk_output({"choices": [{"index": 0, "text": "", "token_ids": None}]})
+    cfg = BenchConfig(endpoint="completions", return_token_ids=True, prompts=({"prompt": [1, 2, 3], "max_tokens": 5},))
+    spec = make_requests(cfg)[0]
+    body = request_body(cfg, spec)
+    assert body["prompt"] == [1, 2, 3] and body["max_tokens"] == 5 and body["return_token_ids"] is True
+    assert "return_token_ids" not in request_body(BenchConfig(endpoint="completions"), spec)

@@ -122,3 +122,24 @@ def test_engine_profile_times_the_step_parts(tiny_model_dir):
     for region in ("schedule", "execute", "sample", "postprocess", "attention", "moe", "moe.experts (per-expert loop)"):
         assert 0 < timers.seconds[region] <= timers.seconds["step"], region
     assert timers.calls["attention"] == 4 * 3 and timers.calls["moe"] == 4 * 2  # 3 layers, 2 of them MoE
+
+
+def test_serve_vs_vllm_config_is_a_valid_one_rank_cluster(tmp_path):
+    from serve_vs_vllm import k2serve_config
+
+    from k2serve.cluster.config import ClusterConfig
+
+    config = ClusterConfig.from_yaml(k2serve_config(tmp_path / "model", "float32", 18000, 64))
+    assert [(g.tp, g.ep) for g in config.groups] == [(1, 1)] and config.router.port == 18000
+    assert (config.engine.max_num_seqs, config.engine.dtype) == (64, "float32")
+
+
+def test_serve_table_best_median_ratio_and_ttft(capsys):
+    from serve_vs_vllm import print_table
+
+    def summary(tps, ttft):
+        return {"output_throughput": tps, "ttft": {"p50_ms": ttft}}
+
+    runs = {"k2serve serve": [summary(100.0, 30), summary(80.0, 50)], "vllm serve": [summary(200.0, 20)]}
+    assert print_table({4: runs}) == {4: 0.5}
+    assert capsys.readouterr().out.splitlines()[-1] == "| 4 | 100.0 (90.0) | 200.0 (200.0) | 0.50x | 40 / 20 |"

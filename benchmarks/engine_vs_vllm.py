@@ -88,10 +88,11 @@ def vllm_env(args: argparse.Namespace) -> dict[str, str]:
     return {**VLLM_ENV, **extra}
 
 
-def start_peers(args, k2_dir: Path, plain_dir: Path, work: Path, say: Progress, max_len: int) -> list[Peer]:
-    """k2serve engines first (seconds), then vLLM (minutes: its first start compiles the model)."""
+def start_peers(args, k2_dir: Path, plain_dir: Path, work: Path, say: Progress, max_len: int,
+                peers: list[Peer]) -> None:
+    """Into `peers` (so that the caller closes whatever started): k2serve engines first (seconds), then vLLM
+    (minutes: its first start compiles the model)."""
     c_max = max(levels(args))
-    peers: list[Peer] = []
     for dtype in split(args.k2serve_dtypes):
         say(f"loading k2serve ({dtype})")
         peers.append(K2servePeer(k2_dir, dtype, c_max, max_len))
@@ -102,7 +103,6 @@ def start_peers(args, k2_dir: Path, plain_dir: Path, work: Path, say: Progress, 
         peer = VllmPeer(python, plain_dir, dtype, log, c_max, max_len, vllm_env(args), say)
         say(f"vLLM ({dtype}) ready after {peer.startup_s:.0f} s")
         peers.append(peer)
-    return peers
 
 
 def measure(peers: list[Peer], prompts, lengths, repeats: int, say: Progress) -> dict[str, list[Run]]:
@@ -190,8 +190,9 @@ def split(text: str) -> list[str]:
 def run_comparison(args: argparse.Namespace, work: Path, say: Progress) -> None:
     k2_dir, plain_dir = prepare_checkpoints(args, work, say)
     max_len = 64 + args.max_tokens
-    peers = start_peers(args, k2_dir, plain_dir, work, say, max_len)
+    peers: list[Peer] = []
     try:
+        start_peers(args, k2_dir, plain_dir, work, say, max_len, peers)
         all_results, workloads = {}, {}
         for c in levels(args):
             prompts, lengths = make_workload(c, args.min_tokens, args.max_tokens, args.seed)

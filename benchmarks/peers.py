@@ -78,8 +78,11 @@ class VllmPeer:
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                      text=True, env={**os.environ, **env})
-        ready = self._read_reply(STARTUP_TIMEOUT_S, starting=True)
-        self.startup_s = ready["startup_s"]
+        try:
+            self.startup_s = self._read_reply(STARTUP_TIMEOUT_S, starting=True)["startup_s"]
+        except BaseException:
+            self.close()
+            raise
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> Run:
         self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")

@@ -47,7 +47,11 @@ class Server:
         self.name, self.url, self.log_path, self.say = name, f"http://127.0.0.1:{port}", log_path, say
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        self.model = self._wait_ready()
+        try:
+            self.model = self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_ready(self) -> str:
         start = last = time.monotonic()

@@ -91,15 +91,20 @@ class SamplingParams:
 '''
 
 
-def test_vllm_peer_protocol_over_a_fake_vllm(tmp_path):
-    """vllm_peer.py's JSON-lines protocol and VllmPeer's client, with vLLM's LLM class faked (no vLLM here)."""
-    package = tmp_path / "fake" / "vllm"
+def fake_vllm(root: Path, source: str = FAKE_VLLM) -> dict[str, str]:
+    """A fake `vllm` package under `root`; the environment that puts it on the peer's path."""
+    package = root / "vllm"
     (package / "inputs").mkdir(parents=True)
-    (package / "__init__.py").write_text(textwrap.dedent(FAKE_VLLM))
+    (package / "__init__.py").write_text(textwrap.dedent(source))
     (package / "inputs" / "__init__.py").write_text("def TokensPrompt(prompt_token_ids):\n"
                                                      "    return {'prompt_token_ids': prompt_token_ids}\n")
-    peer = VllmPeer(Path(sys.executable), tmp_path, "bfloat16", tmp_path / "peer.log", 4, 64,
-                    {"PYTHONPATH": str(tmp_path / "fake")})
+    return {"PYTHONPATH": str(root)}
+
+
+def test_vllm_peer_protocol_over_a_fake_vllm(tmp_path):
+    """vllm_peer.py's JSON-lines protocol and VllmPeer's client, with vLLM's LLM class faked (no vLLM here)."""
+    env = fake_vllm(tmp_path / "fake")
+    peer = VllmPeer(Path(sys.executable), tmp_path, "bfloat16", tmp_path / "peer.log", 4, 64, env)
     try:
         run = peer.generate([[7, 1], [9]], [3, 2])
         assert run.token_ids == [[7, 7, 7], [9, 9]] and run.seconds >= 0
@@ -143,3 +148,10 @@ def test_serve_table_best_median_ratio_and_ttft(capsys):
     runs = {"k2serve serve": [summary(100.0, 30), summary(80.0, 50)], "vllm serve": [summary(200.0, 20)]}
     assert print_table({4: runs}) == {4: 0.5}
     assert capsys.readouterr().out.splitlines()[-1] == "| 4 | 100.0 (90.0) | 200.0 (200.0) | 0.50x | 40 / 20 |"
+
+
+def test_vllm_peer_that_fails_to_start_says_why(tmp_path):
+    env = fake_vllm(tmp_path / "fake", FAKE_VLLM.replace('print("fake vLLM starting", kwargs["dtype"])',
+                                                         'raise ValueError("no CPU MLA backend for this head size")'))
+    with pytest.raises(RuntimeError, match="vLLM float32 exited with 1:(.|\n)*no CPU MLA backend"):
+        VllmPeer(Path(sys.executable), tmp_path, "float32", tmp_path / "peer.log", 4, 64, env)

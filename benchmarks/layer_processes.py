@@ -46,7 +46,8 @@ class PacedEngine:  # a worker.server.ServedEngine
         self._running = 0
         self._ticker: asyncio.Task | None = None
 
-    async def generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, rid: str, prompt: list[int], params: SamplingParams,
+                       output_ids=()) -> AsyncIterator[RequestOutput]:
         n = params.max_tokens or 16
         arrived = time.monotonic()
         self._join()

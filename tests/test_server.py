@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from k2serve.router.pool.worker import Finished, GenerateParams, GuidedRequest, TokenChunk, WorkerError
 from k2serve.router.pool.worker_client import WorkerClient, request_to_proto
+from k2serve.v1 import worker_pb2, worker_pb2_grpc
 from k2serve.worker.engine import EngineLoad
 from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams, TokenLogprob
 from k2serve.worker.server import ModelInfo, params_from_request, serve_worker
@@ -16,23 +18,26 @@ INFO = ModelInfo("tiny-k2", 4096, 1000, (163585, 163586), "sha256:abc")
 
 
 class FakeEngine:  # a ServedEngine
-    """Yields token i at step i; prompt [999] is rejected (429); [500] crashes; records aborts."""
+    """Yields token i at step i (a continuation of k tokens starts at step k); prompt [999] is rejected
+    (429); [500] crashes; records aborts."""
 
     def __init__(self):
         self.active: dict[str, int] = {}
         self.aborted: list[str] = []
         self.seen: dict[str, dict] = {}
+        self.continued: dict[str, tuple[int, ...]] = {}  # request id -> its output_token_ids
 
-    async def generate(self, rid, prompt, params: SamplingParams):
+    async def generate(self, rid, prompt, params: SamplingParams, output_ids=()):
         if prompt == [999]:
             raise RequestRejected("waiting queue is full", 429)
         if prompt == [500]:
             raise RuntimeError("boom")
         self.seen[rid.split("@")[0]] = params  # the router's session sends "<id>@<session>.<n>"
+        self.continued[rid.split("@")[0]] = tuple(output_ids)
         self.active[rid] = len(prompt)
         try:
             n = params.max_tokens
-            for i in range(n):
+            for i in range(len(output_ids), n):
                 await asyncio.sleep(0.05 if n > 20 else 0.0)
                 lps = [TokenLogprob(i, -0.5, [(i, -0.5), (7, -1.5)])] if params.logprobs else None
                 last = i == n - 1
@@ -118,6 +123,40 @@ def test_client_cancel_aborts_request_and_frees_it():
         assert "long" in engine.aborted and not engine.active
         assert (await client.get_load()).kv_cache_usage == 0.0
     run(scenario)
+
+
+async def raw_generate(client, request: worker_pb2.GenerateRequest) -> list[worker_pb2.GenerateResponse]:
+    """The Generate RPC's responses on a channel of its own to the client's worker."""
+    async with grpc.aio.insecure_channel(client.address) as channel:
+        return [r async for r in worker_pb2_grpc.WorkerStub(channel).Generate(request)]
+
+
+def test_a_continuation_goes_on_after_its_output_tokens():
+    async def scenario(engine, client):
+        request = worker_pb2.GenerateRequest(request_id="c", prompt_token_ids=[1, 2],
+                                             sampling=worker_pb2.SamplingParams(max_tokens=5),
+                                             output_token_ids=[0, 1])
+        responses = await raw_generate(client, request)
+        assert engine.continued["c"] == (0, 1)
+        return responses
+    responses = run(scenario)
+    assert [list(r.chunk.token_ids) for r in responses[:-1]] == [[2], [3], [4]]
+    assert responses[-1].complete.completion_tokens == 5
+
+
+def test_a_request_past_its_deadline_is_aborted_with_504():
+    async def scenario(engine, client):
+        request = worker_pb2.GenerateRequest(request_id="slow", prompt_token_ids=[1, 2],
+                                             sampling=worker_pb2.SamplingParams(max_tokens=1000), timeout_ms=300)
+        responses = await raw_generate(client, request)
+        assert "slow" in engine.aborted and not engine.active
+        quick = worker_pb2.GenerateRequest(request_id="quick", prompt_token_ids=[1],
+                                           sampling=worker_pb2.SamplingParams(max_tokens=2), timeout_ms=60_000)
+        return responses, await raw_generate(client, quick)
+    slow, quick = run(scenario)
+    assert 1 <= len(slow) - 1 < 1000 and all(r.WhichOneof("response") == "chunk" for r in slow[:-1])
+    assert slow[-1].error.status == 504 and "deadline of 300 ms" in slow[-1].error.message
+    assert quick[-1].complete.finish_reason == "length"
 
 
 def test_abort_model_info_and_health():

@@ -32,7 +32,7 @@ class SteppingEngine:
         self.aborted: list[str] = []
         self._ticker: asyncio.Task | None = None
 
-    async def generate(self, rid: str, prompt: list[int], params: SamplingParams):
+    async def generate(self, rid: str, prompt: list[int], params: SamplingParams, output_ids=()):
         if rid in self.running:
             from k2serve.worker.request import RequestRejected
             raise RequestRejected(f"request id {rid!r} is already in use")
@@ -318,7 +318,7 @@ def test_a_failed_session_leaves_no_task_behind():
 
 def test_outputs_without_tokens_send_no_empty_chunks():
     class Sparse(SteppingEngine):
-        async def generate(self, rid, prompt, params):
+        async def generate(self, rid, prompt, params, output_ids=()):
             yield RequestOutput(rid, [], None, len(prompt), 0, 0)
             yield RequestOutput(rid, [5], None, len(prompt), 1, 0)
             yield RequestOutput(rid, [], None, len(prompt), 1, 0, True, "stop", stop_token_id=2)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from k2serve.worker.engine import Engine, EngineLoad
@@ -61,9 +61,10 @@ class AsyncEngine:
 
     # ---- API ----
 
-    async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs until it finishes.
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       output_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until it finishes; `output_ids` makes it a continuation
+        (Engine.add_request).
 
         Raises RequestRejected (HTTP-like status) before yielding anything if the engine refuses it.
         Leaving the iteration early (break, cancellation) aborts the request and frees its blocks.
@@ -77,7 +78,7 @@ class AsyncEngine:
             await loop.run_in_executor(None, self.engine.compile_guide, params.guided)
         stream = _Stream(loop, asyncio.Queue())
         accepted = loop.create_future()
-        self._commands.put(("add", request_id, list(prompt_ids), params, stream, accepted))
+        self._commands.put(("add", request_id, list(prompt_ids), params, tuple(output_ids), stream, accepted))
         finished = False
         try:
             try:
@@ -144,12 +145,12 @@ class AsyncEngine:
         if command[0] == "abort":
             self.engine.abort_request(command[1])
             return
-        _, request_id, prompt_ids, params, stream, accepted = command
+        _, request_id, prompt_ids, params, output_ids, stream, accepted = command
         try:
             with self._lock:
                 if request_id in self._streams:  # until its last output is delivered, an id stays taken
                     raise RequestRejected(f"request id {request_id!r} is already in use")
-            self.engine.add_request(request_id, prompt_ids, params)
+            self.engine.add_request(request_id, prompt_ids, params, output_ids)
         except Exception as exc:  # noqa: BLE001 - rejections and bad input go back to the caller
             stream.loop.call_soon_threadsafe(_set_exception, accepted, exc)
             return

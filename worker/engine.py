@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -98,17 +99,33 @@ class Engine:
 
     # ---- requests ----
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Validate and queue a request; raises RequestRejected (with an HTTP-like status) if refused."""
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    output_ids: Sequence[int] = ()) -> None:
+        """Validate and queue a request; raises RequestRejected (with an HTTP-like status) if refused.
+
+        `output_ids` makes it a continuation (Request.resume): the tokens it already generated on another
+        group. A continuation those tokens already finished ends at once, with no new token.
+        """
         params.validate(self.vocab_size, self.config.max_top_logprobs)
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        bad = [t for t in (*prompt_ids, *output_ids) if not 0 <= t < self.vocab_size]
         if bad:
-            raise RequestRejected(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            raise RequestRejected(f"token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
         request = Request(request_id, prompt_ids, params, self._stop_ids(params),
                           params.max_tokens or self.config.default_max_tokens)
         if params.guided is not None:
             request.guide = self._guided_decoding().new_guide(params.guided)
+        self._resume(request, output_ids)
+        if request.is_finished:
+            self._pending.append(request.take_output())
+            return
         self.scheduler.add(request)
+
+    @staticmethod
+    def _resume(request: Request, output_ids: Sequence[int]) -> None:
+        """A continuation's tokens: counted as generated, and fed to its grammar, which must accept them."""
+        request.resume(output_ids)
+        if request.guide is not None and not all(request.guide.accept(t) for t in output_ids):
+            raise RequestRejected("output_token_ids do not match the request's structured-output grammar")
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         ids = frozenset(params.stop_token_ids)

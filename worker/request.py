@@ -11,7 +11,7 @@ import enum
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 GUIDED_KINDS = ("json_schema", "json_object", "regex", "tool_call")
 TOOL_CALL_MODES = ("required", "named", "auto")
@@ -258,6 +258,7 @@ class Request:
         self.error_status = 500
         self.logprobs: list[TokenLogprob] = []
         self.num_emitted = 0  # output tokens already reported to the caller
+        self.num_resumed = 0  # leading output tokens generated elsewhere (a continuation): no logprobs here
         self.guide: Any = None  # per-request grammar matcher (worker/guided.py), if guided
 
     @property
@@ -290,13 +291,25 @@ class Request:
         elif self.max_new_tokens is not None and self.num_output_tokens >= self.max_new_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
 
+    def resume(self, output_ids: Sequence[int]) -> None:
+        """Take `output_ids` as this request's output so far: a continuation of a request that another
+        worker group generated them for before it failed. They count as generated (max_tokens, min_tokens,
+        penalties, a seeded sampler's step), may finish the request (a stop id, the length limit), and are
+        not reported again. RequestRejected(400) if they go on past the request's end."""
+        for token_id in output_ids:
+            if self.is_finished:
+                raise RequestRejected(f"output_token_ids go on after the request ended "
+                                      f"({self.status.value}, {self.num_output_tokens} tokens)")
+            self.append_token(token_id)
+        self.num_emitted = self.num_resumed = len(output_ids)
+
     def finish(self, status: RequestStatus, error: str | None = None, error_status: int = 500) -> None:
         self.status, self.error, self.error_status = status, error, error_status
 
     def take_output(self) -> RequestOutput:
         """The tokens generated since the previous call, with the cumulative counts."""
         new = self.token_ids[self.num_prompt_tokens + self.num_emitted:]
-        logprobs = self.logprobs[self.num_emitted:] if self.params.logprobs else None
+        logprobs = self.logprobs[self.num_emitted - self.num_resumed:] if self.params.logprobs else None
         self.num_emitted += len(new)
         return RequestOutput(
             request_id=self.request_id, new_token_ids=new, new_logprobs=logprobs,

@@ -171,9 +171,9 @@ class Scheduler:
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv_cache.allocate(request.request_id, num_cached + num_new, cached):
                 break
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = num_cached
-                self.kv_cache.record_lookup(request.num_prompt_tokens, num_cached)
+            if request.num_preemptions == 0:  # prompt tokens only: a continuation's output may be cached too
+                request.num_cached_tokens = min(num_cached, request.num_prompt_tokens)
+                self.kv_cache.record_lookup(request.num_prompt_tokens, request.num_cached_tokens)
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.waiting.popleft()

@@ -13,12 +13,13 @@ The gRPC port is for workers and routers only: it has no authentication.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -116,16 +117,37 @@ class ServedEngine(Protocol):
     """What the servicer needs from the engine (AsyncEngine; tests and benchmarks use fakes).
 
     `generate` streams a request's RequestOutputs until one is finished, or raises RequestRejected (with an
-    HTTP-like status) before the first; closing it early aborts the request. `abort` returns at once:
+    HTTP-like status) before the first; closing it early aborts the request. `output_ids` makes the request
+    a continuation of one that another group began (GenerateRequest.output_token_ids). `abort` returns at once:
     False when no request has that id. `get_load` is a snapshot.
     """
 
-    def generate(self, request_id: str, prompt_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[RequestOutput]: ...
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 output_ids: Sequence[int] = ()) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> bool: ...
 
     def get_load(self) -> EngineLoad: ...
+
+
+class Deadline:
+    """A request's `timeout_ms`: when it runs out, the request is aborted in the engine (freeing its blocks
+    at once, also while it waits for a slot) and its stream ends with a 504 at its next output."""
+
+    def __init__(self, engine: ServedEngine, request_id: str, timeout_ms: int | None):
+        self.expired = False
+        self.message = f"the request did not finish within its deadline of {timeout_ms} ms"
+        self._engine, self._request_id = engine, request_id
+        self._timer = (asyncio.get_running_loop().call_later(timeout_ms / 1000, self._expire)
+                       if timeout_ms is not None else None)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._engine.abort(self._request_id)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -169,24 +191,33 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except RequestRejected as exc:
             yield fill_error(new(), exc.message, exc.status)
             return
-        async for response in self._stream(rid, list(request.prompt_token_ids), params, new):
-            yield response
+        deadline = Deadline(self._engine, rid, request.timeout_ms if request.HasField("timeout_ms") else None)
+        try:
+            async for response in self._stream(rid, request, params, new, deadline):
+                yield response
+        finally:
+            deadline.cancel()
 
-    async def _stream(self, rid: str, prompt: list[int], params: SamplingParams,
-                      new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _stream(self, rid: str, request: worker_pb2.GenerateRequest, params: SamplingParams,
+                      new: ResponseFactory, deadline: "Deadline") -> AsyncIterator[worker_pb2.GenerateResponse]:
         finished = False
         try:
-            async for response in self._engine_responses(rid, prompt, params, new):
+            async for response in self._engine_responses(rid, request, params, new, deadline):
                 finished = response.WhichOneof("response") != "chunk"
                 yield response
         finally:
             if not finished:  # the client cancelled (or the stream broke): free the request's blocks
                 await self._abort(rid)
 
-    async def _engine_responses(self, rid: str, prompt: list[int], params: SamplingParams,
-                                new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _engine_responses(self, rid: str, request: worker_pb2.GenerateRequest, params: SamplingParams,
+                                new: ResponseFactory,
+                                deadline: "Deadline") -> AsyncIterator[worker_pb2.GenerateResponse]:
+        prompt, output = list(request.prompt_token_ids), list(request.output_token_ids)
         try:
-            async for out in self._engine.generate(rid, prompt, params):
+            async for out in self._engine.generate(rid, prompt, params, output):
+                if deadline.expired:  # its abort ends the engine's stream; the request ends with the 504
+                    yield fill_error(new(), deadline.message, 504)
+                    return
                 if out.new_token_ids or out.new_logprobs:
                     response = new()
                     fill_chunk(response.chunk, out)

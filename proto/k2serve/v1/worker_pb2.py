@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17k2serve/v1/worker.proto\x12\nk2serve.v1\"\x86\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x0b\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\x83\x01\n\nGuidedSpec\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12.\n\ttool_call\x18\x04 \x01(\x0b\x32\x19.k2serve.v1.ToolCallGuideH\x00\x42\x06\n\x04kind\"T\n\rToolCallGuide\x12\x12\n\ntools_json\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x66irst_index\x18\x04 \x01(\x05\"\xa5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12+\n\x06guided\x18\x04 \x01(\x0b\x32\x16.k2serve.v1.GuidedSpecH\x00\x88\x01\x01\x42\t\n\x07_guided\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.k2serve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x97\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.k2serve.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\"\xb0\x01\n\x10GenerateComplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\"\n\x15matched_stop_token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\x42\x18\n\x16_matched_stop_token_id\"0\n\rGenerateError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x05\"\xbc\x01\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.k2serve.v1.GenerateChunkH\x00\x12\x30\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1c.k2serve.v1.GenerateCompleteH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.k2serve.v1.GenerateErrorH\x00\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\n\n\x08response\"h\n\x0eSessionRequest\x12-\n\x08generate\x18\x01 \x03(\x0b\x32\x1b.k2serve.v1.GenerateRequest\x12\'\n\x05\x61\x62ort\x18\x02 \x03(\x0b\x32\x18.k2serve.v1.AbortRequest\"B\n\x0fSessionResponse\x12/\n\tresponses\x18\x01 \x03(\x0b\x32\x1c.k2serve.v1.GenerateResponse\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"r\n\x0fGetLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x04 \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\x84\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctokenizer_id\x18\x05 \x01(\t2\xee\x02\n\x06Worker\x12G\n\x08Generate\x12\x1b.k2serve.v1.GenerateRequest\x1a\x1c.k2serve.v1.GenerateResponse0\x01\x12\x46\n\x07Session\x12\x1a.k2serve.v1.SessionRequest\x1a\x1b.k2serve.v1.SessionResponse(\x01\x30\x01\x12<\n\x05\x41\x62ort\x12\x18.k2serve.v1.AbortRequest\x1a\x19.k2serve.v1.AbortResponse\x12\x42\n\x07GetLoad\x12\x1a.k2serve.v1.GetLoadRequest\x1a\x1b.k2serve.v1.GetLoadResponse\x12Q\n\x0cGetModelInfo\x12\x1f.k2serve.v1.GetModelInfoRequest\x1a .k2serve.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17k2serve/v1/worker.proto\x12\nk2serve.v1\"\x86\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\x0b\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\x83\x01\n\nGuidedSpec\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12.\n\ttool_call\x18\x04 \x01(\x0b\x32\x19.k2serve.v1.ToolCallGuideH\x00\x42\x06\n\x04kind\"T\n\rToolCallGuide\x12\x12\n\ntools_json\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x66irst_index\x18\x04 \x01(\x05\"\xe7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.k2serve.v1.SamplingParams\x12+\n\x06guided\x18\x04 \x01(\x0b\x32\x16.k2serve.v1.GuidedSpecH\x00\x88\x01\x01\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\x12\x17\n\ntimeout_ms\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\t\n\x07_guidedB\r\n\x0b_timeout_ms\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.k2serve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x97\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.k2serve.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\"\xb0\x01\n\x10GenerateComplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\"\n\x15matched_stop_token_id\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x15\n\rcached_tokens\x18\x05 \x01(\x05\x42\x18\n\x16_matched_stop_token_id\"0\n\rGenerateError\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x05\"\xbc\x01\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.k2serve.v1.GenerateChunkH\x00\x12\x30\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1c.k2serve.v1.GenerateCompleteH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.k2serve.v1.GenerateErrorH\x00\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\n\n\x08response\"h\n\x0eSessionRequest\x12-\n\x08generate\x18\x01 \x03(\x0b\x32\x1b.k2serve.v1.GenerateRequest\x12\'\n\x05\x61\x62ort\x18\x02 \x03(\x0b\x32\x18.k2serve.v1.AbortRequest\"B\n\x0fSessionResponse\x12/\n\tresponses\x18\x01 \x03(\x0b\x32\x1c.k2serve.v1.GenerateResponse\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"r\n\x0fGetLoadResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x02\x12\x1d\n\x15prefix_cache_hit_rate\x18\x04 \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\x84\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctokenizer_id\x18\x05 \x01(\t2\xee\x02\n\x06Worker\x12G\n\x08Generate\x12\x1b.k2serve.v1.GenerateRequest\x1a\x1c.k2serve.v1.GenerateResponse0\x01\x12\x46\n\x07Session\x12\x1a.k2serve.v1.SessionRequest\x1a\x1b.k2serve.v1.SessionResponse(\x01\x30\x01\x12<\n\x05\x41\x62ort\x12\x18.k2serve.v1.AbortRequest\x1a\x19.k2serve.v1.AbortResponse\x12\x42\n\x07GetLoad\x12\x1a.k2serve.v1.GetLoadRequest\x1a\x1b.k2serve.v1.GetLoadResponse\x12Q\n\x0cGetModelInfo\x12\x1f.k2serve.v1.GetModelInfoRequest\x1a .k2serve.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLCALLGUIDE']._serialized_start=694
   _globals['_TOOLCALLGUIDE']._serialized_end=778
   _globals['_GENERATEREQUEST']._serialized_start=781
-  _globals['_GENERATEREQUEST']._serialized_end=946
-  _globals['_TOKENLOGPROB']._serialized_start=948
-  _globals['_TOKENLOGPROB']._serialized_end=1034
-  _globals['_TOPLOGPROB']._serialized_start=1036
-  _globals['_TOPLOGPROB']._serialized_end=1083
-  _globals['_GENERATECHUNK']._serialized_start=1086
-  _globals['_GENERATECHUNK']._serialized_end=1237
-  _globals['_GENERATECOMPLETE']._serialized_start=1240
-  _globals['_GENERATECOMPLETE']._serialized_end=1416
-  _globals['_GENERATEERROR']._serialized_start=1418
-  _globals['_GENERATEERROR']._serialized_end=1466
-  _globals['_GENERATERESPONSE']._serialized_start=1469
-  _globals['_GENERATERESPONSE']._serialized_end=1657
-  _globals['_SESSIONREQUEST']._serialized_start=1659
-  _globals['_SESSIONREQUEST']._serialized_end=1763
-  _globals['_SESSIONRESPONSE']._serialized_start=1765
-  _globals['_SESSIONRESPONSE']._serialized_end=1831
-  _globals['_ABORTREQUEST']._serialized_start=1833
-  _globals['_ABORTREQUEST']._serialized_end=1867
-  _globals['_ABORTRESPONSE']._serialized_start=1869
-  _globals['_ABORTRESPONSE']._serialized_end=1901
-  _globals['_GETLOADREQUEST']._serialized_start=1903
-  _globals['_GETLOADREQUEST']._serialized_end=1919
-  _globals['_GETLOADRESPONSE']._serialized_start=1921
-  _globals['_GETLOADRESPONSE']._serialized_end=2035
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2037
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2058
-  _globals['_GETMODELINFORESPONSE']._serialized_start=2061
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2193
-  _globals['_WORKER']._serialized_start=2196
-  _globals['_WORKER']._serialized_end=2562
+  _globals['_GENERATEREQUEST']._serialized_end=1012
+  _globals['_TOKENLOGPROB']._serialized_start=1014
+  _globals['_TOKENLOGPROB']._serialized_end=1100
+  _globals['_TOPLOGPROB']._serialized_start=1102
+  _globals['_TOPLOGPROB']._serialized_end=1149
+  _globals['_GENERATECHUNK']._serialized_start=1152
+  _globals['_GENERATECHUNK']._serialized_end=1303
+  _globals['_GENERATECOMPLETE']._serialized_start=1306
+  _globals['_GENERATECOMPLETE']._serialized_end=1482
+  _globals['_GENERATEERROR']._serialized_start=1484
+  _globals['_GENERATEERROR']._serialized_end=1532
+  _globals['_GENERATERESPONSE']._serialized_start=1535
+  _globals['_GENERATERESPONSE']._serialized_end=1723
+  _globals['_SESSIONREQUEST']._serialized_start=1725
+  _globals['_SESSIONREQUEST']._serialized_end=1829
+  _globals['_SESSIONRESPONSE']._serialized_start=1831
+  _globals['_SESSIONRESPONSE']._serialized_end=1897
+  _globals['_ABORTREQUEST']._serialized_start=1899
+  _globals['_ABORTREQUEST']._serialized_end=1933
+  _globals['_ABORTRESPONSE']._serialized_start=1935
+  _globals['_ABORTRESPONSE']._serialized_end=1967
+  _globals['_GETLOADREQUEST']._serialized_start=1969
+  _globals['_GETLOADREQUEST']._serialized_end=1985
+  _globals['_GETLOADRESPONSE']._serialized_start=1987
+  _globals['_GETLOADRESPONSE']._serialized_end=2101
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2103
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2124
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2127
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2259
+  _globals['_WORKER']._serialized_start=2262
+  _globals['_WORKER']._serialized_end=2628
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,10 @@ class GenerateParams:
     ignore_eos: bool | None = None
     logprobs: int | None = None
     guided: GuidedRequest | None = None
+    # A continuation (the pool migrates a request after its group failed mid-stream): the tokens it already
+    # generated. The worker goes on after them as if it had generated them itself.
+    output_token_ids: tuple[int, ...] = ()
+    deadline: float | None = None  # time.monotonic() by which the request must end (None: no deadline)
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,9 @@ class WorkerModelInfo:
 
 
 class WorkerError(Exception):
-    """A worker refused or failed a request; `status` is HTTP-like (400, 429, 503, 500)."""
+    """A worker refused or failed a request; `status` is HTTP-like: 400 the request is bad, 408 the client
+    did not read its stream (RequestMux), 429 / 503 over capacity or gone, 500 the worker failed, 504 the
+    request's deadline passed."""
 
     def __init__(self, message: str, status: int = 500):
         super().__init__(message)
@@ -115,7 +121,8 @@ class Worker(Protocol):
 
     `generate` streams TokenChunks and then one Finished, or raises WorkerError; leaving the iteration
     early (break, cancellation) aborts the request on the worker. The other calls raise WorkerError when
-    the group does not answer, except `health`, which answers False.
+    the group does not answer, except `health`, which answers False. `close` ends the requests in flight
+    with WorkerError(503) and releases the connection; a later call opens a new one.
     """
 
     def generate(self, params: GenerateParams) -> AsyncIterator[StreamItem]: ...

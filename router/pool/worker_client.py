@@ -8,6 +8,7 @@ iterator or cancelling its task) aborts the request on the worker, which frees i
 from __future__ import annotations
 
 import json
+import time
 from typing import AsyncIterator
 
 import grpc
@@ -35,16 +36,20 @@ _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, 
 
 
 def request_to_proto(params: GenerateParams) -> worker_pb2.GenerateRequest:
-    """GenerateParams -> GenerateRequest, setting only the sampling fields that are not None."""
+    """GenerateParams -> GenerateRequest, setting only the sampling fields that are not None; a deadline
+    travels as the time left (timeout_ms)."""
     sampling = worker_pb2.SamplingParams(stop_token_ids=list(params.stop_token_ids))
     for name in _SAMPLING:
         value = getattr(params, name)
         if value is not None:
             setattr(sampling, name, value)
     req = worker_pb2.GenerateRequest(request_id=params.request_id,
-                                     prompt_token_ids=list(params.prompt_token_ids), sampling=sampling)
+                                     prompt_token_ids=list(params.prompt_token_ids), sampling=sampling,
+                                     output_token_ids=list(params.output_token_ids))
     if params.guided is not None:
         req.guided.CopyFrom(_guided_to_proto(params.guided))
+    if params.deadline is not None:  # the time left now: router and worker share no clock
+        req.timeout_ms = max(1, min(2 ** 32 - 1, round((params.deadline - time.monotonic()) * 1000)))
     return req
 
 
@@ -93,11 +98,13 @@ class WorkerClient:
 
     The channel opens on first use, inside the event loop that uses it (grpc.aio channels belong to
     one loop), so a client may be built before the router's server loop starts. `generate` sends every
-    request over one multiplexed Session call (router/pool/worker_session.py), reopened after a failure.
+    request over one multiplexed Session call (router/pool/worker_session.py), reopened after a failure;
+    a request whose consumer leaves more than `max_buffered_responses` responses untaken is cancelled.
     """
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, max_buffered_responses: int = 1024):
         self.address = address
+        self.max_buffered_responses = max_buffered_responses
         self._channel: grpc.aio.Channel | None = None
         self._mux: RequestMux | None = None
 
@@ -111,8 +118,8 @@ class WorkerClient:
         """Stream TokenChunks then one Finished; raises WorkerError on an in-stream or transport error."""
         self._open()
         if self._mux is None or self._mux.closed:
-            self._mux = RequestMux(self._stub, _session_error)
-        stream = self._mux.generate(request_to_proto(params))
+            self._mux = RequestMux(self._stub, _session_error, self.max_buffered_responses)
+        stream = self._mux.generate(request_to_proto(params), params.deadline)
         try:
             async for resp in stream:
                 item = response_from_proto(resp)

@@ -9,6 +9,12 @@ all of its requests thus arrive in one message instead of one message per reques
 own stream would have failed, and the mux is closed; the owner opens a
 new one for the next request.
 
+A request's responses wait in its inbox until its consumer takes them. A consumer that stops taking them
+(an HTTP client that stopped reading, so that the router's writes block) would let its inbox grow for as
+long as the worker generates: past `max_buffered` responses the request is aborted on the worker, its
+inbox emptied, and its consumer finds a 408 error next. A request's deadline likewise ends it with a 504
+error (and an abort) when the worker has not finished it in time, even if the worker no longer answers.
+
 On the wire a request travels under an id unique to this mux (`<request id>@<mux tag>.<n>`): request
 ids come from clients (x-request-id) and may repeat, and a reused id must never receive the tokens of
 the request that had it before (whose late responses may still be on their way) nor collide in the
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
@@ -41,7 +48,8 @@ class RequestMux:
     ends: from its gRPC error, or from `reason` when there is none (the worker or the router ended it).
     """
 
-    def __init__(self, stub: Any, on_failure: FailureFactory):
+    def __init__(self, stub: Any, on_failure: FailureFactory, max_buffered: int = 1024):
+        self.max_buffered = max_buffered
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._inboxes: dict[str, Inbox] = {}
         self._on_failure = on_failure
@@ -55,8 +63,10 @@ class RequestMux:
     def closed(self) -> bool:
         return self._failure is not None
 
-    async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        """Send one request and yield its responses up to its last (`complete` or `error`).
+    async def generate(self, request: worker_pb2.GenerateRequest,
+                       deadline: float | None = None) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """Send one request and yield its responses up to its last (`complete` or `error`); at `deadline`
+        (time.monotonic()) an unfinished request ends with a 504 error.
 
         Leaving early (break, cancellation, an exception in the consumer) aborts it on the worker.
         """
@@ -67,18 +77,24 @@ class RequestMux:
             return
         wire_id = request.request_id = f"{request.request_id}@{self._tag}.{next(self._serial)}"
         inbox = self._inboxes[wire_id] = Inbox()
+        timer = None if deadline is None else _cut_at(deadline, inbox)
         finished = False
         try:
             self._outbox.put_nowait(request)
             while not finished:
                 response = await inbox.get()
                 if isinstance(response, Exception):
+                    if isinstance(response, Cut):  # the request ends here; the finally aborts it
+                        yield _error(response.message, response.status)
+                        return
                     finished = True
                     raise response
                 finished = response.WhichOneof("response") != "chunk"
                 yield response
         finally:
-            del self._inboxes[wire_id]
+            if timer is not None:
+                timer.cancel()
+            self._inboxes.pop(wire_id, None)  # gone already when the reader cut it
             if not finished and self._failure is None:
                 self._outbox.put_nowait(wire_id)  # an abort
 
@@ -106,8 +122,9 @@ class RequestMux:
             async for batch in self._call:
                 for response in batch.responses:
                     inbox = self._inboxes.get(response.request_id)
-                    if inbox is not None:  # None: a request that left (and was aborted) meanwhile
-                        inbox.put(response)
+                    # None: a request that left (and was aborted) meanwhile
+                    if inbox is not None and inbox.put(response) > self.max_buffered:
+                        self._cut(response.request_id, inbox)
         except grpc.aio.AioRpcError as exc:
             failure = self._on_failure(exc, "")
         except asyncio.CancelledError:
@@ -119,6 +136,27 @@ class RequestMux:
             self._outbox.put_nowait(None)  # ends gRPC's task that drains the outbox, whatever ended the call
             for inbox in self._inboxes.values():
                 inbox.put(failure)
+
+
+    def _cut(self, wire_id: str, inbox: "Inbox") -> None:
+        """Its consumer is not taking its responses: abort it now and free what waits in its inbox."""
+        del self._inboxes[wire_id]
+        self._outbox.put_nowait(wire_id)
+        inbox.replace(Cut(f"the client did not read its stream: {self.max_buffered} responses were waiting "
+                          f"for it, and the request was cancelled", 408))
+
+
+class Cut(Exception):
+    """An inbox item that ends its request with an error response (`status` HTTP-like) and an abort."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def _cut_at(deadline: float, inbox: "Inbox") -> asyncio.TimerHandle:
+    cut = Cut("the request did not finish before its deadline", 504)
+    return asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), inbox.put, cut)
 
 
 class Inbox:
@@ -134,11 +172,18 @@ class Inbox:
         self._items: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
 
-    def put(self, item: Any) -> None:
+    def put(self, item: Any) -> int:
+        """Hand over `item`; returns how many items now wait."""
         self._items.append(item)
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        return len(self._items)
+
+    def replace(self, item: Any) -> None:
+        """Drop every waiting item and hand over `item` instead."""
+        self._items.clear()
+        self.put(item)
 
     async def get(self) -> Any:
         while not self._items:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from k2serve.router.config import RouterConfig
 from k2serve.router.pool.admission import AdmissionConfig
 from k2serve.router.pool.balancer import BalancerConfig
+from k2serve.router.pool.migration import MigrationConfig
 from k2serve.worker.config import EngineConfig
 
 
@@ -61,10 +62,11 @@ class GroupSection(Section):
         return self.tp
 
 
-class RouterSection(AdmissionConfig, BalancerConfig, RouterConfig):
-    """The `router` section: the fields of RouterConfig, BalancerConfig and AdmissionConfig in one mapping.
+class RouterSection(AdmissionConfig, BalancerConfig, MigrationConfig, RouterConfig):
+    """The `router` section: the fields of RouterConfig, MigrationConfig, BalancerConfig and AdmissionConfig
+    in one mapping.
 
-    It is each of the three (their fields and checks), so it is passed wherever one of them is expected.
+    It is each of the four (their fields and checks), so it is passed wherever one of them is expected.
     """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -13,16 +14,21 @@ from k2serve.router.pool.balancer import Balancer
 from k2serve.router.text.chat_template import ChatTemplate
 from k2serve.router.pool.discovery import Discovery
 from k2serve.router.pool.group_pool import GroupPool, GroupPoolConfig
+from k2serve.router.pool.migration import MigrationConfig
+from k2serve.router.pool.worker_client import WorkerClient
 from k2serve.router.metrics import RouterMetrics
 from k2serve.router.text.tokenizer import K2Tokenizer
 
 
 def build_pool(config: ClusterConfig, discovery: Discovery, metrics: RouterMetrics | None = None) -> GroupPool:
-    """A GroupPool with the cluster config's balancer, admission limits and health interval."""
+    """A GroupPool with the cluster config's balancer, admission limits, retry and migration limits and
+    health interval."""
     router = config.router
-    pool_config = GroupPoolConfig(poll_interval_s=config.controller.health_interval_s)
+    migration = {name: getattr(router, name) for name in MigrationConfig.model_fields}
+    pool_config = GroupPoolConfig(poll_interval_s=config.controller.health_interval_s, **migration)
+    client = functools.partial(WorkerClient, max_buffered_responses=router.max_buffered_responses)
     return GroupPool(discovery, Balancer(router), AdmissionControl(router.max_concurrency, router.max_queue),
-                     metrics, pool_config)
+                     metrics, pool_config, client_factory=client)
 
 
 def build_router_app(config: ClusterConfig, model_dir: str | Path, discovery: Discovery):

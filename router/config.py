@@ -35,6 +35,13 @@ class RouterConfig(BaseModel):
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request)")
     max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request")
     max_top_logprobs: int = Field(20, ge=0, description="Largest top_logprobs")
+    max_request_timeout_s: float = Field(3600.0, gt=0, description="Longest a request may run, arrival to last "
+                                         "token (a client may ask for less: header x-request-timeout, seconds); "
+                                         "the deadline travels to the worker, past it the request ends with 504")
+    stream_write_timeout_s: float = Field(30.0, gt=0, description="A streamed response whose client takes no "
+                                          "write for this long is cancelled (its worker request aborted)")
+    max_buffered_responses: int = Field(1024, ge=1, description="Worker responses the router holds for one "
+                                        "request whose client is not reading; beyond it the request is cancelled")
 
     def with_env(self) -> "RouterConfig":
         """This config with api_key from K2SERVE_API_KEY when it sets none."""

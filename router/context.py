@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -68,6 +69,9 @@ class RouterContext:
                            param="max_tokens", code="context_length_exceeded")
         return requested
 
-    def run_choices(self, params: list[GenerateParams], spec: ChoiceSpec) -> list[AsyncIterator[Event]]:
-        """One event stream per choice, each sent to the worker pool when it is first iterated."""
-        return [run_choice(self.pool.generate(p), self.tokenizer, spec, self.metrics) for p in params]
+    def run_choices(self, params: list[GenerateParams], spec: ChoiceSpec,
+                    deadline: float | None = None) -> list[AsyncIterator[Event]]:
+        """One event stream per choice, each sent to the worker pool when it is first iterated; `deadline`
+        (time.monotonic()) applies to every choice."""
+        return [run_choice(self.pool.generate(dataclasses.replace(p, deadline=deadline)), self.tokenizer, spec,
+                           self.metrics) for p in params]

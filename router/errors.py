@@ -8,10 +8,10 @@ from __future__ import annotations
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
-                429: "rate_limit_error", 503: "service_unavailable_error"}
+                429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
-                   429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+                   429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
 
 
 class APIError(Exception):

@@ -57,7 +57,16 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("k2serve_router_requests_in_flight", "gauge", ("endpoint",),
                "Requests currently being served by this router replica."),
     MetricSpec("k2serve_router_retries_total", "counter", ("group",),
-               "Requests re-sent to another worker group after a failure of this group."),
+               "Requests re-sent to another worker group after this group failed them before their first token."),
+    MetricSpec("k2serve_router_migrations_total", "counter", ("group",),
+               "Requests moved to another worker group after this group failed them mid-stream (continued "
+               "after the tokens already sent)."),
+    MetricSpec("k2serve_router_requests_cancelled_total", "counter", ("reason",),
+               "Requests the router cancelled on their worker: slow_client (the client did not read its "
+               "stream) or deadline (the request's deadline passed)."),
+    MetricSpec("k2serve_router_draining", "gauge", (),
+               "1 while this router drains (after SIGTERM): it takes no new requests and finishes the "
+               "ones in flight."),
     MetricSpec("k2serve_router_client_disconnects_total", "counter", ("endpoint",),
                "Requests aborted because the client went away."),
     MetricSpec("k2serve_router_group_dispatches_total", "counter", ("group",),
@@ -91,16 +100,29 @@ def _circuit_key(state) -> str:
     return value.lower().replace("-", "_")
 
 
-class RouterMetrics:
-    """The router's metrics, registered in ``registry`` and labelled with the served ``model``."""
+# Per-group series whose values describe the group now (removed with it); the others are counters, kept.
+GROUP_STATE_SERIES = ("k2serve_router_group_healthy", "k2serve_router_circuit_state")
 
-    def __init__(self, registry: CollectorRegistry, model: str = "kimi-k2"):
+
+class RouterMetrics:
+    """The router's metrics, registered in ``registry`` and labelled with the served ``model``.
+
+    A group that leaves (removed, or replaced by the controller under the same name) loses its state
+    gauges at once, but its counters stay, so that a scrape after a failover still sees its retries and
+    migrations (Prometheus handles a series that stops moving). The counters of at most
+    ``max_retired_groups`` groups that are gone are kept: the oldest are dropped beyond that.
+    """
+
+    def __init__(self, registry: CollectorRegistry, model: str = "kimi-k2", max_retired_groups: int = 32):
         self.registry = registry
         self.model = model
+        self.max_retired_groups = max_retired_groups
         self._m = build_metrics(registry, METRICS)
         self._children: dict[tuple, object] = {}  # labelled series by (name, labels): labels() is slow per token
         self._health: dict[str, bool] = {}
+        self._retired: dict[str, None] = {}  # groups gone, oldest first
         self._m["k2serve_router_healthy_groups"].set(0)
+        self._m["k2serve_router_draining"].set(0)
         # The model label never changes: the per-token series are resolved here, not looked up per token.
         self._ttft = self._child("k2serve_router_time_to_first_token_seconds", model=model)
         self._itl = self._child("k2serve_router_inter_token_latency_seconds", model=model)
@@ -153,17 +175,30 @@ class RouterMetrics:
         """The client went away before the response finished."""
         self._child("k2serve_router_client_disconnects_total", endpoint=endpoint).inc()
 
+    def cancelled(self, reason: str) -> None:
+        """The router cancelled a request on its worker: ``slow_client`` or ``deadline``."""
+        self._child("k2serve_router_requests_cancelled_total", reason=reason).inc()
+
+    def draining(self, draining: bool) -> None:
+        """The router started (or stopped) draining."""
+        self._m["k2serve_router_draining"].set(1 if draining else 0)
+
     # ---- per worker group ------------------------------------------------------------------
     def dispatched(self, group: str) -> None:
         """The balancer sent a request to ``group``."""
         self._child("k2serve_router_group_dispatches_total", group=group).inc()
 
     def retry(self, group: str) -> None:
-        """A request failed on ``group`` and is being re-sent elsewhere."""
+        """A request failed on ``group`` before its first token and is being re-sent elsewhere."""
         self._child("k2serve_router_retries_total", group=group).inc()
+
+    def migration(self, group: str) -> None:
+        """A request failed on ``group`` mid-stream and is being continued elsewhere."""
+        self._child("k2serve_router_migrations_total", group=group).inc()
 
     def set_group_health(self, group: str, healthy: bool) -> None:
         """Record ``group``'s health; keeps k2serve_router_healthy_groups equal to the count."""
+        self._retired.pop(group, None)
         self._health[group] = bool(healthy)
         self._child("k2serve_router_group_healthy", group=group).set(1 if healthy else 0)
         self._m["k2serve_router_healthy_groups"].set(sum(self._health.values()))
@@ -179,16 +214,25 @@ class RouterMetrics:
         self._child("k2serve_router_circuit_state", group=group).set(CIRCUIT_STATES[key])
 
     def remove_group(self, group: str) -> None:
-        """Forget a worker group that no longer exists (drops its per-group series)."""
+        """A worker group is gone (or being replaced): drop its state gauges, keep its counters (within
+        ``max_retired_groups`` groups gone)."""
         self._health.pop(group, None)
         self._m["k2serve_router_healthy_groups"].set(sum(self._health.values()))
-        for spec in METRICS:
-            if spec.labels == ("group",):
-                self._children.pop((spec.name, ("group", group)), None)
-                try:
-                    self._m[spec.name].remove(group)
-                except KeyError:
-                    pass
+        self._drop_series(group, GROUP_STATE_SERIES)
+        self._retired.pop(group, None)
+        self._retired[group] = None
+        while len(self._retired) > self.max_retired_groups:
+            oldest = next(iter(self._retired))
+            del self._retired[oldest]
+            self._drop_series(oldest, tuple(spec.name for spec in METRICS if spec.labels == ("group",)))
+
+    def _drop_series(self, group: str, names: tuple[str, ...]) -> None:
+        for name in names:
+            self._children.pop((name, ("group", group)), None)
+            try:
+                self._m[name].remove(group)
+            except KeyError:
+                pass
 
     # ---- exposition ------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:

@@ -34,22 +34,25 @@ class FakeGroup:
         self.address = address
         self.tokens, self.fail_before, self.fail_after, self.healthy = tokens, fail_before, fail_after, healthy
         self.calls: list[str] = []
+        self.seen: list[GenerateParams] = []
+        self.cached = 0  # the cached_tokens it reports
         self.gate: asyncio.Event | None = None
         self.closed = False
         self.load = WorkerLoad()
 
     async def generate(self, params: GenerateParams):
         self.calls.append(params.request_id)
-        n = len(params.prompt_token_ids)
+        self.seen.append(params)
+        n, done = len(params.prompt_token_ids), len(params.output_token_ids)
         if self.fail_before:
             raise WorkerError("worker unavailable: connection reset", 503)
-        for i, token in enumerate(self.tokens, start=1):
+        for i, token in enumerate(self.tokens[done:], start=done + 1):  # a continuation goes on after its tokens
             if self.gate is not None:
                 await self.gate.wait()
-            yield TokenChunk((token,), (), n, i, 0)
+            yield TokenChunk((token,), (), n, i, self.cached)
             if self.fail_after is not None and i >= self.fail_after:
                 raise WorkerError("worker unavailable: group died", 503)
-        yield Finished("length", None, n, len(self.tokens), 0)
+        yield Finished("length", None, n, len(self.tokens), self.cached)
 
     async def health(self, timeout: float = 2.0) -> bool:
         return self.healthy
@@ -116,10 +119,11 @@ def test_failure_before_first_token_is_retried_on_the_other_group():
     asyncio.run(main())
 
 
-def test_failure_after_first_token_is_an_error_not_a_retry():
+def test_failure_after_first_token_is_an_error_when_migration_is_off():
     async def main():
         fleet = Fleet(a=FakeGroup("h:1", fail_after=1), b=FakeGroup("h:2"))
-        pool = make_pool(fleet)
+        pool = GroupPool(CallableDiscovery(fleet.endpoints), Balancer(BalancerConfig(policy="round_robin")),
+                         config=GroupPoolConfig(max_migrations=0), client_factory=fleet.client)
         await pool.refresh()
         got = []
         with pytest.raises(WorkerError, match="group died"):
@@ -319,7 +323,8 @@ def sse_payloads(text: str) -> list[dict]:
 def test_api_failure_after_first_token_ends_the_stream_with_an_error_event(tokenizer_and_template):
     async def main():
         fleet = Fleet(a=FakeGroup("h:1", fail_after=1), b=FakeGroup("h:2", fail_after=1))
-        pool = make_pool(fleet)
+        pool = GroupPool(CallableDiscovery(fleet.endpoints), Balancer(BalancerConfig(policy="round_robin")),
+                         config=GroupPoolConfig(max_migrations=0), client_factory=fleet.client)
         await pool.refresh()
         chat = await api_call(pool, tokenizer_and_template, "/v1/chat/completions", {**CHAT, "stream": True})
         anth = await api_call(pool, tokenizer_and_template, "/v1/messages", {**MESSAGES, "stream": True})

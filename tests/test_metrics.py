@@ -130,6 +130,41 @@ def test_group_health_counts_healthy_groups(router):
     assert ("k2serve_router_group_healthy", (("group", "g0"),)) not in s
 
 
+def test_counters_survive_a_group_replacement_and_stay_bounded():
+    router = RouterMetrics(CollectorRegistry(), model="k2", max_retired_groups=2)
+    router.set_group_health("g0", True)
+    router.dispatched("g0")
+    router.retry("g0")
+    router.migration("g0")
+    router.remove_group("g0")  # the controller replaces g0: a scrape after the failover still sees them
+    s = scrape(router)
+    for name in ("k2serve_router_group_dispatches_total", "k2serve_router_retries_total",
+                 "k2serve_router_migrations_total"):
+        assert s[(name, (("group", "g0"),))] == 1, name
+    assert ("k2serve_router_group_healthy", (("group", "g0"),)) not in s
+    router.set_group_health("g0", True)  # the new g0 counts on
+    router.retry("g0")
+    for name in ("a", "b", "c"):  # groups that leave for good: only the newest two keep their series
+        router.set_group_health(name, True)
+        router.retry(name)
+        router.remove_group(name)
+    s = scrape(router)
+    assert s[("k2serve_router_retries_total", (("group", "g0"),))] == 2
+    assert {g for (n, labels) in s if n == "k2serve_router_retries_total" for _, g in labels} == {"g0", "b", "c"}
+
+
+def test_cancellations_and_draining(router):
+    router.cancelled("slow_client")
+    router.cancelled("deadline")
+    router.cancelled("deadline")
+    assert scrape(router)[("k2serve_router_draining", ())] == 0
+    router.draining(True)
+    s = scrape(router)
+    assert s[("k2serve_router_requests_cancelled_total", (("reason", "deadline"),))] == 2
+    assert s[("k2serve_router_requests_cancelled_total", (("reason", "slow_client"),))] == 1
+    assert s[("k2serve_router_draining", ())] == 1
+
+
 def test_circuit_state(router):
     router.set_circuit_state("g0", "open")
     assert scrape(router)[("k2serve_router_circuit_state", (("group", "g0"),))] == 2

@@ -69,15 +69,21 @@ def test_metrics_cached_children_keep_counting():
 
 
 def test_metrics_group_series_come_back_after_removal():
-    m = RouterMetrics(CollectorRegistry(), model="k")
-    m.dispatched("g0")
+    m = RouterMetrics(CollectorRegistry(), model="k", max_retired_groups=1)
+    m.set_circuit_state("g0", "closed")
     m.set_group_health("g0", True)
     m.remove_group("g0")
-    assert sample(m, "k2serve_router_group_dispatches_total", group="g0") is None
-    m.dispatched("g0")  # a cached child of the removed series would count where no one scrapes
+    assert sample(m, "k2serve_router_circuit_state", group="g0") is None
+    m.set_circuit_state("g0", "open")  # a cached child of the removed series would count where no one scrapes
     m.set_group_health("g0", False)
-    assert sample(m, "k2serve_router_group_dispatches_total", group="g0") == 1
+    assert sample(m, "k2serve_router_circuit_state", group="g0") == 2
     assert sample(m, "k2serve_router_group_healthy", group="g0") == 0
+    m.dispatched("g1")
+    m.remove_group("g1")
+    m.remove_group("g0")  # over the limit: the oldest group gone, g1, loses its counters
+    assert sample(m, "k2serve_router_group_dispatches_total", group="g1") is None
+    m.dispatched("g1")
+    assert sample(m, "k2serve_router_group_dispatches_total", group="g1") == 1
 
 
 # ---------------------------------------------------------------- the gRPC leg: built in place, read back

@@ -88,3 +88,48 @@ def test_cancelling_the_request_task_still_propagates():
 
     assert asyncio.run(run()).cancelled()
     assert log == ["closed"]
+
+
+def test_a_client_that_stops_reading_is_cut_off_after_the_write_timeout():
+    """The client stays connected but takes no more writes: after write_timeout_s the events are closed
+    (which cancels the worker request), the response returns and the stall is reported once."""
+    log, stalls = [], []
+    sent: list[dict] = []
+    blocked = asyncio.Event()
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if len(sent) == 3:  # the socket buffers are full: this write never completes
+            blocked.set()
+            await asyncio.Event().wait()
+
+    async def run():
+        client = FakeClient()
+        response = EventStreamResponse(events(None, log), "rid-3", write_timeout_s=0.2,
+                                       on_stall=lambda: stalls.append(1))
+        task = asyncio.create_task(response({"type": "http"}, client.receive, send))
+        await blocked.wait()
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(task, 5)
+        return response, task, asyncio.get_running_loop().time() - started
+
+    response, task, waited = asyncio.run(run())
+    assert not task.cancelled() and response.stalled and not response.disconnected
+    assert 0.2 <= waited < 2 and log == ["closed"] and stalls == [1]
+    assert sent[-1]["more_body"]  # the response is left unfinished: the server closes the connection
+
+
+def test_a_slow_but_reading_client_is_not_cut_off():
+    log, stalls = [], []
+
+    async def send(message: dict) -> None:
+        await asyncio.sleep(0.03)  # each write takes a while, none takes write_timeout_s
+
+    async def run():
+        response = EventStreamResponse(events(12, log), "rid-4", write_timeout_s=0.1,
+                                       on_stall=lambda: stalls.append(1))
+        await asyncio.wait_for(response({"type": "http"}, FakeClient().receive, send), 5)
+        return response
+
+    response = asyncio.run(run())
+    assert not response.stalled and log == ["closed"] and stalls == []

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from k2serve.router.api.protocol import AnthropicMessage, MessagesRequest, read_request
-from k2serve.router.api.request_params import check_schema, request_id, sampling_params
+from k2serve.router.api.request_params import check_schema, request_deadline, request_id, sampling_params
 from k2serve.router.api.sse import anthropic_event, anthropic_text_delta
 from k2serve.router.api.streaming import prime_first, streaming_response, while_connected
 from k2serve.router.context import RouterContext
@@ -127,10 +127,11 @@ def _tool_input(arguments: str) -> Any:
 
 async def messages(ctx: RouterContext, request: Request) -> Response:
     """POST /v1/messages: the Anthropic Messages API."""
+    deadline = request_deadline(ctx, request)
     req = await read_request(request, MessagesRequest, ctx.config.max_body_bytes)
     rid = request_id(request)
     params, spec = await prepare(ctx, req, rid)
-    [stream] = ctx.run_choices([params], spec)
+    [stream] = ctx.run_choices([params], spec, deadline)
     msg_id = f"msg_{rid}"
     if req.stream:
         [stream] = await prime_first(ctx, request, [stream])

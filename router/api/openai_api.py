@@ -10,7 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from k2serve.router.api.protocol import ChatCompletionRequest, CompletionRequest, read_request
-from k2serve.router.api.request_params import check_common, check_schema, request_id, sampling_params
+from k2serve.router.api.request_params import (check_common, check_schema, request_deadline, request_id,
+                                              sampling_params)
 from k2serve.router.api.sse import DONE, OpenAIFrames
 from k2serve.router.api.streaming import prime_first, sse_with_errors, streaming_response, while_connected
 from k2serve.router.context import RouterContext
@@ -136,11 +137,12 @@ async def prepare_chat(ctx: RouterContext, req: ChatCompletionRequest, rid: str)
 
 async def chat_completions(ctx: RouterContext, request: Request) -> Response:
     """POST /v1/chat/completions: OpenAI chat completions (streaming and not)."""
+    deadline = request_deadline(ctx, request)
     req = await read_request(request, ChatCompletionRequest, ctx.config.max_body_bytes)
     rid = request_id(request)
     params, spec = await prepare_chat(ctx, req, rid)
     meta = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": ctx.model_name}
-    streams = ctx.run_choices(params, spec)
+    streams = ctx.run_choices(params, spec, deadline)
     if req.stream:
         streams = await prime_first(ctx, request, streams)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -219,6 +221,7 @@ def completion_prompts(ctx: RouterContext, prompt) -> list[list[int]]:
 
 async def completions(ctx: RouterContext, request: Request) -> Response:
     """POST /v1/completions: OpenAI (legacy) text completions."""
+    deadline = request_deadline(ctx, request)
     req = await read_request(request, CompletionRequest, ctx.config.max_body_bytes)
     rid = request_id(request)
     await ctx.check_model(req.model)
@@ -233,7 +236,7 @@ async def completions(ctx: RouterContext, request: Request) -> Response:
                                    req.temperature) for i in range(req.n)]
     spec = ChoiceSpec(stop_strings=req.stop_list())
     meta = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": ctx.model_name}
-    streams = ctx.run_choices(params, spec)
+    streams = ctx.run_choices(params, spec, deadline)
     want_lps = req.logprobs is not None
     if req.stream:
         streams = await prime_first(ctx, request, streams)

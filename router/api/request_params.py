@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Sequence
 
 from starlette.requests import Request
@@ -16,6 +17,25 @@ def request_id(request: Request) -> str:
     """The client's x-request-id (sanitized) or a fresh one."""
     rid = request.headers.get("x-request-id", "")
     return rid[:128] if rid and rid.isprintable() else os.urandom(16).hex()  # uuid4().hex's form without a UUID object
+
+
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def request_deadline(ctx: RouterContext, request: Request) -> float:
+    """When the request must be done (time.monotonic()): now plus the client's x-request-timeout (seconds),
+    at most the configured max_request_timeout_s; 400 when the header is not a positive number."""
+    limit = ctx.config.max_request_timeout_s
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is not None:
+        try:
+            asked = float(header)
+        except ValueError:
+            asked = float("nan")
+        if not 0 < asked < float("inf"):
+            raise APIError(400, f"{TIMEOUT_HEADER} must be a positive number of seconds, got {header[:40]!r}")
+        limit = min(limit, asked)
+    return time.monotonic() + limit
 
 
 def check_schema(schema: Any, param: str) -> None:

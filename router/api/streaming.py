@@ -74,10 +74,12 @@ async def _disconnected(request: Request) -> None:
 
 
 def streaming_response(ctx: RouterContext, request: Request, body: AsyncIterator[str], rid: str) -> EventStreamResponse:
-    """The SSE response; a client that leaves mid-stream is counted in the metrics."""
+    """The SSE response; a client that leaves mid-stream, or stops reading for stream_write_timeout_s, is
+    counted in the metrics (and its worker request cancelled)."""
     metrics, path = ctx.metrics, request.scope["path"]
     on_disconnect = (lambda: metrics.client_disconnect(path)) if metrics is not None else None
-    return EventStreamResponse(body, rid, on_disconnect)
+    on_stall = (lambda: metrics.cancelled("slow_client")) if metrics is not None else None
+    return EventStreamResponse(body, rid, on_disconnect, ctx.config.stream_write_timeout_s, on_stall)
 
 
 async def sse_with_errors(events: AsyncIterator[str]) -> AsyncIterator[str]:

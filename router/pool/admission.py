@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -46,9 +47,14 @@ class AdmissionControl:
         return len(self._waiters)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one concurrency slot for the body; raises Overloaded when the queue is full."""
-        await self._acquire()
+    async def slot(self, deadline: float | None = None) -> AsyncIterator[None]:
+        """Hold one concurrency slot for the body; raises Overloaded when the queue is full, and APIError 504
+        when `deadline` (time.monotonic(); None: none) passes while the request waits in it."""
+        try:
+            async with asyncio.timeout(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                await self._acquire()
+        except TimeoutError:
+            raise APIError(504, "the request's deadline passed while it waited for a free slot") from None
         try:
             yield
         finally:

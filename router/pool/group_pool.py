@@ -4,10 +4,17 @@ The pool keeps one Worker (a WorkerClient) per discovered group and a `Balancer`
 task (in the serving event loop) refreshes the groups from a discovery source and probes every group's
 gRPC health and load each `poll_interval_s`. Each request (`generate`):
 
-1. waits for a slot in `AdmissionControl` (a full queue is a 429),
+1. waits for a slot in `AdmissionControl` (a full queue is a 429; its deadline passing there, a 504),
 2. is sent to the group the balancer picks (503 when no group can take it),
-3. is re-sent to another group if its group fails (5xx or transport error) before the first token;
-   after the first token a failure ends the stream with the error (the APIs turn it into an error event).
+3. is re-sent to another group if its group fails (a 500, 502 or 503 from the worker, or a transport
+   error): before the first token as a retry (at most `max_attempts` groups), after it as a migration
+   (router/pool/migration.py: a continuation after the tokens already streamed, at most `max_migrations`
+   times); the client sees one uninterrupted stream. Only when no group is left does the request fail,
+   with a 503 naming the groups that failed it (an error event once the stream has begun).
+
+A group that turns unhealthy while it serves requests and has sent nothing for `stall_timeout_s` is hung
+(a stopped rank, a stuck collective): its client is closed, which fails its requests, and they migrate. A
+group that is only draining keeps streaming, and its requests finish there.
 
 `WorkerPool` is what the request path needs from it; tests give the router fakes of it.
 """
@@ -21,34 +28,36 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from k2serve.router.errors import APIError
 from k2serve.router.metrics import RouterMetrics
 from k2serve.router.pool.admission import AdmissionControl
 from k2serve.router.pool.balancer import Backend, BackendSpec, Balancer
 from k2serve.router.pool.discovery import Discovery, DiscoveryError, GroupInfo
+from k2serve.router.pool.migration import MigrationConfig, Progress
 from k2serve.router.pool.worker import GenerateParams, StreamItem, Worker, WorkerError, WorkerModelInfo
 from k2serve.router.pool.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
 
 
-class GroupPoolConfig(BaseModel):
-    """How the pool watches its groups and retries requests."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class GroupPoolConfig(MigrationConfig):
+    """How the pool watches its groups, and retries and migrates requests."""
 
     poll_interval_s: float = Field(1.0, gt=0, description="seconds between discovery refreshes and health/load probes")
     probe_timeout_s: float = Field(2.0, gt=0, description="timeout of one gRPC health check or GetLoad")
     failed_probes_unhealthy: int = Field(2, ge=1, description="consecutive failed health checks that mark a group "
                                          "unhealthy (failed requests also eject it, through the circuit breaker)")
-    max_attempts: int = Field(3, ge=1, description="groups tried per request before its first token (1: no retry)")
     drain_s: float = Field(30.0, description="a removed group's client is closed when its streams end, or after this")
 
 
-class _Retry(Exception):
-    """The group failed a request before its first item; the pool tries another."""
+class _GroupFailed(Exception):
+    """The group failed a request that another group may take (a retry or a migration)."""
+
+
+# Worker statuses that are the group's failure, not the request's: another group may serve it.
+_GROUP_FAILURES = frozenset({500, 502, 503})
 
 
 class WorkerPool(Protocol):
@@ -74,6 +83,7 @@ class _Member:
     info: GroupInfo
     client: Worker
     failed_probes: int = 0
+    last_response: float = 0.0  # time.monotonic() of the last item any request received from the group
 
 
 class GroupPool:
@@ -218,12 +228,25 @@ class GroupPool:
         serving = member.failed_probes < self.config.failed_probes_unhealthy  # one slow probe is not death
         self._set_health(name, serving and member.info.healthy)
         self.balancer.on_probe(name, healthy)
+        if not (serving and member.info.healthy):
+            await self._unstick(name, member)
         if healthy:
             try:
                 self.balancer.update_load(name, await member.client.get_load(timeout=timeout))
             except WorkerError as exc:
                 log.debug("GetLoad of group %s failed: %s", name, exc)
         self._publish(name)
+
+    async def _unstick(self, name: str, member: _Member) -> None:
+        """An unhealthy group whose requests have received nothing for stall_timeout_s is hung: closing its
+        client fails those requests, and they migrate (a draining group keeps streaming: its requests stay)."""
+        backend = self.balancer.get(name)
+        silent = time.monotonic() - member.last_response
+        if backend is None or backend.in_flight == 0 or silent < self.config.stall_timeout_s:
+            return
+        log.warning("worker group %s is unhealthy and sent nothing for %.1fs: moving its %d request(s)",
+                    name, silent, backend.in_flight)
+        await member.client.close()
 
     def _set_health(self, name: str, healthy: bool) -> None:
         backend = self.balancer.get(name)
@@ -241,56 +264,86 @@ class GroupPool:
     # ---------------------------------------------------------------- requests
 
     async def generate(self, params: GenerateParams) -> AsyncIterator[StreamItem]:
-        """Admit, pick, stream; retry on another group while no item has been yielded.
+        """Admit, pick, stream; on a group's failure go on on another group (a retry before the first token,
+        a migration after it) while the limits allow and a group is left.
 
-        Raises APIError 429 (queue full) or 503 (no group can take it), or WorkerError from the worker.
+        Raises APIError 429 (queue full), 503 (no group can take it) or 504 (its deadline passed), or
+        WorkerError from the worker.
         """
         arrived = time.monotonic()
-        async with self._admitted():
+        async with self._admitted(params.deadline):
             await self.wait_discovered()
-            tried: list[str] = []
+            progress = Progress(params)
             while True:
-                backend = self.balancer.pick(params.prompt_token_ids, exclude=tried)
-                if backend is None:
-                    raise self._unavailable(tried)
-                self._dispatched(backend, arrived if not tried else None)
-                can_retry = len(tried) + 1 < self.config.max_attempts
+                backend = self._pick(progress)
+                self._dispatched(backend, None if progress.failed else arrived)
                 try:
-                    async with contextlib.aclosing(self._attempt(backend, params, can_retry)) as attempt:
+                    async with contextlib.aclosing(self._attempt(backend, progress)) as attempt:
                         async for item in attempt:
                             yield item
                     return
-                except _Retry:
-                    tried.append(backend.name)
+                except _GroupFailed:
+                    progress.failed_on(backend.name, self._generation(backend.name))
 
-    async def _attempt(self, backend: Backend, params: GenerateParams, can_retry: bool) -> AsyncIterator[StreamItem]:
-        """One group's try; raises _Retry when the group failed before the first item and `can_retry`."""
-        started, ok = False, True
+    def _pick(self, progress: Progress) -> Backend:
+        """The group for the next attempt; APIError 504 past the deadline, 503 when no group is left."""
+        deadline = progress.params.deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            raise APIError(504, "the request did not finish before its deadline")
+        generations = {name: m.info.generation for name, m in self._members.items()}
+        backend = self.balancer.pick(progress.params.prompt_token_ids, exclude=progress.excluded(generations))
+        if backend is None:
+            raise self._unavailable(progress)
+        return backend
+
+    async def _attempt(self, backend: Backend, progress: Progress) -> AsyncIterator[StreamItem]:
+        """One group's try; raises _GroupFailed when the group failed and another group may take over."""
+        ok, member = True, self._members.get(backend.name)
         self.balancer.on_start(backend)
         try:
-            async with contextlib.aclosing(backend.client.generate(params)) as stream:
+            async with contextlib.aclosing(backend.client.generate(progress.next_params())) as stream:
                 async for item in stream:
-                    started = True
-                    yield item
+                    if member is not None:
+                        member.last_response = time.monotonic()
+                    yield progress.record(item)
         except WorkerError as exc:
-            ok = exc.status < 500
-            if started or ok or not can_retry:
+            ok = exc.status not in _GROUP_FAILURES
+            self._count_cancel(exc.status)
+            if ok or not progress.may_try_again(self.config):
                 raise
-            log.warning("request %s failed on group %s before its first token (%s); retrying",
-                        params.request_id, backend.name, exc.message)
-            if self.metrics is not None:
-                self.metrics.retry(backend.name)
-            raise _Retry() from exc
+            self._moving(backend.name, progress, exc)
+            raise _GroupFailed() from exc
         finally:
             self.balancer.on_finish(backend, ok)
             self._publish(backend.name)
 
+    def _moving(self, group: str, progress: Progress, exc: WorkerError) -> None:
+        """Log and count a retry (nothing streamed yet) or a migration (tokens streamed)."""
+        if progress.started:
+            log.warning("request %s: group %s failed after %d tokens (%s); migrating", progress.params.request_id,
+                        group, len(progress.output), exc.message)
+        else:
+            log.warning("request %s failed on group %s before its first token (%s); retrying",
+                        progress.params.request_id, group, exc.message)
+        if self.metrics is not None:
+            (self.metrics.migration if progress.started else self.metrics.retry)(group)
+
+    def _count_cancel(self, status: int) -> None:
+        """The router's own cancellations: a client that did not read its stream (408), a deadline (504)."""
+        reason = {408: "slow_client", 504: "deadline"}.get(status)
+        if reason is not None and self.metrics is not None:
+            self.metrics.cancelled(reason)
+
+    def _generation(self, name: str) -> int:
+        member = self._members.get(name)
+        return member.info.generation if member is not None else -1
+
     @contextlib.asynccontextmanager
-    async def _admitted(self) -> AsyncIterator[None]:
+    async def _admitted(self, deadline: float | None) -> AsyncIterator[None]:
         if self.admission is None:
             yield
             return
-        async with self.admission.slot():
+        async with self.admission.slot(deadline):
             yield
 
     async def wait_discovered(self) -> None:
@@ -312,9 +365,11 @@ class GroupPool:
             self.metrics.queue_time(time.monotonic() - arrived)
         self.metrics.dispatched(backend.name)
 
-    def _unavailable(self, tried: list[str]) -> APIError:
-        if tried:
-            return APIError(503, f"the request failed on worker group(s) {', '.join(tried)} and no other "
-                                 f"group can take it; retry later")
+    def _unavailable(self, progress: Progress) -> APIError:
+        if progress.failed:
+            groups = ", ".join(name for name, _ in progress.failed)
+            when = f"after {len(progress.output)} tokens " if progress.started else ""
+            return APIError(503, f"the request failed on worker group(s) {groups} {when}and no other group "
+                                 f"can take it; retry later")
         known = len(self._members)
         return APIError(503, f"no healthy worker group is available ({known} known); retry later")

@@ -1,8 +1,9 @@
 """`k2serve serve`: the main job. Ray, the worker groups (via the controller) and the router, in one command.
 
 With no config: the tiny K2-format model (generated on first use), a local Ray, one CPU group with
-TP=EP=2, and the router on http://127.0.0.1:8000. Ctrl-C or SIGTERM drains in-flight requests (for at
-most controller.drain_timeout_s) and stops every process it started.
+TP=EP=2, and the router on http://127.0.0.1:8000. Ctrl-C or SIGTERM drains the router (/ready says 503, new
+requests get a 503, the ones in flight finish, for at most controller.drain_timeout_s) and then stops every
+process it started.
 """
 
 from __future__ import annotations
@@ -54,13 +55,12 @@ def ensure_model(config) -> Path:
 
 async def serve_router(make_app, sock: socket.socket, drain_s: float) -> None:
     """Build the app inside the running loop (its gRPC channels bind to it) and serve on `sock` (bound by
-    cluster.listener.bind) until a signal."""
-    import uvicorn
+    cluster.listener.bind) until a signal, then drain for at most `drain_s` (DrainingServer)."""
+    from k2serve.cluster.router_server import DrainingServer
 
     app = make_app()
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=drain_s, lifespan="off"))
+    server = DrainingServer(app, host, port, drain_s)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
@@ -71,8 +71,9 @@ async def serve_router(make_app, sock: socket.socket, drain_s: float) -> None:
 
 
 def run_router(make_app, sock: socket.socket, drain_s: float) -> None:
-    """serve_router until Ctrl-C or SIGTERM. uvicorn drains, then re-raises the signal: here that ends the
-    loop as KeyboardInterrupt (SIGTERM's default action would kill the process before Ray is stopped)."""
+    """serve_router until Ctrl-C or SIGTERM. The router drains, then uvicorn re-raises the signal: here that
+    ends the loop as KeyboardInterrupt (SIGTERM's default action would kill the process before Ray is
+    stopped)."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 

@@ -3,7 +3,8 @@
 A request goes through, in order:
 
 1. the middleware added with `add_middleware`, outermost first: anything added after create_app, then
-   the router's request metrics (when the app has metrics) and the API key check (when one is set);
+   the router's request metrics (when the app has metrics), the drain (router/drain.py: 503 while the
+   router shuts down) and the API key check (when one is set);
 2. ErrorResponses (api/error_responses.py): an exception becomes the answer of the app's exception
    handlers, in the API's own error format;
 3. FastAPI's router over ROUTES: an unknown path is a 404, a wrong method a 405;
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from k2serve.router.api import anthropic_api, openai_api, probes
 from k2serve.router.api.error_responses import ERROR_HANDLERS, ErrorResponses
-from k2serve.router.api.middleware import AuthMiddleware, RequestMetricsMiddleware
+from k2serve.router.api.middleware import AuthMiddleware, DrainMiddleware, RequestMetricsMiddleware
 from k2serve.router.config import RouterConfig
 from k2serve.router.context import RouterContext
 from k2serve.router.metrics import RouterMetrics
@@ -60,6 +61,7 @@ def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: K2Tokenizer, t
         app.add_exception_handler(exc_class, handler)
     if config.api_key:
         app.add_middleware(AuthMiddleware, api_key=config.api_key)
+    app.add_middleware(DrainMiddleware, drain=ctx.drain)
     if metrics is not None:
         app.add_middleware(RequestMetricsMiddleware, metrics=metrics, endpoints=API_PATHS)
     return app

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from k2serve.router.config import RouterConfig
+from k2serve.router.drain import Drain
 from k2serve.router.errors import APIError
 from k2serve.router.generation.choice import run_choice
 from k2serve.router.generation.events import ChoiceSpec, Event
@@ -27,6 +28,7 @@ class RouterContext:
     template: ChatTemplate
     metrics: RouterMetrics | None = None
     model_info: WorkerModelInfo | None = None  # asked of the workers on first use
+    drain: Drain = field(default_factory=Drain)  # the shutdown state (router/drain.py)
 
     async def ensure_model_info(self) -> WorkerModelInfo:
         """The served model's info, asked of the workers once; 503 while none answers."""

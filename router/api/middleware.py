@@ -1,6 +1,7 @@
-"""The router's own ASGI middleware: the request metrics and the API key check.
+"""The router's own ASGI middleware: the request metrics, the drain and the API key check.
 
-create_app adds them with `add_middleware`, the request metrics outermost (they count 401s too). Both are
+create_app adds them with `add_middleware`, the request metrics outermost (they count 401s and the 503s of
+a drain too). Both are
 plain ASGI classes: Starlette's BaseHTTPMiddleware (`@app.middleware("http")`) re-streams every response
 body through a task and a memory channel, which would delay each streamed token.
 """
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from k2serve.router.drain import Drain
 from k2serve.router.errors import APIError, error_body
 from k2serve.router.metrics import RouterMetrics
 
@@ -44,6 +46,42 @@ class AuthMiddleware:
                 await JSONResponse(error_body(scope["path"], err), status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class DrainMiddleware:
+    """Counts the API requests in flight for the drain; while draining, a new API request is answered 503
+    (retry: another replica serves it) and every response closes its connection."""
+
+    def __init__(self, app: ASGIApp, drain: Drain):
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.drain.draining:
+            await self._while_draining(scope, receive, send)
+            return
+        is_api = scope["path"].startswith("/v1/")
+        self.drain.in_flight += is_api
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.drain.in_flight -= is_api
+
+    async def _while_draining(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"].startswith("/v1/"):
+            err = APIError(503, "the router is shutting down; retry the request")
+            response = JSONResponse(error_body(scope["path"], err), status_code=503, headers={"connection": "close"})
+            await response(scope, receive, send)
+            return
+
+        def closing(message: Message) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            return send(message)
+        await self.app(scope, receive, closing)
 
 
 class RequestMetricsMiddleware:

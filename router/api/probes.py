@@ -15,7 +15,10 @@ async def health(ctx: RouterContext, request: Request) -> Response:
 
 
 async def ready(ctx: RouterContext, request: Request) -> Response:
-    """GET /ready: at least one worker group answers its health check and the model info is known."""
+    """GET /ready: at least one worker group answers its health check and the model info is known, and the
+    router is not draining."""
+    if ctx.drain.draining:
+        return JSONResponse({"ready": False, "draining": True}, status_code=503)
     healthy = await ctx.pool.health()
     if any(healthy):
         try:

@@ -28,7 +28,8 @@ MODEL = "kimi-k2-tiny"
 def test_a_draining_app_refuses_new_api_requests_and_is_not_ready(tiny_model_dir):
     tokenizer = K2Tokenizer.from_dir(tiny_model_dir)
     backend = ScriptedBackend(tokenizer, lambda params, prompt: "hello there")
-    app = create_app(RouterConfig(model_name=MODEL), ListPool([backend]), tokenizer, ChatTemplate.from_dir(tiny_model_dir))
+    app = create_app(RouterConfig(model_name=MODEL), ListPool([backend]), tokenizer,
+                     ChatTemplate.from_dir(tiny_model_dir))
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
     async def main():

@@ -157,6 +157,18 @@ def test_call_cut_off_before_arguments_is_dropped():
     assert [c.name for c in out.tool_calls] == ["f"]
 
 
+@pytest.mark.parametrize("call_id", [":::0", "functions.::0", "functions.-:1", ".:0", "::", "functions.:0"])
+def test_an_id_without_an_identifier_character_names_no_call(call_id):
+    assert tool_call_name(call_id) == ""
+    out = assert_stream_matches(SB + call(call_id, '{"a": 1}') + call("functions.f:1", "{}") + SE)
+    assert [(c.name, c.index) for c in out.tool_calls] == [("f", 0)]
+
+
+def test_names_with_an_identifier_character_are_kept():
+    assert [tool_call_name(i) for i in ("functions.get-time.v2:0", "functions._:1", "functions.x-y:2", "f")] == \
+        ["v2", "_", "x-y", "f"]
+
+
 def test_call_with_empty_name_is_dropped():
     out = assert_stream_matches(SB + CB + "  " + AB + "{}" + CE + call("functions.f:1", "{}") + SE)
     assert [c.index for c in out.tool_calls] == [0] and out.tool_calls[0].name == "f"

@@ -17,7 +17,8 @@ Rules (each one a bug that real K2 parsers had):
 * Text inside a section but outside a call (e.g. whitespace before the section end) is dropped;
   text after the section end is content again.
 * A missing section end still yields every call; a call cut off mid-arguments yields the arguments
-  that arrived; a call cut off before its argument marker (or with an empty name) is dropped.
+  that arrived; a call cut off before its argument marker, or whose id holds no name (none, or one
+  without a letter, digit or underscore, as in `:::0`), is dropped.
 * Stray markers (a random-weights model emits them anywhere) are dropped, and no marker string can
   ever appear in content, ids or arguments, even when text around a dropped marker spells one.
 """
@@ -54,6 +55,7 @@ _MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKER_STRINGS))
 _MAX_MARKER_LEN = max(len(m) for m in MARKER_STRINGS)
 _PROPER_PREFIXES = frozenset(m[:k] for m in MARKER_STRINGS for k in range(1, len(m)))
 _ID_PREFIX = "functions."
+_IDENTIFIER_CHAR = re.compile(r"\w")  # a name needs one: `:::0` names nothing
 
 Segment = str | Marker
 
@@ -103,16 +105,18 @@ def tool_call_name(call_id: str, tool_names: Iterable[str] = ()) -> str:
 
     The name lies between the last `.` before the (last) colon and the colon; with no colon it is the
     whole id minus a `functions.` prefix. When the request declared tools, a declared name that the
-    part before the colon spells out (e.g. `my.tool`) wins over the last-dot rule.
+    part before the colon spells out (e.g. `my.tool`) wins over the last-dot rule. A name needs a
+    letter, digit or underscore: an id such as `:::0` has none, and gives "" (no call).
     """
     body = call_id[len(_ID_PREFIX):] if call_id.startswith(_ID_PREFIX) else call_id
     head, colon, _ = body.rpartition(":")
     if not colon:
-        return body
+        return body if _IDENTIFIER_CHAR.search(body) else ""
     declared = [n for n in tool_names if head == n or head.endswith("." + n)]
     if declared:
         return max(declared, key=len)
-    return head.rpartition(".")[2]
+    name = head.rpartition(".")[2]
+    return name if _IDENTIFIER_CHAR.search(name) else ""
 
 
 def lex(text: str) -> list[Segment]:

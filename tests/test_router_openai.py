@@ -352,3 +352,14 @@ def test_real_disconnect_frees_worker_kv(real):
             await client.close()
     assert wait_until(lambda: asyncio.run(load()).kv_cache_usage == 0.0 and asyncio.run(load()).num_running == 0,
                       timeout=15)
+
+
+@pytest.mark.parametrize("schema", [{"not": {}}, {"allOf": [{"type": "string"}, {"type": "integer"}]},
+                                    {"enum": []}])
+def test_real_unsatisfiable_response_format_is_a_400(real, schema):
+    _, _, client = real
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="kimi-k2-tiny", max_tokens=8, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "s", "schema": schema}})
+    assert err.value.status_code == 400 and "cannot be used for structured output" in err.value.message

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from k2serve.worker.schema_check import schema_problem
+
 GUIDED_KINDS = ("json_schema", "json_object", "regex", "tool_call")
 TOOL_CALL_MODES = ("required", "named", "auto")
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -52,7 +54,7 @@ class GuidedSpec:
         if self.kind not in GUIDED_KINDS:
             raise RequestRejected(f"guided kind must be one of {GUIDED_KINDS}, got {self.kind!r}")
         if self.kind == "json_schema":
-            self.schema_dict()
+            _check_schema(self.schema_dict(), "the JSON schema")
         if self.kind == "regex" and not self.regex:
             raise RequestRejected("guided kind 'regex' needs a non-empty regex")
         if self.kind == "tool_call":
@@ -68,6 +70,8 @@ class GuidedSpec:
             raise RequestRejected(f"tool_call mode 'named' names {self.name!r}, not among the tools {names}")
         if self.first_index < 0:
             raise RequestRejected(f"tool_call first_index must be >= 0, got {self.first_index}")
+        for fn in self.tool_functions():
+            _check_schema(fn.get("parameters", {}), f"the parameters of tool {fn['name']!r}")
 
     def schema_dict(self) -> dict | bool:
         """The JSON schema as a Python object (parsed when given as text)."""
@@ -167,6 +171,13 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """Temperatures below GREEDY_BELOW sample greedily: dividing logits by one overflows float32."""
         return self.temperature < GREEDY_BELOW
+
+
+def _check_schema(schema: Any, what: str) -> None:
+    """RequestRejected(400) when structured output cannot honour `schema` (worker/schema_check.py)."""
+    problem = schema_problem(schema)
+    if problem is not None:
+        raise RequestRejected(f"{what} cannot be used for structured output: {problem}")
 
 
 def _finite(x: float) -> bool:

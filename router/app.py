@@ -15,6 +15,7 @@ The app's RouterContext is on `app.state.ctx`; there is no module-level state.
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Awaitable, Callable
 
 from fastapi import FastAPI
@@ -26,6 +27,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from k2serve.router.api import anthropic_api, openai_api, probes
 from k2serve.router.api.error_responses import ERROR_HANDLERS, ErrorResponses
 from k2serve.router.api.middleware import AuthMiddleware, DrainMiddleware, RequestMetricsMiddleware
+from k2serve.router.api.openapi import openapi_document
+from k2serve.router.api.protocol import ChatCompletionRequest, CompletionRequest, MessagesRequest
 from k2serve.router.config import RouterConfig
 from k2serve.router.context import RouterContext
 from k2serve.router.metrics import RouterMetrics
@@ -46,17 +49,23 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("/metrics", "GET", probes.metrics),
 )
 API_PATHS = frozenset(path for path, _, _ in ROUTES if path.startswith("/v1/"))
+# The model that validates each route's request body (its schema is in GET /openapi.json).
+REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+                  "/v1/messages": MessagesRequest}
 
 
 def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: K2Tokenizer, template: ChatTemplate,
                metrics: RouterMetrics | None = None) -> "RouterApp":
     """The router app over `pool`; without `metrics` it records none and serves no /metrics."""
     ctx = RouterContext(config, pool, tokenizer, template, metrics)
-    routes = [Route(path, Endpoint(handler, ctx), methods=[method]) for path, method, handler in ROUTES
+    served = [(path, method, handler) for path, method, handler in ROUTES
               if metrics is not None or handler is not probes.metrics]
-    app = RouterApp(routes=routes, title="k2serve router", docs_url=None, redoc_url=None, openapi_url=None,
+    routes = [Route(path, Endpoint(handler, ctx), methods=[method]) for path, method, handler in served]
+    app = RouterApp(routes=routes, title="k2serve router", version=package_version(), docs_url="/docs",
+                    redoc_url=None, openapi_url="/openapi.json",
                     telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.ctx = ctx
+    app.route_table = served
     for exc_class, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(exc_class, handler)
     if config.api_key:
@@ -65,6 +74,13 @@ def create_app(config: RouterConfig, pool: WorkerPool, tokenizer: K2Tokenizer, t
     if metrics is not None:
         app.add_middleware(RequestMetricsMiddleware, metrics=metrics, endpoints=API_PATHS)
     return app
+
+
+def package_version() -> str:
+    try:
+        return version("k2serve")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "0"
 
 
 class Endpoint:
@@ -91,8 +107,17 @@ class RouterApp(FastAPI):
     answers exceptions with the app's exception handlers, request bodies are capped where they are read
     (api/protocol.read_request), telemetry is off (the router reports through Prometheus), and no route
     takes uploaded files or dependencies. An exception raised by a middleware itself (outside
-    ErrorResponses) reaches the server, which answers 500.
+    ErrorResponses) reaches the server, which answers 500. It serves its OpenAPI document (GET /openapi.json,
+    /docs) from `route_table`, the routes create_app gave it, with their real request models.
     """
+
+    route_table: list[tuple[str, str, Handler]]  # (path, method, handler), as in ROUTES
+
+    def openapi(self) -> dict:
+        """The OpenAPI document of the route table with the real request models (api/openapi.py)."""
+        if not self.openapi_schema:
+            self.openapi_schema = openapi_document(self.title, self.version, self.route_table, REQUEST_BODIES)
+        return self.openapi_schema
 
     def build_middleware_stack(self) -> ASGIApp:
         app: ASGIApp = ErrorResponses(self.router, self.exception_handlers)

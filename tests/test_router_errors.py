@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -191,3 +193,34 @@ def test_the_largest_seed_with_n_choices_wraps_within_int64():
     assert seeds == [2 ** 63 - 1, -2 ** 63, -2 ** 63 + 1]
     for i in range(3):
         request_to_proto(sampling_params(ctx, req, "r", [1, 2], 4, i))  # every seed fits the proto's int64
+
+
+# ---------------------------------------------------------------- OpenAPI
+
+
+def test_openapi_json_and_docs_describe_the_real_request_models(tiny_model_dir):
+    import jsonschema
+
+    tokenizer = K2Tokenizer.from_dir(tiny_model_dir)
+    app = create_app(RouterConfig(model_name="m"), ListPool([]), tokenizer, ChatTemplate.from_dir(tiny_model_dir))
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+            return (await client.get("/openapi.json")), (await client.get("/docs"))
+    doc, docs = asyncio.run(main())
+    assert doc.status_code == 200 and docs.status_code == 200 and "/openapi.json" in docs.text
+    spec = doc.json()
+    assert spec["openapi"].startswith("3.1") and spec["info"]["title"] == "k2serve router"
+    assert set(spec["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/messages",
+                                  "/health", "/ready"}  # no /metrics: this app has none
+    schemas = spec["components"]["schemas"]
+    for path, model in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest"),
+                        ("/v1/messages", "MessagesRequest")):
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"}
+    chat = {**schemas["ChatCompletionRequest"], "components": {"schemas": schemas}}
+    validator = jsonschema.Draft202012Validator(chat)
+    assert validator.is_valid({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert not validator.is_valid({"model": "m", "messages": [{"role": "nobody", "content": "hi"}]})
+    assert not validator.is_valid({"model": "m", "messages": [], "no_such_field": 1})  # extra fields: 400 too
+    assert "messages" in schemas["ChatCompletionRequest"]["required"]

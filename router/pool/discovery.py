@@ -3,7 +3,8 @@
 A source is a `Discovery`: `fetch()` returns the current groups, `close()` releases what it holds.
 
 * `StaticDiscovery`: a fixed list of (name, address), e.g. from the command line.
-* `CallableDiscovery`: a function returning the groups, e.g. over the in-process controller's endpoints.
+* `CallableDiscovery`: a function returning the groups, e.g. over the in-process controller's endpoints
+  (run in a worker thread: it may block).
 * `HttpDiscovery`: polls the controller's `GET /v1/groups` (routers in their own processes and pods).
 
 The router never imports cluster/: the controller publishes its groups as JSON objects with the
@@ -12,6 +13,7 @@ GroupInfo field names (`name`, `address`, `healthy`, `generation`; other keys ar
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
@@ -63,13 +65,26 @@ class StaticDiscovery:
 
 
 class CallableDiscovery:
-    """Groups from a function (called in the event loop: it must be quick, like Controller.endpoints)."""
+    """Groups from a function, e.g. over the in-process controller's endpoints.
 
-    def __init__(self, fn: Callable[[], Iterable[GroupInfo]]):
+    The function runs in a worker thread, never in the event loop: it may block (the controller holds its
+    lock while it stops a dead group, which can wait seconds on the dead rank), and every stream the router
+    serves would stall with it. A call that has not answered within `timeout_s` is a DiscoveryError (the
+    pool keeps its known groups); the next fetch waits for that same call rather than starting another.
+    """
+
+    def __init__(self, fn: Callable[[], Iterable[GroupInfo]], timeout_s: float = 2.0):
         self.fn = fn
+        self.timeout_s = timeout_s
+        self._call: asyncio.Future | None = None
 
     async def fetch(self) -> list[GroupInfo]:
-        return list(self.fn())
+        if self._call is None or self._call.done():
+            self._call = asyncio.get_running_loop().run_in_executor(None, lambda: list(self.fn()))
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._call), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise DiscoveryError(f"the group source did not answer within {self.timeout_s}s") from None
 
     async def close(self) -> None:
         return None

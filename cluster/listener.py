@@ -11,8 +11,11 @@ from __future__ import annotations
 import socket
 
 
-def bind(host: str, port: int, what: str) -> socket.socket:
-    """A TCP socket bound to (host, port); SystemExit with a message naming `what` when it cannot be."""
+def bind(host: str, port: int, what: str, send_buffer_bytes: int | None = None) -> socket.socket:
+    """A TCP socket bound to (host, port); SystemExit with a message naming `what` when it cannot be.
+
+    `send_buffer_bytes` sets SO_SNDBUF, which the connections it accepts inherit (None: the kernel's
+    autotuning, which lets one connection buffer megabytes that its client does not read)."""
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                       flags=socket.AI_PASSIVE)[0]
@@ -20,6 +23,8 @@ def bind(host: str, port: int, what: str) -> socket.socket:
         raise SystemExit(f"k2serve: cannot listen for the {what} on {host}:{port}: {exc.strerror}") from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer_bytes is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
     try:
         sock.bind(address)
     except OSError as exc:

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.address = None
     config = load_config(args)
-    sock = bind(config.router.host, config.router.port, "router")
+    sock = bind(config.router.host, config.router.port, "router", config.router.send_buffer_bytes)
     model_dir = ensure_model(config)
     source = make_discovery(args, config)
     where = getattr(source, "url", None) or ", ".join(f"{n}={a}" for n, a in static_groups(args.group))

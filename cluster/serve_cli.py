@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     router = config.router
-    router_sock = bind(router.host, router.port, "router")
+    router_sock = bind(router.host, router.port, "router", router.send_buffer_bytes)
     discovery_sock = bind(router.host, config.controller.discovery_port, "discovery endpoint")
     model_dir = ensure_model(config)
     ray.init(**ray_init_kwargs(config.ray.num_cpus, config.ray.address))

@@ -42,6 +42,10 @@ class RouterConfig(BaseModel):
                                           "write for this long is cancelled (its worker request aborted)")
     max_buffered_responses: int = Field(1024, ge=1, description="Worker responses the router holds for one "
                                         "request whose client is not reading; beyond it the request is cancelled")
+    send_buffer_bytes: int | None = Field(131072, ge=4096, description="Kernel send buffer of each client "
+                                          "connection (SO_SNDBUF): bounds what a client that stops reading "
+                                          "holds on the router host, so that stream_write_timeout_s notices it; "
+                                          "None: the OS's autotuning (megabytes)")
 
     def with_env(self) -> "RouterConfig":
         """This config with api_key from K2SERVE_API_KEY when it sets none."""

@@ -96,3 +96,19 @@ def test_sigterm_drains_the_router_process_and_exits_0(tmp_path, tiny_model_dir,
     finals = [json.loads(x)["choices"][0]["finish_reason"] for x in lines[1:-1] if json.loads(x).get("choices")]
     assert finals[-1] == "length" and not any("error" in x for x in lines[1:-1])
     assert code == 0, proc.log()[-2000:]
+
+
+def test_the_router_socket_bounds_the_send_buffer_of_each_connection():
+    """A client that stops reading fills the kernel's send buffer before the router's writes block; with
+    autotuning that is megabytes per connection, so the router's socket fixes it (send_buffer_bytes)."""
+    import socket
+
+    from k2serve.cluster.listener import bind
+
+    listener = bind("127.0.0.1", 0, "router", 65536)
+    listener.listen()
+    with listener, socket.create_connection(listener.getsockname()) as client:
+        conn, _ = listener.accept()
+        with conn:
+            assert 65536 <= conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * 65536  # Linux doubles it
+    assert RouterConfig().send_buffer_bytes == 131072 and RouterConfig(send_buffer_bytes=None).send_buffer_bytes is None

@@ -25,7 +25,7 @@ ALLOWED = {
                                   "k2serve.router.errors", "k2serve.router.metrics"),
     "k2serve.router.api": ("k2serve.router.api", "k2serve.router.context", "k2serve.router.generation",
                            "k2serve.router.text", "k2serve.router.pool.worker", "k2serve.router.config",
-                           "k2serve.router.errors", "k2serve.router.metrics"),
+                           "k2serve.router.errors", "k2serve.router.metrics", "k2serve.router.drain"),
     "k2serve.router": ("k2serve.router",),
 }
 NO_TORCH = ("k2serve.worker.scheduler", "k2serve.worker.kv_cache", "k2serve.worker.config")

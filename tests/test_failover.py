@@ -1,8 +1,9 @@
 """Two worker groups (TP=EP=1) behind routers, all real processes: `k2serve serve` (controller, groups, a
 cache_aware router) plus two `k2serve router` processes polling its discovery endpoint (least_load; and
 least_load with tiny admission limits). Prefix affinity, load spreading, overload 429s, and failover:
-a killed group's streaming requests end with an error event, the others are served by the other group,
-the controller replaces the group and the routers use it again. No request may hang."""
+a killed group's streaming requests migrate to the other group and finish there, new requests go to the
+other group, the controller replaces the group and the routers use it again. No request may hang or fail
+(tests/test_faults.py covers more faults)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,11 @@ class Stack:
         text = httpx.get(self.urls[router] + "/metrics", timeout=5).text
         return {m.group(1): float(m.group(2)) for m in
                 re.finditer(r'^k2serve_router_group_dispatches_total\{group="([^"]+)"\} (\S+)$', text, re.M)}
+
+    def migrations(self, router: str) -> float:
+        text = httpx.get(self.urls[router] + "/metrics", timeout=5).text
+        return sum(float(m.group(1)) for m in
+                   re.finditer(r'^k2serve_router_migrations_total\{group="[^"]+"\} (\S+)$', text, re.M))
 
     def stop(self) -> None:
         for name in ("spread", "small", "affine"):
@@ -168,13 +174,12 @@ def test_killed_group_fails_over_and_is_replaced(stack):
             done = await asyncio.wait_for(asyncio.gather(*first, *second), REQUEST_TIMEOUT)
             return done[:6], done[6:]
 
+    migrated_before = stack.migrations("spread")
     first, second = asyncio.run(scenario())
     assert all(r["status"] == 200 for r in first + second), first + second  # no pre-token failure reached a client
-    broken = [r for r in first if r["error"] is not None]
-    assert broken and all(r["chunks"] >= 1 and r["finish"] is None for r in broken), first
-    assert all("worker" in r["error"]["message"] and r["error"]["type"] for r in broken), broken
-    assert all(r["finish"] == "length" for r in first if r["error"] is None)
-    assert all(r["error"] is None and r["finish"] == "length" for r in second), second
+    # the streams of the killed group went on on the other group: none broke
+    assert all(r["error"] is None and r["finish"] == "length" for r in first + second), first + second
+    assert stack.migrations("spread") > migrated_before
 
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

@@ -83,7 +83,7 @@ class _Member:
     info: GroupInfo
     client: Worker
     failed_probes: int = 0
-    last_response: float = 0.0  # time.monotonic() of the last item any request received from the group
+    last_response: float = 0.0  # time.monotonic() of the last dispatch to the group or item received from it
 
 
 class GroupPool:
@@ -299,6 +299,8 @@ class GroupPool:
     async def _attempt(self, backend: Backend, progress: Progress) -> AsyncIterator[StreamItem]:
         """One group's try; raises _GroupFailed when the group failed and another group may take over."""
         ok, member = True, self._members.get(backend.name)
+        if member is not None:  # silence counts from the dispatch: a hang before the first token is one too
+            member.last_response = time.monotonic()
         self.balancer.on_start(backend)
         try:
             async with contextlib.aclosing(backend.client.generate(progress.next_params())) as stream:

@@ -13,6 +13,7 @@ The gRPC port is for workers and routers only: it has no authentication.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -28,6 +29,8 @@ from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, S
 from k2serve.worker.responses import ResponseFactory, fill_chunk, fill_error, fill_final
 from k2serve.worker.session import WorkerSession
 from k2serve.worker.vocab import Vocab
+
+from k2serve.worker.health import EngineHealth
 
 if TYPE_CHECKING:  # the engine module imports torch; this one serves gRPC without it
     from k2serve.worker.engine import EngineLoad
@@ -117,7 +120,9 @@ class ServedEngine(Protocol):
 
     `generate` streams a request's RequestOutputs until one is finished, or raises RequestRejected (with an
     HTTP-like status) before the first; closing it early aborts the request. `abort` returns at once:
-    False when no request has that id. `get_load` is a snapshot.
+    False when no request has that id. `get_load` is a snapshot. `health` says whether it can generate
+    (answering even while a step hangs); `drain` refuses new requests, waits up to `grace_s` for the
+    running ones and ends the rest with a 503, returning how many it ended.
     """
 
     def generate(self, request_id: str, prompt_ids: list[int],
@@ -126,6 +131,10 @@ class ServedEngine(Protocol):
     def abort(self, request_id: str) -> bool: ...
 
     def get_load(self) -> EngineLoad: ...
+
+    def health(self) -> EngineHealth: ...
+
+    async def drain(self, grace_s: float) -> int: ...
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -156,6 +165,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._draining = True
         for session in self._sessions:
             session.drain()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     async def responses(self, request: worker_pb2.GenerateRequest,
                         new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
@@ -228,10 +241,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             stop_token_ids=list(info.stop_token_ids), tokenizer_id=info.tokenizer_id)
 
 
+HEALTH_POLL_S = 0.2  # how often the gRPC health status follows the engine's
+
+
 async def serve_worker(engine: ServedEngine, host: str, port: int, model_info: ModelInfo) -> grpc.aio.Server:
     """Start a grpc.aio server with the Worker and grpc.health.v1.Health services; returns it started.
 
-    `port` 0 picks a free port: read it from `server.k2serve_port`. Stop with `await server.stop(grace)`.
+    The health status (service "" and k2serve.v1.Worker) follows `engine.health()`: SERVING only while
+    the engine can generate, NOT_SERVING once it hangs, fails or drains.
+    `port` 0 picks a free port: read it from `server.k2serve_port`. Stop with `stop_worker`.
     """
     server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
                                       ("grpc.http2.min_ping_interval_without_data_ms", 5000),
@@ -245,21 +263,36 @@ async def serve_worker(engine: ServedEngine, host: str, port: int, model_info: M
     if bound == 0:
         raise OSError(f"cannot bind the worker gRPC server to {host}:{port}")
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, True)
     server.k2serve_port = bound
-    server.k2serve_drain = lambda: _drain(servicer, health_servicer)
+    server.k2serve_servicer, server.k2serve_engine = servicer, engine
+    server.k2serve_health = asyncio.create_task(_follow_health(server, engine, servicer, health_servicer))
     return server
 
 
-async def stop_worker(server: grpc.aio.Server, grace_s: float) -> None:
-    """Stop a server from serve_worker gracefully: requests in flight get `grace_s` to finish, new ones
-    are refused with statuses a router retries elsewhere, health probes say NOT_SERVING."""
-    await server.k2serve_drain()
-    await server.stop(grace_s)
+async def stop_worker(server: grpc.aio.Server, grace_s: float) -> int:
+    """Stop a server from serve_worker gracefully: health probes say NOT_SERVING, new requests are refused
+    with statuses a router retries elsewhere, requests in flight get `grace_s` to finish and the rest end
+    with a 503 (a router resumes them on another group). Returns how many were ended that way."""
+    server.k2serve_servicer.drain()
+    ended = await server.k2serve_engine.drain(grace_s)
+    await server.stop(1.0)  # the ended streams' last responses are on their way
+    return ended
 
 
-async def _drain(servicer: WorkerServicer, health_servicer: health.aio.HealthServicer) -> None:
-    servicer.drain()
+async def _follow_health(server: grpc.aio.Server, engine: ServedEngine, servicer: WorkerServicer,
+                         health_servicer: health.aio.HealthServicer) -> None:
+    """Until the server stops: the health status follows the engine's and the servicer's draining."""
+    serving = True
+    while await server.wait_for_termination(HEALTH_POLL_S):  # True: timed out, still serving
+        now = engine.health().is_serving and not servicer.draining
+        if now != serving:
+            log.warning("worker health: %s", "SERVING" if now else f"NOT_SERVING ({engine.health().reason})")
+            await _set_health(health_servicer, now)
+            serving = now
+
+
+async def _set_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(name, status)

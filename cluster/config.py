@@ -48,6 +48,12 @@ class GroupSection(Section):
     dispatcher: Literal["all_to_all", "all_gather"] = Field(
         "all_to_all", description="MoE dispatcher: all_to_all or all_gather (baseline)")
     collective_timeout_s: float = Field(30.0, gt=0, description="A collective that takes longer fails the group")
+    heartbeat_interval_s: float = Field(
+        2.0, gt=0, description="An idle group runs a no-op step through every rank (one all-reduce) this often")
+    hang_timeout_s: float = Field(
+        30.0, gt=0, description="A step or heartbeat running longer means a rank hangs: the group reports "
+        "NOT_SERVING, ends its streams with 503 (routers resume them elsewhere) and the controller replaces it; "
+        "allow for the first step's kernel compilation on GPU")
 
     @model_validator(mode="after")
     def _tp_equals_ep(self) -> "GroupSection":
@@ -78,7 +84,15 @@ class ControllerSection(Section):
         0, ge=0, le=65535, description="Rank 0's gRPC port (0: a free port; 50051 in k8s)")
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="Rank 0's Prometheus port (0: a free port; 9400 in k8s)")
-    drain_timeout_s: float = Field(10.0, ge=0, description="On shutdown, wait this long for in-flight requests")
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="On shutdown, SIGTERM or a rolling restart, wait this long for in-flight requests "
+        "(those left then end with a 503 that routers resume elsewhere)")
+    restart_pause_s: float = Field(
+        5.0, ge=0, description="A rolling restart waits this long after a group serves again before draining the "
+        "next, so that every router has found the new incarnation (routers poll discovery every health_interval_s)")
+    worker_pid_dir: str | None = Field(
+        None, description="Rank 0 of each group writes its pid here while serving, for `k2serve drain` "
+        "(a Kubernetes preStop hook); None: no pid files")
 
 
 class RaySection(Section):

@@ -1,4 +1,5 @@
-"""Discovery: the controller publishes its live worker groups at GET /v1/groups (JSON) for routers.
+"""Discovery: the controller publishes its live worker groups at GET /v1/groups (JSON) for routers, and
+takes `POST /v1/groups/restart` (a rolling restart, `k2serve restart`).
 
 Each entry is a GroupEndpoint as a dict: name, address (gRPC), healthy, generation, pids and
 metrics_address (rank 0's Prometheus host:port, or null).
@@ -10,6 +11,17 @@ import socket
 import threading
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RestartRequest(BaseModel):
+    """Body of POST /v1/groups/restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    groups: list[str] | None = Field(None, description="groups to restart, in this order (None: all)")
+    grace_s: float | None = Field(None, ge=0, description="drain time per group (None: controller.drain_timeout_s)")
 
 
 def discovery_app(controller) -> FastAPI:
@@ -18,6 +30,16 @@ def discovery_app(controller) -> FastAPI:
     @app.get("/v1/groups")
     def groups() -> dict:
         return {"groups": controller.status()}
+
+    @app.post("/v1/groups/restart", status_code=202)
+    def restart(body: RestartRequest):
+        try:
+            names = controller.start_rolling_restart(body.groups, body.grace_s)
+        except KeyError as exc:
+            return JSONResponse({"error": str(exc.args[0])}, status_code=404)
+        except RuntimeError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        return {"restarting": names}
 
     return app
 

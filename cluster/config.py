@@ -5,6 +5,7 @@
     engine:     EngineConfig        the engine of every group (worker/config.py)
     router:     RouterSection       the router's settings, its balancer's and its admission limits
     controller: ControllerSection   health checks, group replacement, ports
+    security:   SecuritySection     TLS and client authentication of the workers' and the controller's ports
     ray:        RaySection          address to join (None: start a local Ray) and local CPU slots
 
 Every section is a frozen pydantic model that rejects unknown keys; every field has a default and a
@@ -95,6 +96,32 @@ class ControllerSection(Section):
         "(a Kubernetes preStop hook); None: no pid files")
 
 
+class SecuritySection(Section):
+    """Who may use the workers' gRPC port and the controller's discovery port (cluster/security.py)."""
+
+    tls: bool = Field(False, description="Workers' gRPC and the discovery port speak TLS and take only routers "
+                      "and k2serve commands that authenticate (client_auth); off: plaintext for anyone who reaches them")
+    client_auth: Literal["token", "mtls"] = Field(
+        "token", description="token: clients send the shared secret in token_file; mtls: clients present "
+        "cert_file, which ca_file must have signed")
+    ca_file: str | None = Field(None, description="PEM CA that signed cert_file (clients verify servers with it; "
+                                "with mtls servers verify clients)")
+    cert_file: str | None = Field(None, description="PEM certificate every k2serve process presents (workers and "
+                                  "the controller as servers; routers too with mtls), e.g. from a mounted Secret")
+    key_file: str | None = Field(None, description="PEM private key of cert_file")
+    token_file: str | None = Field(None, description="File holding the shared secret (client_auth token)")
+    server_name: str = Field("k2serve", description="DNS name in cert_file that clients verify, instead of the "
+                             "address they dial (worker addresses are pod IPs)")
+
+    @model_validator(mode="after")
+    def _files_for_tls(self) -> "SecuritySection":
+        needed = ["ca_file", "cert_file", "key_file"] + (["token_file"] if self.client_auth == "token" else [])
+        missing = [name for name in needed if self.tls and not getattr(self, name)]
+        if missing:
+            raise ValueError(f"security.tls with client_auth {self.client_auth} needs {', '.join(missing)}")
+        return self
+
+
 class RaySection(Section):
     address: str | None = Field(None, description="Ray cluster to join ('auto' or host:port); None starts a local one")
     num_cpus: int = Field(8, ge=1, description="CPU slots of a local Ray (logical; ranks take cpus_per_rank each)")
@@ -106,6 +133,7 @@ class ClusterConfig(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="The engine of every group")
     router: RouterSection = Field(default_factory=RouterSection, description="Router, balancer and admission")
     controller: ControllerSection = Field(default_factory=ControllerSection, description="Supervision and ports")
+    security: SecuritySection = Field(default_factory=SecuritySection, description="TLS and client authentication")
     ray: RaySection = Field(default_factory=RaySection, description="Ray cluster")
 
     @field_validator("groups")

@@ -66,7 +66,7 @@ def worker_group_launcher(config: ClusterConfig, model_dir: str | Path) -> Launc
     ports = config.controller
     spec = ServeSpec(ports.worker_grpc_host, ports.worker_grpc_port, config.model.name,
                      metrics_port=ports.worker_metrics_port, drain_timeout_s=ports.drain_timeout_s,
-                     pid_dir=ports.worker_pid_dir)
+                     pid_dir=ports.worker_pid_dir, security=config.security)
 
     def launch(section: GroupSection) -> Group:
         group = WorkerGroup(section, str(model_dir), config.engine)

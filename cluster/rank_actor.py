@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import ray
 
+from k2serve.cluster.config import SecuritySection
 from k2serve.cluster.pid_files import pid_file, write_pid_file
 from k2serve.worker.distributed import free_port
 from k2serve.worker.health import SERVING
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServeSpec:
     """How rank 0 serves: gRPC bind address and port (0: free), the model id it reports, its group's name,
-    its Prometheus port (None: no metrics; 0: free), how long a drain waits for requests in flight, and
-    where it writes its pid file (None: nowhere)."""
+    its Prometheus port (None: no metrics; 0: free), how long a drain waits for requests in flight, where
+    it writes its pid file (None: nowhere), and the port's security (files read on rank 0's host)."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -41,6 +42,7 @@ class ServeSpec:
     metrics_port: int | None = None
     drain_timeout_s: float = 10.0
     pid_dir: str | None = None
+    security: SecuritySection = SecuritySection()
 
 
 class RankActor:
@@ -124,15 +126,17 @@ class RankActor:
     def _start_server(self, engine, spec: ServeSpec):
         """The gRPC server on an event loop of its own thread, which runs until `drain` stops it (a loop
         that ended with the server would drop the rest of stop_worker, whose caller then waits in vain)."""
+        from k2serve.cluster.security import server_security
         from k2serve.worker.server import ModelInfo, serve_worker
 
+        security = server_security(spec.security)
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True).start()
 
         async def start():
             engine.start()
             info = ModelInfo.from_model_dir(self.worker.spec.model_dir, spec.model_name, self.engine.max_model_len)
-            return await serve_worker(engine, spec.host, spec.port, info)
+            return await serve_worker(engine, spec.host, spec.port, info, security)
 
         try:
             return asyncio.run_coroutine_threadsafe(start(), self._loop).result()

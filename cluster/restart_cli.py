@@ -32,7 +32,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def generations(client, url: str) -> dict[str, tuple[int, bool]]:
     """name -> (generation, healthy) of the groups the controller publishes now."""
-    body = client.get(url + "/v1/groups").json()
+    body = client.get(url + "/v1/groups").raise_for_status().json()
     return {g["name"]: (g["generation"], g["healthy"]) for g in body["groups"]}
 
 
@@ -50,15 +50,25 @@ def wait_restarted(client, url: str, before: dict[str, tuple[int, bool]], names:
     return False
 
 
-def run(args: argparse.Namespace) -> int:
+def http_client(security):
+    """An httpx client for the discovery port, presenting `security`'s credentials when it has them."""
     import httpx
+
+    if security is None:
+        return httpx.Client(timeout=10)
+    return httpx.Client(timeout=10, verify=security.ssl_context(), headers=security.http_headers(),
+                        event_hooks={"request": [lambda request: request.extensions.update(security.http_extensions())]})
+
+
+def run(args: argparse.Namespace) -> int:
 
     from k2serve.cluster.config import ClusterConfig
     from k2serve.cluster.router_cli import discovery_url
+    from k2serve.cluster.security import client_security
 
     config = ClusterConfig.from_file(args.config) if args.config else ClusterConfig()
     url = discovery_url(config, args.discovery).rstrip("/")
-    with httpx.Client(timeout=10) as client:
+    with http_client(client_security(config.security)) as client:
         before = generations(client, url)
         resp = client.post(url + "/v1/groups/restart", json={"groups": args.group, "grace_s": args.grace})
         if resp.status_code != 202:

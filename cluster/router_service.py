@@ -7,22 +7,26 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from k2serve.cluster.config import ClusterConfig
+from k2serve.cluster.security import client_security
 from k2serve.router.app import create_app
 from k2serve.router.pool.admission import AdmissionControl
 from k2serve.router.pool.balancer import Balancer
 from k2serve.router.text.chat_template import ChatTemplate
 from k2serve.router.pool.discovery import Discovery
 from k2serve.router.pool.group_pool import GroupPool, GroupPoolConfig
+from k2serve.router.pool.worker_client import WorkerClient
 from k2serve.router.metrics import RouterMetrics
 from k2serve.router.text.tokenizer import K2Tokenizer
 
 
 def build_pool(config: ClusterConfig, discovery: Discovery, metrics: RouterMetrics | None = None) -> GroupPool:
-    """A GroupPool with the cluster config's balancer, admission limits and health interval."""
+    """A GroupPool with the cluster config's balancer, admission limits, health interval and the credentials
+    its workers require."""
     router = config.router
     pool_config = GroupPoolConfig(poll_interval_s=config.controller.health_interval_s)
+    security = client_security(config.security)
     return GroupPool(discovery, Balancer(router), AdmissionControl(router.max_concurrency, router.max_queue),
-                     metrics, pool_config)
+                     metrics, pool_config, client_factory=lambda address: WorkerClient(address, security))
 
 
 def build_router_app(config: ClusterConfig, model_dir: str | Path, discovery: Discovery):

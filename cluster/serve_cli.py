@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"starting {len(config.groups)} worker group(s)...", file=sys.stderr, flush=True)
         controller = Controller(config, model_dir.resolve()).start()
-        discovery = DiscoveryServer(controller, discovery_sock).start()
+        discovery = DiscoveryServer(controller, discovery_sock, config.security).start()
         source = CallableDiscovery(lambda: [GroupInfo(e.name, e.address, e.healthy, e.generation)
                                             for e in controller.endpoints()])
         make_app = lambda: build_router_app(config, model_dir, source)  # noqa: E731

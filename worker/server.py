@@ -8,7 +8,8 @@ use Generate: one stream per request.
 Error scheme (documented in worker.proto): an engine rejection or bad parameters end the stream
 with one `GenerateResponse.error` carrying an HTTP-like status; the gRPC call itself ends OK.
 A client that cancels the stream aborts the request, which frees its KV cache blocks.
-The gRPC port is for workers and routers only: it has no authentication.
+The gRPC port is for routers only: with a ServerSecurity (worker/security.py) it speaks TLS and takes only
+calls that carry the shared token or a client certificate the CA signed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
 from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams
 from k2serve.worker.responses import ResponseFactory, fill_chunk, fill_error, fill_final
+from k2serve.worker.security import ServerSecurity
 from k2serve.worker.session import WorkerSession
 from k2serve.worker.vocab import Vocab
 
@@ -244,14 +246,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 HEALTH_POLL_S = 0.2  # how often the gRPC health status follows the engine's
 
 
-async def serve_worker(engine: ServedEngine, host: str, port: int, model_info: ModelInfo) -> grpc.aio.Server:
+async def serve_worker(engine: ServedEngine, host: str, port: int, model_info: ModelInfo,
+                       security: ServerSecurity | None = None) -> grpc.aio.Server:
     """Start a grpc.aio server with the Worker and grpc.health.v1.Health services; returns it started.
+    With `security` the port speaks TLS and refuses unauthenticated calls; without, it is plaintext.
 
     The health status (service "" and k2serve.v1.Worker) follows `engine.health()`: SERVING only while
     the engine can generate, NOT_SERVING once it hangs, fails or drains.
     `port` 0 picks a free port: read it from `server.k2serve_port`. Stop with `stop_worker`.
     """
-    server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
+    server = grpc.aio.server(interceptors=security.interceptors() if security else None,
+                             options=[("grpc.keepalive_permit_without_calls", 1),
                                       ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -259,7 +264,8 @@ async def serve_worker(engine: ServedEngine, host: str, port: int, model_info: M
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, security.credentials()) if security else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind the worker gRPC server to {host}:{port}")
     await server.start()

@@ -54,7 +54,7 @@ class RankActor:
         self._served_engine = None  # rank 0's AsyncEngine, once it served (its health outlives the server)
         self._serve_spec: ServeSpec | None = None
         self._port: int | None = None
-        self._metrics_server = None  # rank 0's Prometheus HTTP server (wsgiref), when serving metrics
+        self._metrics_server = None  # rank 0's metrics and probe HTTP server (wsgiref), when serving metrics
         self._stopping = threading.Lock()
         self._stopped = False
         if spec.rank == 0 and threading.current_thread() is threading.main_thread():
@@ -145,15 +145,17 @@ class RankActor:
             raise
 
     def _serve_metrics(self, host: str, port: int, group: str, engine) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        """The group's series and the readiness probe on rank 0's plain-HTTP port (worker/metrics_server.py)."""
+        from prometheus_client import CollectorRegistry
 
         from k2serve.worker.metrics import WorkerMetrics
+        from k2serve.worker.metrics_server import serve_metrics
 
         registry = CollectorRegistry()
         metrics = WorkerMetrics(registry, group)
         metrics.watch_health(lambda: engine.health().is_serving)
         self.engine.attach_metrics(metrics)
-        self._metrics_server, _ = start_http_server(port, addr=host, registry=registry)
+        self._metrics_server = serve_metrics(host, port, registry, lambda: engine.health().is_serving)
 
     def metrics_port(self) -> int | None:
         """Rank 0: the bound Prometheus port, or None when metrics are not served."""

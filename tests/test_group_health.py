@@ -47,6 +47,11 @@ async def until_health(client: WorkerClient, serving: bool, timeout_s: float = 3
     return False
 
 
+def ready(group: WorkerGroup) -> int:
+    """The status of rank 0's readiness probe (what the Kubernetes readinessProbe reads)."""
+    return httpx.get(f"http://{group.metrics_address}/ready", timeout=5).status_code
+
+
 def scrape_healthy(group: WorkerGroup) -> float:
     text = httpx.get(f"http://{group.metrics_address}/metrics", timeout=5).text
     line = next(l for l in text.splitlines() if l.startswith("k2serve_worker_healthy{"))
@@ -68,7 +73,7 @@ def group(ray_session, tiny_model_dir, tmp_path):
 
 
 def test_a_stopped_follower_fails_the_group_within_its_hang_timeout(group):
-    assert scrape_healthy(group) == 1.0
+    assert scrape_healthy(group) == 1.0 and ready(group) == 200
 
     async def scenario():
         client = WorkerClient(group.address)
@@ -87,7 +92,7 @@ def test_a_stopped_follower_fails_the_group_within_its_hang_timeout(group):
 
     err = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert err.status == 503 and "hang" in err.message, err.message  # the worker's own verdict, not a reset
-    assert scrape_healthy(group) == 0.0
+    assert scrape_healthy(group) == 0.0 and ready(group) == 503
     health = group.health()
     assert health.state == FAILED
 
@@ -104,7 +109,7 @@ def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_ends_the_pr
             first = await stream.__anext__()
             threading.Thread(target=lambda: signalled.append(drain(str(group.pid_dir), 90)), daemon=True).start()
             assert await until_health(client, serving=False)
-            assert group.health().state == DRAINING
+            assert group.health().state == DRAINING and ready(group) == 503
             with pytest.raises(WorkerError) as late:
                 [item async for item in client.generate(GenerateParams("late", (1, 2), max_tokens=4))]
             rest = [item async for item in stream]

@@ -61,6 +61,7 @@ def http_client(security):
 
 
 def run(args: argparse.Namespace) -> int:
+    import httpx
 
     from k2serve.cluster.config import ClusterConfig
     from k2serve.cluster.router_cli import discovery_url
@@ -68,15 +69,23 @@ def run(args: argparse.Namespace) -> int:
 
     config = ClusterConfig.from_file(args.config) if args.config else ClusterConfig()
     url = discovery_url(config, args.discovery).rstrip("/")
-    with http_client(client_security(config.security)) as client:
-        before = generations(client, url)
-        resp = client.post(url + "/v1/groups/restart", json={"groups": args.group, "grace_s": args.grace})
-        if resp.status_code != 202:
-            print(f"k2serve restart: {resp.status_code} {resp.json().get('error', resp.text)}", file=sys.stderr)
-            return 1
-        names = resp.json()["restarting"]
-        print(f"k2serve restart: restarting {', '.join(names)} one at a time", file=sys.stderr, flush=True)
-        if args.wait and not wait_restarted(client, url, before, names, args.timeout):
-            print("k2serve restart: not every group came back in time", file=sys.stderr)
-            return 1
+    try:
+        with http_client(client_security(config.security)) as client:
+            return restart(client, url, args)
+    except httpx.HTTPError as exc:
+        print(f"k2serve restart: {url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def restart(client, url: str, args: argparse.Namespace) -> int:
+    before = generations(client, url)
+    resp = client.post(url + "/v1/groups/restart", json={"groups": args.group, "grace_s": args.grace})
+    if resp.status_code != 202:
+        print(f"k2serve restart: {resp.status_code} {resp.json().get('error', resp.text)}", file=sys.stderr)
+        return 1
+    names = resp.json()["restarting"]
+    print(f"k2serve restart: restarting {', '.join(names)} one at a time", file=sys.stderr, flush=True)
+    if args.wait and not wait_restarted(client, url, before, names, args.timeout):
+        print("k2serve restart: not every group came back in time", file=sys.stderr)
+        return 1
     return 0

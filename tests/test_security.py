@@ -229,3 +229,32 @@ def test_a_worker_group_on_ray_serves_tls_from_the_config(ray_session, tiny_mode
         assert asyncio.run(both()) == (True, False)
     finally:
         group.stop(None)
+
+
+def test_k2serve_restart_through_a_tls_discovery_port(pki, tmp_path, capsys):
+    """`k2serve restart` reads the config's security section: https, the CA and the token."""
+    import yaml
+
+    from k2serve.cluster.cli import main
+    from test_controller import make
+
+    controller, _, _ = make()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = DiscoveryServer(controller, sock, section(pki)).start()
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({"security": section(pki).model_dump()}))
+    try:
+        assert wait_serving(port)
+        url = f"https://127.0.0.1:{port}"
+        assert main(["restart", "--config", str(config), "--discovery", url, "--wait", "--timeout", "60"]) == 0
+        assert {e.generation for e in controller.endpoints()} == {2}
+        assert main(["restart", "--discovery", url]) == 1  # no CA: the controller's certificate is not trusted
+        (tmp_path / "guess").write_text("guess")
+        config.write_text(yaml.safe_dump({"security": {**section(pki).model_dump(), "token_file": str(tmp_path / "guess")}}))
+        assert main(["restart", "--config", str(config), "--discovery", url]) == 1
+        assert "401" in capsys.readouterr().err and {e.generation for e in controller.endpoints()} == {2}
+    finally:
+        server.stop()
+        controller.stop()

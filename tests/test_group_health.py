@@ -62,7 +62,6 @@ def scrape_healthy(group: WorkerGroup) -> float:
 def group(ray_session, tiny_model_dir, tmp_path):
     g = WorkerGroup(TWO_RANKS, str(tiny_model_dir), ENGINE).start()
     g.serve(ServeSpec(metrics_port=0, drain_timeout_s=30, pid_dir=str(tmp_path / "pids")))
-    g.pid_dir = tmp_path / "pids"
     yield g
     for pid in g.pids[1:]:
         try:
@@ -97,7 +96,9 @@ def test_a_stopped_follower_fails_the_group_within_its_hang_timeout(group):
     assert health.state == FAILED
 
 
-def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_ends_the_process(group):
+def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_ends_the_process(group, tmp_path):
+    pid_dir = tmp_path / "pids"
+    assert len(list(pid_dir.glob("*.pid"))) == 1  # rank 0 wrote its pid file
     rank0 = group.pids[0]
     signalled = []
 
@@ -107,7 +108,7 @@ def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_ends_the_pr
             stream = client.generate(GenerateParams("running", (5, 6, 7), max_tokens=60, temperature=0.0,
                                                     ignore_eos=True))
             first = await stream.__anext__()
-            threading.Thread(target=lambda: signalled.append(drain(str(group.pid_dir), 90)), daemon=True).start()
+            threading.Thread(target=lambda: signalled.append(drain(str(pid_dir), 90)), daemon=True).start()
             assert await until_health(client, serving=False)
             assert group.health().state == DRAINING and ready(group) == 503
             with pytest.raises(WorkerError) as late:
@@ -124,7 +125,7 @@ def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_ends_the_pr
     assert wait_for(lambda: signalled, 90) and signalled[0] == (1, 0)  # drain returned once rank 0 exited
     assert not os.path.exists(f"/proc/{rank0}") or "Z" in open(f"/proc/{rank0}/stat").read().split(")")[1][:3]
     assert group.health().state == FAILED
-    assert not list(group.pid_dir.glob("*.pid"))
+    assert not list(pid_dir.glob("*.pid"))
 
 
 def test_a_rolling_restart_under_steady_load_loses_no_request(ray_session, tiny_model_dir):

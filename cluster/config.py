@@ -100,7 +100,8 @@ class SecuritySection(Section):
     """Who may use the workers' gRPC port and the controller's discovery port (cluster/security.py)."""
 
     tls: bool = Field(False, description="Workers' gRPC and the discovery port speak TLS and take only routers "
-                      "and k2serve commands that authenticate (client_auth); off: plaintext for anyone who reaches them")
+                      "and k2serve commands that authenticate (client_auth); off: plaintext for anyone who "
+                      "reaches them")
     client_auth: Literal["token", "mtls"] = Field(
         "token", description="token: clients send the shared secret in token_file; mtls: clients present "
         "cert_file, which ca_file must have signed")

@@ -56,8 +56,10 @@ def http_client(security):
 
     if security is None:
         return httpx.Client(timeout=10)
+    def verify_server_name(request) -> None:
+        request.extensions.update(security.http_extensions())
     return httpx.Client(timeout=10, verify=security.ssl_context(), headers=security.http_headers(),
-                        event_hooks={"request": [lambda request: request.extensions.update(security.http_extensions())]})
+                        event_hooks={"request": [verify_server_name]})
 
 
 def run(args: argparse.Namespace) -> int:

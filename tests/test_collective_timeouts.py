@@ -18,7 +18,7 @@ from k2serve.worker.distributed import init_distributed
 from k2serve.worker.plan_channel import Heartbeat, PlanChannel, barrier
 
 rank, port = int(sys.argv[1]), int(sys.argv[2])
-info = init_distributed(rank, 2, "127.0.0.1", port, "gloo", timeout_s=2.0)
+info = init_distributed(rank, 2, "127.0.0.1", port, "gloo", timeout_s=5.0)  # also the rendezvous wait
 channel = PlanChannel(info)
 if rank == 1:
     assert isinstance(channel.recv(), Heartbeat)  # the group works...
@@ -28,7 +28,8 @@ if rank == 1:
 channel.send(Heartbeat())
 barrier(info, torch.device("cpu"))
 time.sleep(0.5)
-for name, call in (("broadcast", lambda: channel.send(Heartbeat())), ("barrier", lambda: barrier(info, torch.device("cpu")))):
+calls = (("broadcast", lambda: channel.send(Heartbeat())), ("barrier", lambda: barrier(info, torch.device("cpu"))))
+for name, call in calls:
     try:
         call()
         print(name, "returned")

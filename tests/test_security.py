@@ -52,7 +52,8 @@ def issue(ca, name: str = "k2serve"):
     ca_key, ca_cert = ca
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject).public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
@@ -252,7 +253,8 @@ def test_k2serve_restart_through_a_tls_discovery_port(pki, tmp_path, capsys):
         assert {e.generation for e in controller.endpoints()} == {2}
         assert main(["restart", "--discovery", url]) == 1  # no CA: the controller's certificate is not trusted
         (tmp_path / "guess").write_text("guess")
-        config.write_text(yaml.safe_dump({"security": {**section(pki).model_dump(), "token_file": str(tmp_path / "guess")}}))
+        wrong = {**section(pki).model_dump(), "token_file": str(tmp_path / "guess")}
+        config.write_text(yaml.safe_dump({"security": wrong}))
         assert main(["restart", "--config", str(config), "--discovery", url]) == 1
         assert "401" in capsys.readouterr().err and {e.generation for e in controller.endpoints()} == {2}
     finally:

@@ -201,8 +201,9 @@ class AsyncEngine:
         self._dispatch(self.engine.fail_all("the engine is shutting down"))
 
     def _iterate(self) -> None:
-        self._drain_commands(block=not self.engine.has_unfinished())
-        if self._stopping.is_set() or self._failure is not None:
+        failed = self._failure is not None  # a failed engine steps no more: wait for commands, do not spin
+        self._drain_commands(block=failed or not self.engine.has_unfinished())
+        if self._stopping.is_set() or failed:
             return
         if self.engine.has_unfinished():
             self._dispatch(self._safe_step())

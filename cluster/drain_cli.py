@@ -31,17 +31,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def drain(pid_dir: str, timeout_s: float) -> tuple[int, int]:
-    """SIGTERM each live rank 0 recorded in `pid_dir` and wait up to `timeout_s` for all to exit;
-    returns (signalled, still running)."""
-    from k2serve.cluster.pid_files import live_pids
+    """SIGTERM each live rank 0 recorded in `pid_dir` and wait up to `timeout_s` for all of them to exit
+    (the processes, not their pid files, which they remove before exiting); returns (signalled, still running)."""
+    from k2serve.cluster.pid_files import live_processes, running
 
-    signalled = live_pids(pid_dir)
-    for pid in signalled.values():
+    signalled = live_processes(pid_dir)
+    for pid in signalled:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while live_pids(pid_dir).keys() & signalled.keys() and time.monotonic() < deadline:
+    while running(signalled) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return len(signalled), len(live_pids(pid_dir).keys() & signalled.keys())
+    return len(signalled), len(running(signalled))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,11 +20,13 @@ def pid_file(directory: str | Path, group: str, port: int) -> Path:
 
 
 def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot, or None when no such process runs."""
+    """The process's start time in clock ticks since boot, or None when no such process runs (an exited
+    process its parent has not reaped yet, a zombie, does not run)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    return None if fields[0] == "Z" else fields[19]
 
 
 def write_pid_file(path: Path) -> None:
@@ -33,9 +35,9 @@ def write_pid_file(path: Path) -> None:
     path.write_text(f"{os.getpid()} {start_time(os.getpid())}\n")
 
 
-def live_pids(directory: str | Path) -> dict[Path, int]:
-    """Every pid file in `directory` whose process still runs, with its pid; files of processes that
-    are gone (or whose pid now belongs to another process) are removed."""
+def live_processes(directory: str | Path) -> dict[int, str]:
+    """pid -> start time of every process with a pid file in `directory` that still runs; files of
+    processes that are gone (or whose pid now belongs to another process) are removed."""
     found = {}
     for path in sorted(Path(directory).glob(f"worker-*{SUFFIX}")):
         try:
@@ -44,7 +46,12 @@ def live_pids(directory: str | Path) -> dict[Path, int]:
         except (OSError, ValueError):
             continue
         if start_time(pid) == started:
-            found[path] = pid
+            found[pid] = started
         else:
             path.unlink(missing_ok=True)
     return found
+
+
+def running(processes: dict[int, str]) -> dict[int, str]:
+    """Those of `processes` (pid -> start time) that still run."""
+    return {pid: started for pid, started in processes.items() if start_time(pid) == started}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from k2serve.router.text.tokenizer import K2Tokenizer
+from k2serve.worker.health import SERVING, EngineHealth
 from k2serve.worker.request import RequestOutput, SamplingParams
 
 MODEL = "kimi-k2-tiny"
@@ -90,6 +91,15 @@ class PacedEngine:  # a worker.server.ServedEngine
         from k2serve.worker.engine import EngineLoad  # here: the router process must not import torch
 
         return EngineLoad(self._running, 0, 0.0, 0.0, 0)
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(SERVING)
+
+    async def drain(self, grace_s: float) -> int:
+        deadline = time.monotonic() + grace_s
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(self.step_s)
+        return self._running
 
 
 def build_engine(kind: str, model_dir: Path, step_ms: float) -> Any:

@@ -27,13 +27,15 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from k2serve.cluster import bench_cli, config_cli, generate_cli, plan_cli, router_cli, serve_cli, status_cli
+    from k2serve.cluster import (bench_cli, config_cli, drain_cli, generate_cli, plan_cli, restart_cli, router_cli,
+                                 serve_cli, status_cli)
 
     parser = argparse.ArgumentParser(prog="k2serve", description="Serve Kimi K2 on a cluster.")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING: quiet)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     register_make_tiny_model(subparsers)
-    for module in (generate_cli, plan_cli, bench_cli, serve_cli, router_cli, status_cli, config_cli):
+    for module in (generate_cli, plan_cli, bench_cli, serve_cli, router_cli, status_cli, restart_cli, drain_cli,
+                   config_cli):
         module.register(subparsers)
     return parser
 

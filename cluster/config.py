@@ -5,6 +5,7 @@
     engine:     EngineConfig        the engine of every group (worker/config.py)
     router:     RouterSection       the router's settings, its balancer's and its admission limits
     controller: ControllerSection   health checks, group replacement, ports
+    security:   SecuritySection     TLS and client authentication of the workers' and the controller's ports
     ray:        RaySection          address to join (None: start a local Ray) and local CPU slots
 
 Every section is a frozen pydantic model that rejects unknown keys; every field has a default and a
@@ -49,6 +50,12 @@ class GroupSection(Section):
     dispatcher: Literal["all_to_all", "all_gather"] = Field(
         "all_to_all", description="MoE dispatcher: all_to_all or all_gather (baseline)")
     collective_timeout_s: float = Field(30.0, gt=0, description="A collective that takes longer fails the group")
+    heartbeat_interval_s: float = Field(
+        2.0, gt=0, description="An idle group runs a no-op step through every rank (one all-reduce) this often")
+    hang_timeout_s: float = Field(
+        30.0, gt=0, description="A step or heartbeat running longer means a rank hangs: the group reports "
+        "NOT_SERVING, ends its streams with 503 (routers resume them elsewhere) and the controller replaces it; "
+        "allow for the first step's kernel compilation on GPU")
 
     @model_validator(mode="after")
     def _tp_equals_ep(self) -> "GroupSection":
@@ -80,7 +87,42 @@ class ControllerSection(Section):
         0, ge=0, le=65535, description="Rank 0's gRPC port (0: a free port; 50051 in k8s)")
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="Rank 0's Prometheus port (0: a free port; 9400 in k8s)")
-    drain_timeout_s: float = Field(10.0, ge=0, description="On shutdown, wait this long for in-flight requests")
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="On shutdown, SIGTERM or a rolling restart, wait this long for in-flight requests "
+        "(those left then end with a 503 that routers resume elsewhere)")
+    restart_pause_s: float = Field(
+        5.0, ge=0, description="A rolling restart waits this long after a group serves again before draining the "
+        "next, so that every router has found the new incarnation (routers poll discovery every health_interval_s)")
+    worker_pid_dir: str | None = Field(
+        None, description="Rank 0 of each group writes its pid here while serving, for `k2serve drain` "
+        "(a Kubernetes preStop hook); None: no pid files")
+
+
+class SecuritySection(Section):
+    """Who may use the workers' gRPC port and the controller's discovery port (cluster/security.py)."""
+
+    tls: bool = Field(False, description="Workers' gRPC and the discovery port speak TLS and take only routers "
+                      "and k2serve commands that authenticate (client_auth); off: plaintext for anyone who "
+                      "reaches them")
+    client_auth: Literal["token", "mtls"] = Field(
+        "token", description="token: clients send the shared secret in token_file; mtls: clients present "
+        "cert_file, which ca_file must have signed")
+    ca_file: str | None = Field(None, description="PEM CA that signed cert_file (clients verify servers with it; "
+                                "with mtls servers verify clients)")
+    cert_file: str | None = Field(None, description="PEM certificate every k2serve process presents (workers and "
+                                  "the controller as servers; routers too with mtls), e.g. from a mounted Secret")
+    key_file: str | None = Field(None, description="PEM private key of cert_file")
+    token_file: str | None = Field(None, description="File holding the shared secret (client_auth token)")
+    server_name: str = Field("k2serve", description="DNS name in cert_file that clients verify, instead of the "
+                             "address they dial (worker addresses are pod IPs)")
+
+    @model_validator(mode="after")
+    def _files_for_tls(self) -> "SecuritySection":
+        needed = ["ca_file", "cert_file", "key_file"] + (["token_file"] if self.client_auth == "token" else [])
+        missing = [name for name in needed if self.tls and not getattr(self, name)]
+        if missing:
+            raise ValueError(f"security.tls with client_auth {self.client_auth} needs {', '.join(missing)}")
+        return self
 
 
 class RaySection(Section):
@@ -94,6 +136,7 @@ class ClusterConfig(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="The engine of every group")
     router: RouterSection = Field(default_factory=RouterSection, description="Router, balancer and admission")
     controller: ControllerSection = Field(default_factory=ControllerSection, description="Supervision and ports")
+    security: SecuritySection = Field(default_factory=SecuritySection, description="TLS and client authentication")
     ray: RaySection = Field(default_factory=RaySection, description="Ray cluster")
 
     @field_validator("groups")

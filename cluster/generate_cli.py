@@ -60,14 +60,13 @@ def generate_local(args, prompts, params) -> list[list[int]]:
 
 
 def generate_group(args, prompts, params) -> list[list[int]]:
-    import ray
+    from k2serve.cluster.environment import init_ray
 
-    from k2serve.cluster.environment import ray_init_kwargs
+    ray = init_ray(num_cpus=max(2, args.tp))  # before anything imports ray
     from k2serve.cluster.config import GroupSection
     from k2serve.cluster.group import WorkerGroup
 
     ep = args.ep or args.tp
-    ray.init(**ray_init_kwargs(num_cpus=max(2, args.tp)))
     config = EngineConfig(max_num_seqs=args.concurrency, dtype=args.dtype)
     group = WorkerGroup(GroupSection(name="generate", tp=args.tp, ep=ep), str(Path(args.model).resolve()), config)
     try:

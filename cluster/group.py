@@ -3,7 +3,9 @@
 Start: a placement group (cluster/placement.py), one RankActor per rank, rendezvous at rank 0's
 address on a free port, torch.distributed (NCCL on GPU, gloo on CPU) plus a gloo control group,
 every rank loads its shard, ranks > 0 enter their follow loop, rank 0 builds the engine.
-Health: a dead actor, a follower whose loop ended, or a ping that times out marks the group unhealthy.
+Health (`health()`): failed when a rank died, a follower's loop ended, a rank does not answer in time,
+or rank 0's engine failed (a step or heartbeat through every rank hung or broke); draining while
+rank 0 finishes its requests before stopping; serving otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, replace
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -18,8 +21,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from k2serve.cluster.config import GroupSection
 from k2serve.cluster.placement import placement_bundles
-from k2serve.cluster.rank_actor import RankActor
+from k2serve.cluster.rank_actor import RankActor, ServeSpec
 from k2serve.worker.config import EngineConfig
+from k2serve.worker.health import FAILED, SERVING
 from k2serve.worker.rank_worker import RankSpec
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,14 @@ log = logging.getLogger(__name__)
 
 def _pid(actor) -> int:
     return os.getpid()
+
+
+@dataclass(frozen=True)
+class GroupHealth:
+    """state: "serving", "draining" or "failed" (worker/health.py's states); `reason` says why."""
+
+    state: str
+    reason: str = ""
 
 
 class WorkerGroup:
@@ -67,7 +79,7 @@ class WorkerGroup:
         """What rank `rank` of this group is told."""
         group = self.config
         return RankSpec(rank, group.world_size, self.model_dir, self.engine, group.device,
-                        group.collective_timeout_s, group.dispatcher)
+                        group.collective_timeout_s, group.dispatcher, group.heartbeat_interval_s, group.hang_timeout_s)
 
     def _make_actor(self, rank: int, placement):
         group = self.config
@@ -82,13 +94,13 @@ class WorkerGroup:
     def driver(self):
         return self.actors[0]
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None,
-              metrics_port: int | None = None) -> str:
-        """Start rank 0's gRPC server (and, with `metrics_port`, 0 = free, its Prometheus endpoint on the
-        same host); returns the gRPC address host:port."""
-        self.grpc_host = ray.get(self.driver.node_ip.remote()) if host == "0.0.0.0" else host
-        self.grpc_port = ray.get(self.driver.serve.remote(host, port, model_name, self.config.name, metrics_port))
-        if metrics_port is not None:
+    def serve(self, spec: ServeSpec = ServeSpec()) -> str:
+        """Start rank 0's gRPC server (and, with `spec.metrics_port`, 0 = free, its Prometheus endpoint on
+        the same host); returns the gRPC address host:port."""
+        spec = replace(spec, group=self.config.name)
+        self.grpc_host = ray.get(self.driver.node_ip.remote()) if spec.host == "0.0.0.0" else spec.host
+        self.grpc_port = ray.get(self.driver.serve.remote(spec))
+        if spec.metrics_port is not None:
             self.metrics_port = ray.get(self.driver.metrics_port.remote())
         return self.address
 
@@ -101,25 +113,36 @@ class WorkerGroup:
     def address(self) -> str:
         return f"{self.grpc_host}:{self.grpc_port}"
 
-    def is_healthy(self, timeout_s: float = 2.0) -> bool:
-        """False when a rank died, a follower loop ended, or a rank does not answer within timeout_s."""
+    def health(self, timeout_s: float = 2.0) -> GroupHealth:
+        """The group's health now (see the module docstring); a rank that does not answer within
+        `timeout_s` (stopped, or its process hung) fails it."""
         if not self.actors:
-            return False
-        done, _ = ray.wait(self.follower_refs, timeout=0, num_returns=len(self.follower_refs)) if self.follower_refs else ([], [])
-        if done:
-            return False
+            return GroupHealth(FAILED, "not started")
+        if self.follower_refs and ray.wait(self.follower_refs, timeout=0, num_returns=len(self.follower_refs))[0]:
+            return GroupHealth(FAILED, "a follower rank stopped following rank 0")
         try:
-            ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)
-        except Exception:
-            return False
-        return True
+            states = ray.get([a.health.remote() for a in self.actors], timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - dead or unresponsive rank
+            return GroupHealth(FAILED, f"a rank did not answer: {type(exc).__name__}")
+        failing = next((state for state in states if state[0] != SERVING), None)  # rank 0's first
+        return GroupHealth(*failing) if failing is not None else GroupHealth(SERVING)
 
-    def stop(self) -> None:
-        """Stop serving, release followers and kill every actor and the placement group (idempotent)."""
-        if self.actors:
+    def is_healthy(self, timeout_s: float = 2.0) -> bool:
+        """True while the group can take requests (see `health`)."""
+        return self.health(timeout_s).state == SERVING
+
+    def drain(self, grace_s: float) -> int:
+        """Stop serving gracefully: new requests refused, those in flight given `grace_s`, the rest ended
+        with a 503 (routers resume them elsewhere). Returns how many were ended. The ranks stay up."""
+        return ray.get(self.driver.drain.remote(grace_s), timeout=grace_s + 30)
+
+    def stop(self, grace_s: float | None = 1.0) -> None:
+        """Drain for at most `grace_s` and release the followers (None: skip that, as for a failed group),
+        then kill every actor and the placement group (idempotent)."""
+        if self.actors and grace_s is not None:
             try:
-                ray.get(self.driver.stop.remote(), timeout=10)
-            except Exception as e:  # a dead rank 0 cannot stop gracefully
+                ray.get(self.driver.stop.remote(grace_s), timeout=grace_s + 10)
+            except Exception as e:  # a dead or hung rank 0 cannot stop gracefully
                 log.warning("group %s: graceful stop failed: %s", self.config.name, e)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)

@@ -27,8 +27,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def discovery_url(config, url: str | None) -> str:
-    """The discovery URL: the given one, else the local controller's discovery port."""
-    return url or f"http://127.0.0.1:{config.controller.discovery_port}"
+    """The discovery URL: the given one, else the local controller's discovery port (https with TLS)."""
+    from k2serve.cluster.security import discovery_scheme
+
+    return url or f"{discovery_scheme(config.security)}://127.0.0.1:{config.controller.discovery_port}"
 
 
 def static_groups(specs: list[str]) -> list[tuple[str, str]]:
@@ -43,13 +45,14 @@ def static_groups(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def make_discovery(args: argparse.Namespace, config):
+    from k2serve.cluster.security import client_security
     from k2serve.router.pool.discovery import HttpDiscovery, StaticDiscovery
 
     if args.group:
         if args.discovery:
             raise SystemExit("use either --discovery or --group, not both")
         return StaticDiscovery(static_groups(args.group))
-    return HttpDiscovery(discovery_url(config, args.discovery))
+    return HttpDiscovery(discovery_url(config, args.discovery), security=client_security(config.security))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from k2serve.cluster.config import ClusterConfig
+from k2serve.cluster.security import client_security
 from k2serve.router.app import create_app
 from k2serve.router.pool.admission import AdmissionControl
 from k2serve.router.pool.balancer import Balancer
@@ -21,12 +22,13 @@ from k2serve.router.text.tokenizer import K2Tokenizer
 
 
 def build_pool(config: ClusterConfig, discovery: Discovery, metrics: RouterMetrics | None = None) -> GroupPool:
-    """A GroupPool with the cluster config's balancer, admission limits, retry and migration limits and
-    health interval."""
+    """A GroupPool with the cluster config's balancer, admission limits, retry and migration limits, health
+    interval and the credentials its workers require."""
     router = config.router
     migration = {name: getattr(router, name) for name in MigrationConfig.model_fields}
     pool_config = GroupPoolConfig(poll_interval_s=config.controller.health_interval_s, **migration)
-    client = functools.partial(WorkerClient, max_buffered_responses=router.max_buffered_responses)
+    client = functools.partial(WorkerClient, security=client_security(config.security),
+                               max_buffered_responses=router.max_buffered_responses)
     return GroupPool(discovery, Balancer(router), AdmissionControl(router.max_concurrency, router.max_queue),
                      metrics, pool_config, client_factory=client)
 

@@ -87,26 +87,25 @@ def run_router(make_app, sock: socket.socket, drain_s: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
-    from k2serve.cluster.controller import Controller
-    from k2serve.cluster.discovery import DiscoveryServer
+    from k2serve.cluster.environment import init_ray
     from k2serve.cluster.listener import bind
-    from k2serve.cluster.environment import ray_init_kwargs
-    from k2serve.cluster.router_service import build_router_app
-    from k2serve.router.pool.discovery import CallableDiscovery, GroupInfo
 
     config = load_config(args)
     router = config.router
     router_sock = bind(router.host, router.port, "router", router.send_buffer_bytes)
     discovery_sock = bind(router.host, config.controller.discovery_port, "discovery endpoint")
     model_dir = ensure_model(config)
-    ray.init(**ray_init_kwargs(config.ray.num_cpus, config.ray.address))
+    ray = init_ray(config.ray.num_cpus, config.ray.address)  # before anything imports ray
+    from k2serve.cluster.controller import Controller
+    from k2serve.cluster.discovery import DiscoveryServer
+    from k2serve.cluster.router_service import build_router_app
+    from k2serve.router.pool.discovery import CallableDiscovery, GroupInfo
+
     controller = discovery = None
     try:
         print(f"starting {len(config.groups)} worker group(s)...", file=sys.stderr, flush=True)
         controller = Controller(config, model_dir.resolve()).start()
-        discovery = DiscoveryServer(controller, discovery_sock).start()
+        discovery = DiscoveryServer(controller, discovery_sock, config.security).start()
         source = CallableDiscovery(lambda: [GroupInfo(e.name, e.address, e.healthy, e.generation)
                                             for e in controller.endpoints()])
         make_app = lambda: build_router_app(config, model_dir, source)  # noqa: E731

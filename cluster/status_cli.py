@@ -23,12 +23,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-async def group_row(info, timeout: float) -> dict:
+async def group_row(info, timeout: float, security=None) -> dict:
     """One group's status row: controller health, gRPC health and GetLoad."""
     from k2serve.router.pool.worker import WorkerError
     from k2serve.router.pool.worker_client import WorkerClient
 
-    client = WorkerClient(info.address)
+    client = WorkerClient(info.address, security)
     row: dict[str, Any] = {"group": info.name, "address": info.address, "gen": info.generation,
                            "controller": "healthy" if info.healthy else "unhealthy"}
     try:
@@ -43,15 +43,16 @@ async def group_row(info, timeout: float) -> dict:
     return row
 
 
-async def collect(url: str, timeout: float) -> list[dict]:
+async def collect(url: str, timeout: float, security=None) -> list[dict]:
+    """Every group's row; `security` (a ClientSecurity) for TLS clusters."""
     from k2serve.router.pool.discovery import HttpDiscovery
 
-    source = HttpDiscovery(url, timeout_s=timeout)
+    source = HttpDiscovery(url, timeout_s=timeout, security=security)
     try:
         groups = await source.fetch()
     finally:
         await source.close()
-    return list(await asyncio.gather(*(group_row(g, timeout) for g in groups)))
+    return list(await asyncio.gather(*(group_row(g, timeout, security) for g in groups)))
 
 
 def table(rows: list[dict]) -> str:
@@ -66,12 +67,13 @@ def table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     from k2serve.cluster.config import ClusterConfig
     from k2serve.cluster.router_cli import discovery_url
+    from k2serve.cluster.security import client_security
     from k2serve.router.pool.discovery import DiscoveryError
 
     config = ClusterConfig.from_file(args.config) if args.config else ClusterConfig()
     url = discovery_url(config, args.discovery)
     try:
-        rows = asyncio.run(collect(url, args.timeout))
+        rows = asyncio.run(collect(url, args.timeout, client_security(config.security)))
     except DiscoveryError as exc:
         print(f"k2serve status: {exc}", file=sys.stderr)
         return 1

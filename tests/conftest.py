@@ -27,10 +27,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (8 logical CPUs so several ranks and groups fit)."""
-    import ray
+    from k2serve.cluster.environment import init_ray
 
-    from k2serve.cluster.environment import ray_init_kwargs
-
-    ray.init(**ray_init_kwargs(num_cpus=8))
+    ray = init_ray(num_cpus=8)
     yield ray
     ray.shutdown()

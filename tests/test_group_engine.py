@@ -9,6 +9,7 @@ import pytest
 
 from k2serve.cluster.config import GroupSection
 from k2serve.cluster.group import WorkerGroup
+from k2serve.cluster.rank_actor import ServeSpec
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.engine import Engine
 from k2serve.worker.loader import load_model
@@ -76,7 +77,7 @@ def test_killing_a_rank_fails_in_flight_requests_and_marks_the_group_unhealthy(g
     from k2serve.router.pool.worker import Finished, GenerateParams, WorkerError
     from k2serve.router.pool.worker_client import WorkerClient
 
-    address = group.serve("127.0.0.1", 0)
+    address = group.serve(ServeSpec("127.0.0.1", 0))
     assert group.is_healthy()
 
     async def stream() -> tuple[str, float]:

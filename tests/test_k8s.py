@@ -237,7 +237,7 @@ def test_raycluster_head_runs_controller_without_gpus(objects):
     assert cmd[cmd.index("--config") + 1] == "/etc/k2serve/cluster.yaml"
 
 
-def test_raycluster_workers_are_8_gpu_nodes_with_shm_nccl_and_grpc_probes(objects):
+def test_raycluster_workers_are_8_gpu_nodes_with_shm_nccl_and_readiness(objects):
     rc = one(objects, "RayCluster")
     group = rc["spec"]["workerGroupSpecs"][0]
     assert group["rayStartParams"]["num-gpus"] == "8"
@@ -250,10 +250,44 @@ def test_raycluster_workers_are_8_gpu_nodes_with_shm_nccl_and_grpc_probes(object
     env = {e["name"] for e in c["env"]}
     assert "NCCL_SOCKET_IFNAME" in env and any(n.startswith("NCCL_IB_") for n in env)
     assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
-    grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == grpc_port, probe
-        assert c[probe]["grpc"]["service"] == "k2serve.v1.Worker", probe
+    # Ready while the group can generate: rank 0's plain-HTTP port (the gRPC port requires TLS and a token).
+    metrics_port = next(p for p in c["ports"] if p["name"] == "metrics")
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": metrics_port["name"]}
+    assert "livenessProbe" not in c and "startupProbe" not in c  # a group loads for minutes; the controller replaces it
+
+
+def test_worker_pods_drain_their_group_before_they_stop(objects):
+    """SIGTERM reaches the pod's Ray node only after preStop `k2serve drain` has drained the group, within
+    the grace period: drain_timeout_s for the requests in flight, then drain's own wait for the exit."""
+    from k2serve.cluster.config import ClusterConfig
+
+    group = one(objects, "RayCluster")["spec"]["workerGroupSpecs"][0]
+    c = container(group["template"], "ray-worker")
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["k2serve", "drain"] and command[command.index("--config") + 1] == "/etc/k2serve/cluster.yaml"
+    config = ClusterConfig.from_yaml(cluster_yaml(objects)).controller
+    assert config.worker_pid_dir, "rank 0 writes no pid file: `k2serve drain` would find no group"
+    drain_wait = config.drain_timeout_s + 15  # drain_cli's default --timeout
+    assert group["template"]["spec"]["terminationGracePeriodSeconds"] > drain_wait
+
+
+def test_security_is_on_and_every_k2serve_container_has_its_files(objects):
+    """TLS with the shared token by default; the Secret is mounted where cluster.yaml says, in the router,
+    the controller and the workers; the router reaches the controller over https."""
+    from k2serve.cluster.config import ClusterConfig
+
+    security = ClusterConfig.from_yaml(cluster_yaml(objects)).security
+    assert security.tls and security.client_auth == "token"
+    files = [security.ca_file, security.cert_file, security.key_file, security.token_file]
+    templates = pod_templates(one(objects, "RayCluster"))
+    router = one(objects, "Deployment", "k2serve-router")["spec"]["template"]
+    for template, name in ((router, "router"), (templates["head"], "controller"), (templates["gpu-8x"], "ray-worker")):
+        c = container(template, name)
+        secrets = {v["name"]: v["secret"]["secretName"] for v in template["spec"]["volumes"] if "secret" in v}
+        mounts = [m["mountPath"] for m in c["volumeMounts"] if secrets.get(m["name"]) == "k2serve-tls"]
+        assert mounts and all(any(f.startswith(m + "/") for m in mounts) for f in files), name
+    command = container(router, "router")["command"]
+    assert command[command.index("--discovery") + 1].startswith("https://")
 
 
 def test_volumes_reference_existing_objects(objects):

@@ -309,3 +309,35 @@ def test_a_port_in_use_fails_the_command_at_once_with_a_message(tmp_path, what):
     assert code != 0, log
     assert f"cannot listen for the {what.split(' of ')[0]} on 127.0.0.1:{busy}" in log, log
     assert "starting" not in log and "generating" not in log, log  # no Ray, no groups, no model
+
+
+def test_sigterm_finishes_the_stream_in_flight_refuses_new_requests_and_exits_0(tmp_path, tiny_model_dir):
+    """What Kubernetes sends: the router stops taking requests at once (/ready and new requests answer 503),
+    the stream in flight gets every token it asked for, then everything stops and the command exits with 0."""
+    link_tiny_model(tmp_path / "home", tiny_model_dir)
+    port = free_port()
+    (tmp_path / "c.yaml").write_text(f"controller:\n  discovery_port: {free_port()}\n  drain_timeout_s: 60\n")
+    proc = K2Process(["serve", "--config", str(tmp_path / "c.yaml"), "--port", str(port)], tmp_path / "serve.log",
+                     tmp_path / "home")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_ready(url + "/ready")
+        client = openai.OpenAI(api_key="none", base_url=url + "/v1", timeout=120, max_retries=0)
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Count."}], max_tokens=120, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = [next(stream)]
+        proc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert httpx.get(url + "/ready", timeout=5).status_code == 503
+        late = httpx.post(url + "/v1/chat/completions", timeout=5, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Late."}], "max_tokens": 4})
+        assert late.status_code == 503, late.text
+        chunks += list(stream)
+        code = proc.proc.wait(120)
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    assert chunks[-1].usage.completion_tokens == 120
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert code == 0, proc.log()[-3000:]

@@ -11,6 +11,7 @@ from k2serve.router.pool.worker import Finished, GenerateParams, GuidedRequest, 
 from k2serve.router.pool.worker_client import WorkerClient, request_to_proto
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
 from k2serve.worker.engine import EngineLoad
+from k2serve.worker.health import FAILED, SERVING, EngineHealth
 from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams, TokenLogprob
 from k2serve.worker.server import ModelInfo, params_from_request, serve_worker
 
@@ -26,6 +27,7 @@ class FakeEngine:  # a ServedEngine
         self.aborted: list[str] = []
         self.seen: dict[str, dict] = {}
         self.continued: dict[str, tuple[int, ...]] = {}  # request id -> its output_token_ids
+        self.state = EngineHealth(SERVING)
 
     async def generate(self, rid, prompt, params: SamplingParams, output_ids=()):
         if prompt == [999]:
@@ -51,6 +53,12 @@ class FakeEngine:  # a ServedEngine
 
     def get_load(self) -> EngineLoad:
         return EngineLoad(len(self.active), 0, 0.1 * len(self.active), 0.0, 0)
+
+    def health(self) -> EngineHealth:
+        return self.state
+
+    async def drain(self, grace_s: float) -> int:
+        return len(self.active)
 
 
 def run(scenario):
@@ -165,6 +173,25 @@ def test_abort_model_info_and_health():
         info = await client.get_model_info()
         assert (info.model_name, info.context_length, info.stop_token_ids) == ("tiny-k2", 4096, (163585, 163586))
         assert await client.abort("unknown") is False
+    run(scenario)
+
+
+def test_grpc_health_follows_the_engines_health():
+    """A hung or failed engine answers NOT_SERVING (routers stop sending), and SERVING again only if it is."""
+    async def scenario(engine, client):
+        assert await client.health()
+        engine.state = EngineHealth(FAILED, "a step has run for 31s: a rank hangs")
+        for _ in range(100):
+            if not await client.health():
+                break
+            await asyncio.sleep(0.05)
+        assert not await client.health()
+        engine.state = EngineHealth(SERVING)
+        for _ in range(100):
+            if await client.health():
+                break
+            await asyncio.sleep(0.05)
+        assert await client.health()
     run(scenario)
 
 

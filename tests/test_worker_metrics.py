@@ -222,3 +222,25 @@ def test_async_engine_flushes_moe_stats_when_idle(tiny):
         assert expert_tokens(reg, layer) == total * k
     finally:
         async_engine.shutdown()
+
+
+def test_rank_0s_http_port_serves_metrics_and_the_probes():
+    import httpx
+    from prometheus_client import CollectorRegistry
+
+    from k2serve.worker.metrics import WorkerMetrics
+    from k2serve.worker.metrics_server import serve_metrics
+
+    registry, serving = CollectorRegistry(), [True]
+    WorkerMetrics(registry, "g0").watch_health(lambda: serving[0])
+    server = serve_metrics("127.0.0.1", 0, registry, lambda: serving[0])
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert httpx.get(url + "/ready").status_code == 200
+        assert 'k2serve_worker_healthy{group="g0"} 1.0' in httpx.get(url + "/metrics").text
+        serving[0] = False  # hung, failed or draining
+        assert httpx.get(url + "/ready").status_code == 503 and httpx.get(url + "/health").status_code == 200
+        assert 'k2serve_worker_healthy{group="g0"} 0.0' in httpx.get(url + "/metrics").text
+    finally:
+        server.shutdown()
+        server.server_close()

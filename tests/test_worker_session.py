@@ -17,6 +17,7 @@ from k2serve.v1 import worker_pb2, worker_pb2_grpc
 from k2serve.router.pool.worker import Finished, GenerateParams, TokenChunk, WorkerError
 from k2serve.router.pool.worker_client import WorkerClient, request_to_proto
 from k2serve.worker.engine import EngineLoad
+from k2serve.worker.health import SERVING, EngineHealth
 from k2serve.worker.request import RequestOutput, SamplingParams
 from k2serve.worker.server import ModelInfo, params_from_request, serve_worker
 
@@ -60,6 +61,15 @@ class SteppingEngine:
 
     def get_load(self) -> EngineLoad:
         return EngineLoad(len(self.running), 0, 0.0, 0.0, 0)
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(SERVING)
+
+    async def drain(self, grace_s: float) -> int:
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.running and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        return len(self.running)
 
 
 def run(scenario, step_s: float = 0.01):
@@ -293,7 +303,7 @@ def test_stopping_the_worker_drains_its_sessions():
 
 def test_a_session_opened_while_the_worker_drains_is_refused_too():
     async def scenario(engine, server, stub):
-        await server.k2serve_drain()  # stop_worker's first half: gRPC itself still takes new calls
+        server.k2serve_servicer.drain()  # stop_worker's first half: gRPC itself still takes new calls
         async with connected(server) as client:
             with pytest.raises(WorkerError) as err:
                 [item async for item in client.generate(GenerateParams("later", (1,), max_tokens=2))]

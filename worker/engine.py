@@ -165,6 +165,11 @@ class Engine:
         self._record_state()
         return self._take_pending() + outputs
 
+    def heartbeat(self) -> None:
+        """A no-op step through every rank of the group (nothing scheduled, no state changes); raises when
+        a rank cannot take part. AsyncEngine runs it while idle, from the thread that steps the engine."""
+        self.runner.heartbeat()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 

@@ -46,6 +46,9 @@ class MetricSpec:
 
 
 METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("k2serve_worker_healthy", "gauge", ("group",),
+               "1 while the group can generate (its steps and idle heartbeats pass every rank in time and "
+               "it is not draining), else 0."),
     MetricSpec("k2serve_worker_running_requests", "gauge", ("group",),
                "Requests in the running batch."),
     MetricSpec("k2serve_worker_waiting_requests", "gauge", ("group",),
@@ -111,6 +114,12 @@ class WorkerMetrics:
         # Children bound to our group label, for the group-only series (the hot path).
         self._g = {s.name: self._m[s.name].labels(group=group) for s in METRICS if s.labels == ("group",)}
         self._expert_children: dict[int, list] = {}
+
+    # ---- health ------------------------------------------------------------------------------
+    def watch_health(self, is_serving: Callable[[], bool]) -> None:
+        """Read the health gauge from `is_serving()` at each scrape (it stays right while the engine
+        thread hangs, when nothing else would update it)."""
+        self._g["k2serve_worker_healthy"].set_function(lambda: 1.0 if is_serving() else 0.0)
 
     # ---- scheduler and KV cache ------------------------------------------------------------
     def set_queue(self, running: int, waiting: int) -> None:

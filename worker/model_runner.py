@@ -98,6 +98,10 @@ class ModelRunner:
             self._moe_snapshot = self._collect_moe_stats()
         return logits
 
+    def heartbeat(self) -> None:
+        """A no-op step that proves every rank can still step; one process has no peers to wait for
+        (rank 0 of a group overrides it: worker/plan_channel.py)."""
+
     def take_moe_stats(self) -> MoEStatsSnapshot | None:
         """The group-summed MoE stats of the last collecting plan (once), or None."""
         snapshot, self._moe_snapshot = self._moe_snapshot, None

@@ -35,6 +35,8 @@ class RankSpec:
     device: str = "cpu"  # the group's device: "cuda" (NCCL between the ranks) or "cpu" (gloo)
     collective_timeout_s: float = 30.0
     dispatcher: str = "all_to_all"
+    heartbeat_interval_s: float | None = None  # rank 0 serving: an idle engine's no-op step through every rank
+    hang_timeout_s: float | None = None  # rank 0 serving: a step running longer fails the engine
 
     @property
     def backend(self) -> str:

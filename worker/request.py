@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from k2serve.worker.sampling_ranges import LOGIT_BIAS_RANGE, SAMPLING_RANGES, out_of_range
 from k2serve.worker.schema_check import schema_problem
 
 GUIDED_KINDS = ("json_schema", "json_object", "regex", "tool_call")
@@ -139,18 +139,11 @@ class SamplingParams:
     guided: GuidedSpec | None = None
 
     def validate(self, vocab_size: int, max_top_logprobs: int = 20) -> None:
-        """Raise RequestRejected(400) naming the first invalid field."""
-        _check(_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        _check(self.top_k >= -1, f"top_k must be -1, 0 (off) or positive, got {self.top_k}")
-        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0,
-               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
+        """Raise RequestRejected(400) naming the first invalid field (ranges: worker/sampling_ranges.py)."""
+        for name in SAMPLING_RANGES:
             value = getattr(self, name)
-            _check(_finite(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
-        _check(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
-        _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
+            if value is not None:
+                _check_message(out_of_range(name, value))
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         _check(0 <= self.top_logprobs <= max_top_logprobs,
@@ -162,8 +155,7 @@ class SamplingParams:
     def _validate_token_ids(self, vocab_size: int) -> None:
         for token_id, bias in self.logit_bias.items():
             _check(0 <= int(token_id) < vocab_size, f"logit_bias token id {token_id} outside [0, {vocab_size})")
-            _check(_finite(bias) and -100 <= bias <= 100,
-                   f"logit_bias for {token_id} must be in [-100, 100], got {bias}")
+            _check(bias in LOGIT_BIAS_RANGE, f"logit_bias for {token_id} must be in {LOGIT_BIAS_RANGE}, got {bias}")
         for token_id in self.stop_token_ids:
             _check(0 <= token_id < vocab_size, f"stop token id {token_id} outside [0, {vocab_size})")
 
@@ -180,12 +172,13 @@ def _check_schema(schema: Any, what: str) -> None:
         raise RequestRejected(f"{what} cannot be used for structured output: {problem}")
 
 
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 def _check(ok: bool, message: str) -> None:
     if not ok:
+        raise RequestRejected(message, status=400)
+
+
+def _check_message(message: str | None) -> None:
+    if message is not None:
         raise RequestRejected(message, status=400)
 
 

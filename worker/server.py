@@ -8,7 +8,8 @@ use Generate: one stream per request.
 Error scheme (documented in worker.proto): an engine rejection or bad parameters end the stream
 with one `GenerateResponse.error` carrying an HTTP-like status; the gRPC call itself ends OK.
 A client that cancels the stream aborts the request, which frees its KV cache blocks.
-The gRPC port is for workers and routers only: it has no authentication.
+The gRPC port is for routers only: with a ServerSecurity (worker/security.py) it speaks TLS and takes only
+calls that carry the shared token or a client certificate the CA signed.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
 from k2serve.worker.request import GuidedSpec, RequestOutput, RequestRejected, SamplingParams
 from k2serve.worker.responses import ResponseFactory, fill_chunk, fill_error, fill_final
+from k2serve.worker.security import ServerSecurity
 from k2serve.worker.session import WorkerSession
 from k2serve.worker.vocab import Vocab
+
+from k2serve.worker.health import EngineHealth
 
 if TYPE_CHECKING:  # the engine module imports torch; this one serves gRPC without it
     from k2serve.worker.engine import EngineLoad
@@ -119,7 +123,9 @@ class ServedEngine(Protocol):
     `generate` streams a request's RequestOutputs until one is finished, or raises RequestRejected (with an
     HTTP-like status) before the first; closing it early aborts the request. `output_ids` makes the request
     a continuation of one that another group began (GenerateRequest.output_token_ids). `abort` returns at once:
-    False when no request has that id. `get_load` is a snapshot.
+    False when no request has that id. `get_load` is a snapshot. `health` says whether it can generate
+    (answering even while a step hangs); `drain` refuses new requests, waits up to `grace_s` for the
+    running ones and ends the rest with a 503, returning how many it ended.
     """
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -128,6 +134,10 @@ class ServedEngine(Protocol):
     def abort(self, request_id: str) -> bool: ...
 
     def get_load(self) -> EngineLoad: ...
+
+    def health(self) -> EngineHealth: ...
+
+    async def drain(self, grace_s: float) -> int: ...
 
 
 class Deadline:
@@ -178,6 +188,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._draining = True
         for session in self._sessions:
             session.drain()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     async def responses(self, request: worker_pb2.GenerateRequest,
                         new: ResponseFactory) -> AsyncIterator[worker_pb2.GenerateResponse]:
@@ -259,12 +273,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             stop_token_ids=list(info.stop_token_ids), tokenizer_id=info.tokenizer_id)
 
 
-async def serve_worker(engine: ServedEngine, host: str, port: int, model_info: ModelInfo) -> grpc.aio.Server:
-    """Start a grpc.aio server with the Worker and grpc.health.v1.Health services; returns it started.
+HEALTH_POLL_S = 0.2  # how often the gRPC health status follows the engine's
 
-    `port` 0 picks a free port: read it from `server.k2serve_port`. Stop with `await server.stop(grace)`.
+
+async def serve_worker(engine: ServedEngine, host: str, port: int, model_info: ModelInfo,
+                       security: ServerSecurity | None = None) -> grpc.aio.Server:
+    """Start a grpc.aio server with the Worker and grpc.health.v1.Health services; returns it started.
+    With `security` the port speaks TLS and refuses unauthenticated calls; without, it is plaintext.
+
+    The health status (service "" and k2serve.v1.Worker) follows `engine.health()`: SERVING only while
+    the engine can generate, NOT_SERVING once it hangs, fails or drains.
+    `port` 0 picks a free port: read it from `server.k2serve_port`. Stop with `stop_worker`.
     """
-    server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
+    server = grpc.aio.server(interceptors=security.interceptors() if security else None,
+                             options=[("grpc.keepalive_permit_without_calls", 1),
                                       ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
@@ -272,25 +294,41 @@ async def serve_worker(engine: ServedEngine, host: str, port: int, model_info: M
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, security.credentials()) if security else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind the worker gRPC server to {host}:{port}")
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, True)
     server.k2serve_port = bound
-    server.k2serve_drain = lambda: _drain(servicer, health_servicer)
+    server.k2serve_servicer, server.k2serve_engine = servicer, engine
+    server.k2serve_health = asyncio.create_task(_follow_health(server, engine, servicer, health_servicer))
     return server
 
 
-async def stop_worker(server: grpc.aio.Server, grace_s: float) -> None:
-    """Stop a server from serve_worker gracefully: requests in flight get `grace_s` to finish, new ones
-    are refused with statuses a router retries elsewhere, health probes say NOT_SERVING."""
-    await server.k2serve_drain()
-    await server.stop(grace_s)
+async def stop_worker(server: grpc.aio.Server, grace_s: float) -> int:
+    """Stop a server from serve_worker gracefully: health probes say NOT_SERVING, new requests are refused
+    with statuses a router retries elsewhere, requests in flight get `grace_s` to finish and the rest end
+    with a 503 (a router resumes them on another group). Returns how many were ended that way."""
+    server.k2serve_servicer.drain()
+    ended = await server.k2serve_engine.drain(grace_s)
+    await server.stop(1.0)  # the ended streams' last responses are on their way
+    return ended
 
 
-async def _drain(servicer: WorkerServicer, health_servicer: health.aio.HealthServicer) -> None:
-    servicer.drain()
+async def _follow_health(server: grpc.aio.Server, engine: ServedEngine, servicer: WorkerServicer,
+                         health_servicer: health.aio.HealthServicer) -> None:
+    """Until the server stops: the health status follows the engine's and the servicer's draining."""
+    serving = True
+    while await server.wait_for_termination(HEALTH_POLL_S):  # True: timed out, still serving
+        now = engine.health().is_serving and not servicer.draining
+        if now != serving:
+            log.warning("worker health: %s", "SERVING" if now else f"NOT_SERVING ({engine.health().reason})")
+            await _set_health(health_servicer, now)
+            serving = now
+
+
+async def _set_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(name, status)

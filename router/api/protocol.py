@@ -97,7 +97,12 @@ class StreamOptions(_Loose):
 
 
 class SamplingFields(_Request):
-    """Sampling fields shared by chat and completions (OpenAI names; top_k/min_p/... as vLLM extras)."""
+    """Sampling fields shared by chat and completions (OpenAI names; top_k/min_p/... as vLLM extras).
+
+    The bounds here are the APIs' published ones and the wire's integer types; the usable range of every
+    sampling number is checked in one place, the worker (its in-stream 400 reaches the client as this
+    API's 400), so an extra such as repetition_penalty carries no bound of its own here.
+    """
 
     model: str
     n: int = Field(1, ge=1)
@@ -109,7 +114,7 @@ class SamplingFields(_Request):
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = None
     min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
     ignore_eos: bool | None = None
     stream: bool = False

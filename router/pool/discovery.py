@@ -17,6 +17,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
+from k2serve.router.pool.security import ClientSecurity
+
 
 @dataclass(frozen=True)
 class GroupInfo:
@@ -93,22 +95,28 @@ class CallableDiscovery:
 class HttpDiscovery:
     """Groups from the controller's discovery endpoint: `GET {url}` -> `{"groups": [...]}`.
 
-    `url` may be the server root (`http://controller:8001`); `/v1/groups` is appended then.
+    `url` may be the server root (`http://controller:8001`); `/v1/groups` is appended then. With `security`
+    (an https URL) the controller's certificate is verified and the token or client certificate presented.
     """
 
-    def __init__(self, url: str, timeout_s: float = 2.0):
+    def __init__(self, url: str, timeout_s: float = 2.0, security: ClientSecurity | None = None):
         url = url.rstrip("/")
         self.url = url if url.endswith("/v1/groups") else url + "/v1/groups"
         self.timeout_s = timeout_s
+        self.security = security
         self._client = None
 
     async def fetch(self) -> list[GroupInfo]:
         import httpx
 
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout_s)
+            secure = self.security is not None
+            self._client = httpx.AsyncClient(timeout=self.timeout_s,
+                                             verify=self.security.ssl_context() if secure else True,
+                                             headers=self.security.http_headers() if secure else None)
         try:
-            resp = await self._client.get(self.url)
+            extensions = self.security.http_extensions() if self.security is not None else None
+            resp = await self._client.get(self.url, extensions=extensions)
             resp.raise_for_status()
             body = resp.json()
         except (httpx.HTTPError, ValueError) as exc:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from k2serve.v1 import worker_pb2, worker_pb2_grpc
 from k2serve.router.pool.worker import (Finished, GenerateParams, GuidedRequest, StreamItem, TokenChunk, TokenLogprob,
                                        WorkerError, WorkerLoad, WorkerModelInfo)
+from k2serve.router.pool.security import ClientSecurity
 from k2serve.router.pool.worker_session import RequestMux
 
 SERVICE_NAME = "k2serve.v1.Worker"
@@ -94,7 +95,7 @@ def _session_error(exc: grpc.aio.AioRpcError | None, reason: str) -> WorkerError
 
 
 class WorkerClient:
-    """A gRPC channel (with keepalive) to one worker group.
+    """A gRPC channel (with keepalive) to one worker group: TLS with `security`'s credentials, else plaintext.
 
     The channel opens on first use, inside the event loop that uses it (grpc.aio channels belong to
     one loop), so a client may be built before the router's server loop starts. `generate` sends every
@@ -102,15 +103,18 @@ class WorkerClient:
     a request whose consumer leaves more than `max_buffered_responses` responses untaken is cancelled.
     """
 
-    def __init__(self, address: str, max_buffered_responses: int = 1024):
+    def __init__(self, address: str, security: ClientSecurity | None = None, max_buffered_responses: int = 1024):
         self.address = address
+        self.security = security
         self.max_buffered_responses = max_buffered_responses
         self._channel: grpc.aio.Channel | None = None
         self._mux: RequestMux | None = None
 
     def _open(self) -> None:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=list(KEEPALIVE_OPTIONS))
+            options = list(KEEPALIVE_OPTIONS)
+            self._channel = (self.security.grpc_channel(self.address, options) if self.security is not None
+                             else grpc.aio.insecure_channel(self.address, options=options))
             self._stub = worker_pb2_grpc.WorkerStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -129,6 +129,7 @@ def profile_peak(runner: ModelRunner, config: EngineConfig, probe: MemoryProbe) 
     Sampler()(logits, profile_requests(plan, config))
     peak = probe.peak_bytes() - base
     del logits
+    runner.moe_stats.reset()  # the profiling step served no one
     runner.allocate_kv_cache(0)
     probe.release_cached()
     return peak

@@ -129,7 +129,11 @@ class MoEStatsCollector:
     def __init__(self, model: nn.Module, info: ParallelInfo, timer: ExchangeTimer | None = None):
         self.layers = [m for m in model.modules() if isinstance(m, MoELayerStats)]
         self.info, self.timer = info, timer or exchange_timer(info)
-        for layer in self.layers:  # a new runner counts from zero
+        self.reset()  # a new runner counts from zero
+
+    def reset(self) -> None:
+        """Forget what the layers counted (a new runner, or a profiling step that served no one)."""
+        for layer in self.layers:
             layer.reset()
 
     def time_next_step(self) -> None:
@@ -150,6 +154,5 @@ class MoEStatsCollector:
         snapshot = MoEStatsSnapshot(
             {layer.layer_idx: totals[i * n_experts:(i + 1) * n_experts] for i, layer in enumerate(self.layers)},
             dict(zip(PHASES, totals[len(self.layers) * n_experts:])), durations)
-        for layer in self.layers:
-            layer.reset()
+        self.reset()
         return snapshot

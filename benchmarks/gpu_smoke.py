@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -60,6 +61,9 @@ def run_phase(name: str, out: Path, smoke: bool, budget_s: float) -> int:
     if smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
     import torch
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("k2serve.worker.kv_sizing").setLevel(logging.INFO)  # the KV cache's size
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     device = "cpu" if smoke else "cuda"
@@ -119,7 +123,7 @@ def format_rows(records: list[dict]) -> list[str]:
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        lines.append(f"| {r['batch']} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['plan_step_ms']:.2f} | "
+        lines.append(f"| {r['batch']} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['plan_step_ms']:.3f} | "
                      f"{r['plan_tok_s']:.0f} | {r['tok_s'] / r['plan_tok_s']:.0%} | {r['prefill_s']:.2f} | {peak} |")
     return lines
 

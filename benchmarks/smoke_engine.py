@@ -46,8 +46,7 @@ def note(emit: Emit, text: str) -> None:
 
 def rank_engine(model_dir: Path, config: EngineConfig) -> Engine:
     """Rank 0 of a world of one, as a worker group starts it (NCCL on CUDA, gloo on CPU)."""
-    backend = "nccl" if config.device.startswith("cuda") else "gloo"
-    worker = RankWorker(RankSpec(0, 1, str(model_dir), config, backend, 120.0))
+    worker = RankWorker(RankSpec(0, 1, str(model_dir), config, config.device, 120.0))
     worker.join("127.0.0.1", free_port())
     worker.load()
     return worker.build_engine()

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.distributed import free_port, init_distributed
 from k2serve.worker.engine import Engine
-from k2serve.worker.kv_sizing import build_runner
+from k2serve.worker.kv_sizing import num_kv_blocks
 from k2serve.worker.loader import load_model
 from k2serve.worker.metrics import WorkerMetrics
 from k2serve.worker.model_runner import ModelRunner, kv_cache_block_bytes
@@ -91,7 +91,8 @@ def test_one_process_under_meta_default_device(tiny_model_dir, reference):
     probe = FakeProbe(total=64 * MIB, used=16 * MIB, peak=4 * MIB)
     metrics = WorkerMetrics(CollectorRegistry(), "g")
     with torch.device("meta"):
-        runner = build_runner(model, CONFIG, ParallelInfo(), torch.float32, probe)  # profiles a step
+        blocks = num_kv_blocks(model, CONFIG, ParallelInfo(), torch.float32, probe)  # profiles a step
+        runner = ModelRunner(model, blocks, CONFIG.block_size)
         engine = Engine(CONFIG, runner, vocab, metrics, moe_stats_interval_s=0.0)
         got = engine.generate(PROMPTS, GREEDY)
         engine.step()  # idle: nothing left to collect
@@ -113,22 +114,23 @@ def run_rank(rank: int, port: int, model_dir: str, total: int, results) -> None:
         model = load_model(model_dir, torch.float32, info, progress=False)
         probe = FakeProbe(total=total, used=16 * MIB, peak=4 * MIB)
         with torch.device("meta"):
-            runner = build_runner(model, CONFIG, info, torch.float32, probe)
+            blocks = num_kv_blocks(model, CONFIG, info, torch.float32, probe)
             if rank == 0:
-                results.put((rank, runner.num_blocks, *serve(model, runner, model_dir, info)))
+                runner = BroadcastingRunner(PlanChannel(info), model, blocks, CONFIG.block_size, info=info)
+                results.put((rank, blocks, *serve(model, runner, model_dir)))
             else:
-                results.put((rank, runner.num_blocks, follow(runner, PlanChannel(info))))
+                runner = ModelRunner(model, blocks, CONFIG.block_size, info=info)
+                results.put((rank, blocks, follow(runner, PlanChannel(info))))
     except BaseException:  # reported to the test instead of a silent exit code
         results.put((rank, "error", traceback.format_exc()))
 
 
-def serve(model, runner: ModelRunner, model_dir: str, info: ParallelInfo):
+def serve(model, runner: BroadcastingRunner, model_dir: str):
     """Rank 0: generate through the group; the tokens and what the metrics recorded."""
     metrics = WorkerMetrics(CollectorRegistry(), "g")
-    broadcasting = BroadcastingRunner(runner, PlanChannel(info))
-    engine = Engine(CONFIG, broadcasting, Vocab.from_model_dir(model_dir, model.config.vocab_size), metrics, 0.0)
+    engine = Engine(CONFIG, runner, Vocab.from_model_dir(model_dir, model.config.vocab_size), metrics, 0.0)
     tokens = engine.generate(PROMPTS, GREEDY)
-    broadcasting.stop_followers()
+    runner.stop_followers()
     reg = metrics.registry
     counts = {layer: collected_expert_tokens(reg, layer) for layer in moe_layers(model.config)}
     traffic = {phase: (sample(reg, "k2serve_worker_all_to_all_bytes_total", phase=phase),

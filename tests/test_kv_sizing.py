@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from k2serve.cluster.config import ClusterConfig
-from k2serve.cluster.controller import group_spec
 from k2serve.cluster.group import WorkerGroup
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.device import activation_dtype, fp8_backend, memory_probe
-from k2serve.worker.kv_sizing import CudaMemoryProbe, build_runner, profile_plan
+from k2serve.worker.kv_sizing import CudaMemoryProbe, num_kv_blocks, profile_plan
 from k2serve.worker.loader import load_model
 from k2serve.worker.model_runner import kv_cache_block_bytes
 from k2serve.worker.parallel import ParallelInfo
+from k2serve.worker.rank_worker import RankWorker
 
 MIB = 1 << 20
 
@@ -76,34 +76,32 @@ def test_profiled_size_is_fraction_of_total_minus_used_minus_peak(model):
     probe = RecordingProbe(total=40 * MIB, used=6 * MIB, peak=3 * MIB)
     hook = watch_forwards(model, probe)
     try:
-        runner = build_runner(model, config, ParallelInfo(), torch.float32, probe)
+        blocks = num_kv_blocks(model, config, ParallelInfo(), torch.float32, probe)
     finally:
         hook.remove()
-    assert runner.num_blocks == (30 * MIB - 6 * MIB - 3 * MIB) // block_bytes(model, config)
-    assert runner.kv_caches[0].shape[0] == runner.num_blocks
+    assert blocks == (30 * MIB - 6 * MIB - 3 * MIB) // block_bytes(model, config)
     # the peak brackets one forward at the largest batch; the memory in use is read after it was released
     assert probe.events == ["start_peak", ("forward", 48), "peak", "release", "total", "used"]
 
 
 def test_num_kv_blocks_overrides_and_cpu_sizes_by_bytes(model):
     probe = RecordingProbe(total=40 * MIB, used=6 * MIB, peak=3 * MIB)
-    assert build_runner(model, EngineConfig(num_kv_blocks=7), ParallelInfo(), torch.float32, probe).num_blocks == 7
+    assert num_kv_blocks(model, EngineConfig(num_kv_blocks=7), ParallelInfo(), torch.float32, probe) == 7
     assert probe.events == []  # nothing profiled
     config = EngineConfig(kv_cache_memory_bytes=3 * MIB)
-    runner = build_runner(model, config, ParallelInfo(), torch.float32, None)
-    assert runner.num_blocks == 3 * MIB // block_bytes(model, config)
+    assert num_kv_blocks(model, config, ParallelInfo(), torch.float32, None) == 3 * MIB // block_bytes(model, config)
 
 
 def test_no_room_for_one_block_is_a_clear_error(model):
     probe = RecordingProbe(total=40 * MIB, used=19 * MIB, peak=2 * MIB)
     with pytest.raises(RuntimeError, match=r"no memory left for the KV cache: 0.50 x 0.04 GiB total .* raise kv_cache_fraction"):
-        build_runner(model, EngineConfig(kv_cache_fraction=0.5), ParallelInfo(), torch.float32, probe)
+        num_kv_blocks(model, EngineConfig(kv_cache_fraction=0.5), ParallelInfo(), torch.float32, probe)
 
 
 def test_log_says_tokens_and_full_length_sequences(model, caplog):
     config = EngineConfig(num_kv_blocks=40, block_size=16, max_model_len=128)
     with caplog.at_level(logging.INFO, logger="k2serve.worker.kv_sizing"):
-        build_runner(model, config, ParallelInfo(), torch.float32, None)
+        num_kv_blocks(model, config, ParallelInfo(), torch.float32, None)
     assert "40 blocks x 16 = 640 tokens" in caplog.text and "5 full-length sequences of 128 tokens" in caplog.text
 
 
@@ -125,16 +123,18 @@ def test_engine_config_rejects(field, value):
 
 
 def test_kv_cache_fraction_reaches_every_rank_of_a_cuda_group():
-    """k8s/cluster.yaml's engine section -> GroupSpec -> each rank's RankSpec, on the group's device."""
+    """k8s/cluster.yaml's engine section -> the group -> each rank's spec -> the engine config it runs, on the
+    group's device (the engine section names none)."""
     from pathlib import Path
 
     config = ClusterConfig.from_file(Path(__file__).parent.parent / "k8s" / "cluster.yaml")
     section = config.groups[0]
-    group = WorkerGroup(group_spec(section, config, "/models/k2"))
-    specs = [group.rank_spec(r) for r in range(section.tp)]
-    assert [s.rank for s in specs] == list(range(8))
-    for spec in specs:
-        assert spec.engine.kv_cache_fraction == 0.85 and spec.engine.device == "cuda" and spec.backend == "nccl"
-        assert activation_dtype(spec.engine) == torch.bfloat16 and memory_probe(spec.engine) is not None
-    cpu = WorkerGroup(group_spec(ClusterConfig().groups[0], ClusterConfig(), "/m")).rank_spec(1)
-    assert cpu.engine.device == "cpu" and cpu.backend == "gloo" and memory_probe(cpu.engine) is None
+    group = WorkerGroup(section, "/models/k2", config.engine)
+    workers = [RankWorker(group.rank_spec(r)) for r in range(section.tp)]
+    assert [w.spec.rank for w in workers] == list(range(8))
+    for worker in workers:
+        assert worker.engine.kv_cache_fraction == 0.85 and worker.engine.device == "cuda"
+        assert worker.spec.backend == "nccl" and isinstance(worker.probe, CudaMemoryProbe)
+        assert activation_dtype(worker.engine) == torch.bfloat16 and fp8_backend(worker.engine) == "auto"
+    cpu = RankWorker(WorkerGroup(ClusterConfig().groups[0], "/m", ClusterConfig().engine).rank_spec(1))
+    assert cpu.engine.device == "cpu" and cpu.spec.backend == "gloo" and cpu.probe is None

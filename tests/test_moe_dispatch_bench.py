@@ -106,7 +106,7 @@ def test_all_gather_bytes_grow_with_world_size():
 
 def test_k2_table_prints_the_numbers():
     table = k2_table(ModelConfig(), 8)
-    assert "200,704" in table and "201,376" in table and "152,096" in table
+    assert "200,704" in table and "200,760" in table and "201,376" in table and "152,152" in table  # today, planned
 
 
 def test_two_rank_gloo_run_agrees_and_times():

@@ -94,7 +94,7 @@ def test_num_kv_blocks_overrides_and_cpu_sizes_by_bytes(model):
 
 def test_no_room_for_one_block_is_a_clear_error(model):
     probe = RecordingProbe(total=40 * MIB, used=19 * MIB, peak=2 * MIB)
-    with pytest.raises(RuntimeError, match=r"no memory left for the KV cache: 0.50 x 0.04 GiB total .* raise kv_cache_fraction"):
+    with pytest.raises(RuntimeError, match=r"no memory left for the KV cache: 0.50 x 0.04 GiB total .* = -0.00 GiB, less than one block .* raise kv_cache_fraction"):
         num_kv_blocks(model, EngineConfig(kv_cache_fraction=0.5), ParallelInfo(), torch.float32, probe)
 
 

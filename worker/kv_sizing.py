@@ -140,11 +140,8 @@ def profiled_blocks(runner: ModelRunner, config: EngineConfig, probe: MemoryProb
     total, used = probe.total_bytes(), probe.used_bytes()
     budget = int(config.kv_cache_fraction * total) - used - peak
     source = (f"{config.kv_cache_fraction:.2f} x {total / GIB:.2f} GiB total - {used / GIB:.2f} GiB in use - "
-              f"{peak / GIB:.2f} GiB peak of a {config.max_num_batched_tokens}-token step")
-    if budget < block_bytes:
-        raise RuntimeError(f"no memory left for the KV cache: {source} = {budget / GIB:.2f} GiB, less than one "
-                           f"block ({block_bytes} bytes); raise kv_cache_fraction or lower max_num_batched_tokens")
-    return budget // block_bytes, source
+              f"{peak / GIB:.2f} GiB peak of a {config.max_num_batched_tokens}-token step = {budget / GIB:.2f} GiB")
+    return max(0, budget // block_bytes), source
 
 
 def local_blocks(runner: ModelRunner, config: EngineConfig, probe: MemoryProbe | None, block_bytes: int) -> tuple[int, str]:
@@ -164,9 +161,12 @@ def num_kv_blocks(model: nn.Module, config: EngineConfig, info: ParallelInfo, dt
     profiler = ModelRunner(model, 0, config.block_size, dtype, config.device, info=info)  # broadcasts nothing
     block_bytes = kv_cache_block_bytes(model.config, config.block_size, dtype)
     blocks, source = local_blocks(profiler, config, probe, block_bytes)
-    agreed = min_over_group(blocks, info)
+    agreed = min_over_group(blocks, info)  # before any rank gives up, so that none waits for it
     if agreed != blocks:
         source += f"; {blocks} here, {agreed} on the group's smallest rank"
+    if agreed < 1:
+        raise RuntimeError(f"no memory left for the KV cache: {source}, less than one block ({block_bytes} "
+                           f"bytes); raise kv_cache_fraction or lower max_num_batched_tokens")
     if info.is_driver:
         size = KVCacheSize(agreed, config.block_size, block_bytes, source)
         log.info(size.describe(config.max_model_len or model.config.max_position_embeddings))

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 PHASES = ("kernels", "tiny", "slice")
-GPU_BUDGET_S = {"kernels": 100, "tiny": 60, "slice": 120}  # 280 s with the processes' start-up
+GPU_BUDGET_S = {"kernels": 100, "tiny": 50, "slice": 130}  # 280 s with the processes' start-up
 CPU_BUDGET_S = {"kernels": 240, "tiny": 240, "slice": 240}
 
 

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+# Importing triton reads TRITON_INTERPRET: set it first, as every kernel test module does (a test module
+# collected earlier than the kernel tests would otherwise fix triton in compiled mode for the session).
+os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed; the FP8 kernels need it")
 
 import gpu_smoke  # noqa: E402

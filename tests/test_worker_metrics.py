@@ -182,11 +182,16 @@ def test_engine_metrics_deltas_and_interval():
     m = WorkerMetrics(CollectorRegistry(), GROUP)
     rec = EngineMetrics(m, moe_interval_s=1.0, clock=lambda: now[0])
     assert rec.moe_stats_due(idle=False) and not rec.moe_stats_due(idle=True)  # the first step collects
-    rec.collecting()
+    rec.collecting(idle=False)
     rec.step(0.01, 10, 10, 0, collected_moe=True)
     assert not rec.moe_stats_due(idle=False) and not rec.moe_stats_due(idle=True)
     rec.step(0.01, 1, 0, 1, collected_moe=False)
     assert rec.moe_stats_due(idle=True) and not rec.moe_stats_due(idle=False)
+    rec.collecting(idle=True)  # gone idle: the rest is collected, and the next burst's first step is timed
+    assert not rec.moe_stats_due(idle=True) and rec.moe_stats_due(idle=False)
+    rec.collecting(idle=False)
+    rec.step(0.01, 1, 0, 1, collected_moe=True)
+    assert not rec.moe_stats_due(idle=False)
     now[0] += 1.0
     assert rec.moe_stats_due(idle=False)
     rec.state(EngineState(1, 2, 0.5, 0.25, 40, 10, 1))

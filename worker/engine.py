@@ -184,7 +184,7 @@ class Engine:
             self._record_state()
             return self._take_pending()
         if plan.collect_moe_stats:
-            self.metrics.collecting()  # before the collective: a failing one is not retried every idle step
+            self.metrics.collecting(plan.is_empty)  # before the collective: a failing one is not retried
         prompt_tokens = self._num_prompt_tokens(plan) if self.metrics is not None else 0
         result = self.runner.execute(plan)
         step_output = self._sample(plan, result)

@@ -236,19 +236,21 @@ class EngineMetrics:
         self._clock = clock
         self._last_moe = -math.inf
         self._steps_since_moe = 0  # steps whose MoE stats are still on the ranks
+        self._after_idle = False  # the last collection was an idle one: the next working step collects
         self._seen = EngineState(0, 0, 0.0, 0.0, 0, 0, 0)
 
     def moe_stats_due(self, idle: bool) -> bool:
         """Whether the coming step collects the group's MoE statistics: a working step once
-        ``moe_interval_s`` passed since the last collection (the first step at once), an ``idle`` one
+        ``moe_interval_s`` passed since the last collection (the first step at once) or when it is the
+        first after an idle collection (so every burst has a timed step, however short); an ``idle`` one
         (nothing scheduled) when steps ran since the last collection."""
         if idle:
             return self._steps_since_moe > 0
-        return self._clock() - self._last_moe >= self.moe_interval_s
+        return self._after_idle or self._clock() - self._last_moe >= self.moe_interval_s
 
-    def collecting(self) -> None:
-        """The coming step collects: the steps so far are accounted for."""
-        self._steps_since_moe, self._last_moe = 0, self._clock()
+    def collecting(self, idle: bool) -> None:
+        """The coming step (``idle``: with nothing scheduled) collects: the steps so far are accounted for."""
+        self._steps_since_moe, self._last_moe, self._after_idle = 0, self._clock(), idle
 
     def step(self, seconds: float, num_tokens: int, prompt_tokens: int, generated_tokens: int,
              collected_moe: bool) -> None:

@@ -7,9 +7,9 @@ chunk of a reduce-scatter) cost nothing. This is the logical traffic of each col
 all-gather and reduce-scatter move exactly this much); per-message headers and padding are ignored.
 
   all-to-all (worker/model/layers/dispatcher.py AllToAllDispatcher as it is today), R = token copies
-  whose expert lives on another rank:
-      counts   = W * (W - 1) * 8                      per-destination int64 counts, once per layer
-      dispatch = R * (row_bytes + 8)                  hidden row + its int64 expert id
+  whose expert lives on another rank, E = routed experts:
+      counts   = (W - 1) * E * 8                      per-expert int64 counts, once per layer
+      dispatch = R * row_bytes                        hidden row (its expert follows from the counts)
       combine  = R * H * 2                            expert outputs back, bf16
     row_bytes = H * 2 for a bf16 payload; H + ceil(H / 128) * 4 for an FP8 payload (e4m3 + one fp32
     scale per 128 channels, K2's activation quantization).
@@ -81,7 +81,7 @@ def bytes_per_layer(
     top_k = topk_ids_per_rank[0].shape[1]
     remote = remote_copies(topk_ids_per_rank, n_routed_experts // world_size)
     return {
-        "all_to_all": all_to_all_bytes(remote, world_size, fmt),
+        "all_to_all": all_to_all_bytes(remote, world_size, fmt, n_routed_experts=n_routed_experts),
         "all_gather": all_gather_bytes(num_tokens, world_size, top_k, fmt),
     }
 
@@ -99,7 +99,7 @@ def expected_remote_ranks(n_routed_experts: int, top_k: int, world_size: int) ->
 def per_token_bytes(config: ModelConfig, world_size: int, fp8_dispatch: bool) -> dict[str, LayerBytes]:
     """Expected bytes per decode token per MoE layer under uniform routing, count exchange left out.
 
-    "all_to_all" is today's dispatcher (int64 ids, weights kept home) with the payload asked for;
+    "all_to_all" is today's dispatcher (per-expert counts, no ids, weights kept home) with the payload asked for;
     "all_to_all_target" is the format the planner assumes, from the same function it uses.
     """
     fmt = WireFormat.current(config.hidden_size)

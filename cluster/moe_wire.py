@@ -13,8 +13,10 @@ Two wire formats:
            activation quantization), an int32 expert id and the fp32 routing weight with every copy,
            int32 counts; the combine returns bf16 rows.
   current  what worker/model/layers/dispatcher.py AllToAllDispatcher sends today: the payload in the
-           activation dtype, int64 expert ids (a separate collective), int64 counts; the routing
-           weights stay on the sending rank, which weights the combined rows itself.
+           activation dtype and an int64 count per expert (each rank tells every other rank how many
+           copies it sends to each of that rank's experts, which also tells the receiver each copy's
+           expert, so no ids travel); the routing weights stay on the sending rank, which weights the
+           combined rows itself.
 """
 
 from __future__ import annotations
@@ -40,15 +42,18 @@ class WireFormat:
     weight_bytes: int = FP32_BYTES
     count_bytes: int = INT64_BYTES
     sends_weights: bool = False  # the routing weight travels with each copy (else the sender keeps it)
+    sends_ids: bool = False  # each copy's expert id travels with it (else per-expert counts imply it)
+    counts_per_expert: bool = True  # the count exchange has one count per expert (else one per rank)
 
     @classmethod
     def target(cls, hidden_size: int, fp8_dispatch: bool) -> "WireFormat":
         """The planned dispatcher: bf16 or FP8 payload, int32 id + fp32 weight per copy, int32 counts."""
-        return cls(hidden_size, BF16_BYTES, fp8_dispatch, INT32_BYTES, FP32_BYTES, INT32_BYTES, sends_weights=True)
+        return cls(hidden_size, BF16_BYTES, fp8_dispatch, INT32_BYTES, FP32_BYTES, INT32_BYTES, sends_weights=True,
+                   sends_ids=True, counts_per_expert=False)
 
     @classmethod
     def current(cls, hidden_size: int, act_bytes: int = BF16_BYTES) -> "WireFormat":
-        """Today's AllToAllDispatcher: activation-dtype payload, int64 ids and counts, weights kept home."""
+        """Today's AllToAllDispatcher: activation-dtype payload, int64 per-expert counts, weights kept home."""
         return cls(hidden_size, act_bytes)
 
     @property
@@ -60,8 +65,16 @@ class WireFormat:
 
     @property
     def routing_bytes_per_copy(self) -> int:
-        """Metadata riding with one dispatched copy: its expert id, and its routing weight if sent."""
-        return self.id_bytes + (self.weight_bytes if self.sends_weights else 0)
+        """Metadata riding with one dispatched copy: its expert id and its routing weight, if sent."""
+        return (self.id_bytes if self.sends_ids else 0) + (self.weight_bytes if self.sends_weights else 0)
+
+    def count_exchange_bytes(self, world_size: int, n_routed_experts: int) -> int:
+        """One layer's count exchange over all ranks: every rank sends every other rank one count, or one
+        per expert that rank owns."""
+        if self.counts_per_expert and not n_routed_experts:
+            raise ValueError("per-expert counts need n_routed_experts")
+        per_pair = n_routed_experts // world_size if self.counts_per_expert else 1
+        return world_size * (world_size - 1) * per_pair * self.count_bytes
 
     @property
     def combine_row_bytes(self) -> int:
@@ -83,14 +96,15 @@ class LayerBytes:
 
 
 def all_to_all_bytes(
-    num_remote_copies: float, world_size: int, fmt: WireFormat, count_exchange: bool = True
+    num_remote_copies: float, world_size: int, fmt: WireFormat, count_exchange: bool = True, n_routed_experts: int = 0
 ) -> LayerBytes:
-    """dispatch = R * row, routing = R * (id [+ weight]) + W * (W-1) * count, combine = R * H * act.
+    """dispatch = R * row, routing = R * ([id] [+ weight]) + the count exchange, combine = R * H * act.
 
     R (`num_remote_copies`) may be an expectation or one rank's share; `count_exchange=False` leaves
-    out the per-layer count exchange, a fixed cost that does not scale with tokens.
+    out the per-layer count exchange, a fixed cost that does not scale with tokens (per-expert counts
+    need `n_routed_experts`).
     """
-    counts = world_size * (world_size - 1) * fmt.count_bytes if count_exchange else 0
+    counts = fmt.count_exchange_bytes(world_size, n_routed_experts) if count_exchange else 0
     return LayerBytes(
         dispatch=num_remote_copies * fmt.dispatch_row_bytes,
         routing=num_remote_copies * fmt.routing_bytes_per_copy + counts,

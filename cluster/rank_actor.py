@@ -96,7 +96,7 @@ class RankActor:
 
     def execute_plans(self, plans: list) -> list:
         """Rank 0, for tests and tools: run plans through the group and return their logits."""
-        return [self.worker.runner.execute(plan) for plan in plans]
+        return [self.worker.runner.execute(plan).logits for plan in plans]
 
     def build_engine(self) -> None:
         self.engine = self.worker.build_engine()

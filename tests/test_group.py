@@ -29,7 +29,7 @@ def plans() -> list[StepPlan]:
 @pytest.fixture(scope="module")
 def single_logits(tiny_model_dir):
     runner = ModelRunner(load_model(tiny_model_dir, progress=False), 64, 16)
-    return [runner.execute(p) for p in plans()]
+    return [runner.execute(p).logits for p in plans()]
 
 
 @pytest.mark.parametrize("world, dispatcher", [(4, "all_to_all"), (2, "all_gather")])

@@ -65,7 +65,8 @@ def test_router_exposes_every_documented_family(router):
 
 def test_worker_exposes_every_documented_family(worker):
     worker.record_expert_load(1, [1, 2])
-    worker.all_to_all("dispatch", 0.001, 10)
+    worker.all_to_all_duration("dispatch", 0.001)
+    worker.all_to_all_bytes("dispatch", 10)
     exposed = families(worker)
     for spec in worker_metrics.METRICS:
         assert exposed.get(family_name(spec)) == spec.kind, spec.name
@@ -251,15 +252,17 @@ def test_load_imbalance():
 
 
 def test_all_to_all(worker):
-    worker.all_to_all("dispatch", 0.0004, 1 << 20)
-    worker.all_to_all("combine", 0.0005, 1 << 20)
-    worker.all_to_all("combine", 0.0005, 1 << 20)
+    worker.all_to_all_duration("dispatch", 0.0004)
+    worker.all_to_all_bytes("combine", 1 << 20)
+    worker.all_to_all_bytes("combine", 1 << 20)
     s = scrape(worker)
     assert s[("k2serve_worker_all_to_all_bytes_total", (("group", "g0"), ("phase", "combine")))] == 2 << 20
     assert s[("k2serve_worker_all_to_all_duration_seconds_count",
               (("group", "g0"), ("phase", "dispatch")))] == 1
     with pytest.raises(ValueError, match="phase"):
-        worker.all_to_all("scatter", 0.1, 1)
+        worker.all_to_all_duration("scatter", 0.1)
+    with pytest.raises(ValueError, match="phase"):
+        worker.all_to_all_bytes("scatter", 1)
 
 
 def test_render_returns_body_and_content_type(router, worker):

@@ -11,6 +11,7 @@ from k2serve.worker.config import EngineConfig
 from k2serve.worker.engine import Engine
 from k2serve.worker.loader import load_model
 from k2serve.worker.metrics import EngineMetrics, EngineState, WorkerMetrics
+from k2serve.worker.model.layers.moe_stats import MoEStatsSnapshot
 from k2serve.worker.model_runner import ModelRunner
 from k2serve.worker.request import SamplingParams
 from k2serve.worker.scheduler import StepPlan
@@ -27,9 +28,8 @@ def tiny(tiny_model_dir):
 
 
 def make_engine(tiny, moe_interval_s=0.0, num_blocks=64, **cfg):
-    """An engine over the shared tiny model with fresh metrics (and the model's MoE stats emptied)."""
+    """An engine over the shared tiny model with fresh metrics (a new runner starts its MoE counts at zero)."""
     model, vocab = tiny
-    model.moe_stats.drain()
     config = EngineConfig(**{"max_model_len": 256, "block_size": 16, **cfg})
     metrics = WorkerMetrics(CollectorRegistry(), GROUP)
     engine = Engine(config, ModelRunner(model, num_blocks, config.block_size), vocab, metrics, moe_interval_s)
@@ -132,8 +132,8 @@ def test_preemptions_are_counted(tiny):
     assert value(reg, "k2serve_worker_kv_cache_usage_ratio") == 0
 
 
-def test_moe_stats_are_collected_by_time_and_flushed_when_idle(tiny):
-    """With a long interval only the first step collects; flush_moe_stats records the rest exactly."""
+def test_moe_stats_are_collected_by_time_and_by_an_idle_step(tiny):
+    """With a long interval only the first step collects; a step with nothing scheduled records the rest."""
     model, _ = tiny
     engine, reg = make_engine(tiny, moe_interval_s=3600.0)
     batch = {f"r{i}": p for i, p in enumerate(prompts(2, seed=11))}
@@ -142,62 +142,77 @@ def test_moe_stats_are_collected_by_time_and_flushed_when_idle(tiny):
     k, layer = model.config.num_experts_per_tok, moe_layers(model)[0]
     first_step = sum(len(p) for p in batch.values())  # both prompts fit the first step
     assert expert_tokens(reg, layer) == first_step * k
-    engine.flush_moe_stats()
+    assert engine.step() == []  # nothing scheduled: collects what the other steps left
     assert expert_tokens(reg, layer) == total * k
-    engine.flush_moe_stats()  # nothing pending: no change
+    steps = value(reg, "k2serve_worker_step_duration_seconds_count")
+    engine.step()  # nothing pending: no forward, no change
     assert expert_tokens(reg, layer) == total * k
+    assert value(reg, "k2serve_worker_step_duration_seconds_count") == steps  # idle steps are not steps
+
+
+def layer_counts(runner) -> int:
+    return sum(int(layer.expert_tokens.sum()) for layer in runner.moe_stats.layers)
 
 
 def test_engine_without_metrics_never_collects(tiny):
     model, vocab = tiny
-    model.moe_stats.drain()
     runner = ModelRunner(model, 32, 16)
     engine = Engine(EngineConfig(max_model_len=256), runner, vocab)
     engine.generate([[1, 2, 3]], GREEDY)
-    engine.flush_moe_stats()
-    assert runner.take_moe_stats() is None
-    assert model.moe_stats.expert_tokens.sum() == (3 + 2) * model.config.num_experts_per_tok * len(moe_layers(model))
+    engine.step()
+    assert layer_counts(runner) == (3 + 2) * model.config.num_experts_per_tok * len(moe_layers(model))
 
 
 def test_empty_collecting_plan_runs_no_forward_and_drains(tiny):
     model, _ = tiny
-    model.moe_stats.drain()
-    model.moe_stats.record_routing(moe_layers(model)[0], torch.tensor([[1, 2], [2, 3]]))
     runner = ModelRunner(model, 8, 16)
-    assert runner.execute(StepPlan(collect_moe_stats=True)) is None
-    snapshot = runner.take_moe_stats()
-    assert snapshot.expert_tokens[moe_layers(model)[0]].tolist()[:4] == [0, 1, 2, 1]
-    assert runner.take_moe_stats() is None  # handed out once
-    assert model.moe_stats.expert_tokens.sum() == 0
+    first = runner.moe_stats.layers[0]
+    first.record_routing(torch.tensor([[1, 2], [2, 3]]))
+    result = runner.execute(StepPlan(collect_moe_stats=True))
+    assert result.logits is None
+    assert result.moe_stats.expert_tokens[first.layer_idx][:4] == [0, 1, 2, 1]
+    assert sorted(result.moe_stats.expert_tokens) == moe_layers(model)
+    assert result.moe_stats.bytes_sent == {"dispatch": 0, "combine": 0} and result.moe_stats.durations == []
+    assert layer_counts(runner) == 0  # drained
+    assert runner.execute(StepPlan()).moe_stats is None  # a plan that does not ask collects nothing
 
 
 def test_engine_metrics_deltas_and_interval():
     now = [100.0]
     m = WorkerMetrics(CollectorRegistry(), GROUP)
     rec = EngineMetrics(m, moe_interval_s=1.0, clock=lambda: now[0])
-    assert rec.wants_moe_stats()  # the first step collects
+    assert rec.moe_stats_due(idle=False) and not rec.moe_stats_due(idle=True)  # the first step collects
+    rec.collecting(idle=False)
     rec.step(0.01, 10, 10, 0, collected_moe=True)
-    assert not rec.wants_moe_stats() and not rec.has_pending_moe_stats
+    assert not rec.moe_stats_due(idle=False) and not rec.moe_stats_due(idle=True)
     rec.step(0.01, 1, 0, 1, collected_moe=False)
-    assert rec.has_pending_moe_stats
+    assert rec.moe_stats_due(idle=True) and not rec.moe_stats_due(idle=False)
+    rec.collecting(idle=True)  # gone idle: the rest is collected, and the next burst's first step is timed
+    assert not rec.moe_stats_due(idle=True) and rec.moe_stats_due(idle=False)
+    rec.collecting(idle=False)
+    rec.step(0.01, 1, 0, 1, collected_moe=True)
+    assert not rec.moe_stats_due(idle=False)
     now[0] += 1.0
-    assert rec.wants_moe_stats()
+    assert rec.moe_stats_due(idle=False)
     rec.state(EngineState(1, 2, 0.5, 0.25, 40, 10, 1))
     rec.state(EngineState(0, 0, 0.0, 0.2, 50, 10, 3))
     assert value(m.registry, "k2serve_worker_prefix_cache_queried_tokens_total") == 50
     assert value(m.registry, "k2serve_worker_prefix_cache_hit_tokens_total") == 10
     assert value(m.registry, "k2serve_worker_preemptions_total") == 3
     assert value(m.registry, "k2serve_worker_prefix_cache_hit_ratio") == 0.2
-    rec.moe(torch.tensor([[9, 9], [3, 1], [0, 4]]), [("dispatch", 0.001, 64), ("combine", 0.002, 32)], [1, 2])
+    rec.moe(MoEStatsSnapshot({1: [3, 1], 2: [0, 4]}, {"dispatch": 64, "combine": 32},
+                             [("dispatch", 0.001), ("combine", 0.002), ("combine", 0.004)]))
     assert value(m.registry, "k2serve_worker_expert_tokens_total", layer="1", expert="0") == 3
-    assert value(m.registry, "k2serve_worker_expert_tokens_total", layer="0", expert="0") == 0  # dense: skipped
+    assert value(m.registry, "k2serve_worker_expert_tokens_total", layer="0", expert="0") == 0  # dense: none
     assert value(m.registry, "k2serve_worker_expert_load_imbalance_ratio", layer="2") == 2.0
     assert value(m.registry, "k2serve_worker_all_to_all_bytes_total", phase="combine") == 32
+    assert value(m.registry, "k2serve_worker_all_to_all_duration_seconds_count", phase="combine") == 2
+    assert value(m.registry, "k2serve_worker_all_to_all_duration_seconds_sum", phase="dispatch") == 0.001
     with pytest.raises(ValueError, match="moe_interval_s"):
         EngineMetrics(m, moe_interval_s=-1)
 
 
-def test_async_engine_flushes_moe_stats_when_idle(tiny):
+def test_async_engine_collects_moe_stats_when_idle(tiny):
     """Only the first step collects (long interval); going idle records the rest without a new request."""
     import asyncio
     import time

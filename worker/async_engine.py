@@ -209,7 +209,8 @@ class AsyncEngine:
         if self.engine.has_unfinished():
             self._dispatch(self._safe_step())
         if not self.engine.has_unfinished():
-            self.engine.flush_moe_stats()  # idle: record the last steps' expert load now, not at the next burst
+            if self.engine.has_uncollected_moe_stats():
+                self._dispatch(self._safe_step())  # nothing scheduled: it collects the last steps' statistics
             self._heartbeat_when_due()
         self._load = self.engine.get_load()
 

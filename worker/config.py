@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -20,14 +22,20 @@ class EngineConfig(BaseModel):
         None, ge=1, description="KV cache blocks to allocate; None: derive from kv_cache_memory_bytes.")
     kv_cache_memory_bytes: int = Field(
         1 << 30, description="Memory for the KV cache when num_kv_blocks is None (all layers).")
-    kv_cache_fraction: float | None = Field(
-        None, gt=0, le=1, description="GPU: fraction of free memory after weights for the KV cache")
+    kv_cache_fraction: float = Field(
+        0.9, gt=0, le=1, description="CUDA: fraction of the device's total memory this rank may use; the KV cache "
+        "gets it minus what is in use after loading (weights, CUDA context, other processes) and the peak of a "
+        "profiled step at max_num_batched_tokens. CPU uses kv_cache_memory_bytes; num_kv_blocks overrides both.")
     enable_prefix_caching: bool = Field(True, description="Reuse cached blocks of identical prompt prefixes.")
     max_num_waiting: int = Field(
         4096, ge=1, description="Most queued requests; beyond it submissions are rejected with 429.")
     max_top_logprobs: int = Field(20, description="Largest top_logprobs a request may ask for.")
     default_max_tokens: int | None = Field(
         None, description="max_tokens used when a request leaves it unset (None: to context end).")
-    dtype: str = Field(
-        "float32", description="Activation / KV cache dtype name (torch dtype attribute, e.g. bfloat16).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Activation / KV cache dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+        "bfloat16 or float16.")
     device: str = Field("cpu", description="Torch device of the model and cache.")
+    weight_format: Literal["auto", "fp8", "dense"] = Field(
+        "auto", description="How matrices stored as block-FP8 are held: fp8 (as stored, multiplied by the device's "
+        "FP8 kernels), dense (dequantized to dtype at load), auto (fp8 on CUDA, dense on CPU).")

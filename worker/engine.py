@@ -6,8 +6,9 @@ blocks at once. AsyncEngine (worker/async_engine.py) drives it from a background
 
 With metrics attached (a WorkerMetrics, constructor argument or `attach_metrics`), every step records
 its duration, batch size and token split, the scheduler/KV cache state, and, about once a second, the
-group's MoE expert load and all-to-all traffic (the plan's `collect_moe_stats` makes every rank drain
-its stats); `flush_moe_stats` collects what is left when the engine goes idle.
+group's MoE expert load and all-to-all traffic: the step's plan asks every rank to collect them
+(`collect_moe_stats`) and the runner's result carries them back. A step with nothing scheduled still
+collects what earlier steps left, so the metrics catch up when the engine goes idle.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.kv_cache import KVCacheManager
 from k2serve.worker.metrics import EngineMetrics, EngineState, WorkerMetrics
-from k2serve.worker.model_runner import ModelRunner, num_kv_blocks
+from k2serve.worker.kv_sizing import MemoryProbe
+from k2serve.worker.model_runner import ForwardResult, ModelRunner
+from k2serve.worker.parallel import ParallelInfo
 from k2serve.worker.request import Request, RequestOutput, RequestRejected, RequestStatus, SamplingParams, TokenLogprob
 from k2serve.worker.sampler import Sampler
 from k2serve.worker.scheduler import Scheduler, StepPlan
@@ -88,13 +89,18 @@ class Engine:
         self._record_state()
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
-        """Load the checkpoint with worker.loader.load_model, size the KV cache and build the engine."""
+    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(),
+                       probe: MemoryProbe | None = None) -> "Engine":
+        """One process: load the checkpoint onto `config.device`, size the KV cache (worker/kv_sizing.py;
+        `probe` replaces the device's memory probe) and build the engine."""
+        from k2serve.worker.device import activation_dtype, fp8_backend, memory_probe
+        from k2serve.worker.kv_sizing import num_kv_blocks
         from k2serve.worker.loader import load_model
 
-        dtype = getattr(torch, config.dtype)
-        model = load_model(model_dir, dtype=dtype, progress=False).to(config.device)
-        runner = ModelRunner(model, num_kv_blocks(config, model.config, dtype), config.block_size, dtype, config.device)
+        dtype = activation_dtype(config)
+        model = load_model(model_dir, dtype, progress=False, fp8_backend=fp8_backend(config), device=config.device)
+        blocks = num_kv_blocks(model, config, ParallelInfo(), dtype, probe or memory_probe(config))
+        runner = ModelRunner(model, blocks, config.block_size, dtype, config.device)
         return cls(config, runner, Vocab.from_model_dir(model_dir, model.config.vocab_size))
 
     # ---- requests ----
@@ -173,6 +179,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
+    def has_uncollected_moe_stats(self) -> bool:
+        """Whether steps ran since the group's MoE statistics were last collected: a step with nothing
+        scheduled then collects them (AsyncEngine runs one when it goes idle)."""
+        return self.metrics is not None and self.metrics.moe_stats_due(idle=True)
+
     def get_load(self) -> EngineLoad:
         kv = self.scheduler.kv_cache
         return EngineLoad(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage, kv.hit_rate,
@@ -181,22 +192,26 @@ class Engine:
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, execute (forward + sample), postprocess."""
+        """One iteration: schedule, execute (forward + sample), postprocess. With nothing scheduled it runs
+        only when the MoE statistics of earlier steps are still to be collected."""
         start = time.perf_counter()
         plan = self.scheduler.schedule()
-        if plan.is_empty:
+        plan.collect_moe_stats = self.metrics is not None and self.metrics.moe_stats_due(plan.is_empty)
+        if plan.is_empty and not plan.collect_moe_stats:
             self._record_state()
             return self._take_pending()
-        plan.collect_moe_stats = self.metrics is not None and self.metrics.wants_moe_stats()
+        if plan.collect_moe_stats:
+            self.metrics.collecting(plan.is_empty)  # before the collective: a failing one is not retried
         prompt_tokens = self._num_prompt_tokens(plan) if self.metrics is not None else 0
-        step_output = self._execute(plan)
+        result = self.runner.execute(plan)
+        step_output = self._sample(plan, result)
         outputs = self._postprocess(plan, step_output)
         if self.metrics is not None:
-            self._record_step(plan, prompt_tokens, len(step_output.sampled), time.perf_counter() - start)
+            self._record_step(plan, result, prompt_tokens, len(step_output.sampled), time.perf_counter() - start)
         return outputs
 
-    def _execute(self, plan: StepPlan) -> StepOutput:
-        logits = self.runner.execute(plan)  # [N, vocab] for the sampling sequences
+    def _sample(self, plan: StepPlan, result: ForwardResult) -> StepOutput:
+        logits = result.logits  # [N, vocab] for the sampling sequences
         if logits is None:
             return StepOutput({}, {})
         requests = [self.scheduler.requests[r] for r in plan.sampling_request_ids]
@@ -246,15 +261,6 @@ class Engine:
 
     # ---- metrics ----
 
-    def flush_moe_stats(self) -> None:
-        """Collect the MoE stats of steps not yet collected (an empty plan every rank runs); no-op without
-        metrics or pending steps. Call it only from the thread that steps the engine."""
-        if self.metrics is None or not self.metrics.has_pending_moe_stats:
-            return
-        self.metrics.collected()  # first: a failing collective is not retried on every idle tick
-        self.runner.execute(StepPlan(block_size=self.config.block_size, collect_moe_stats=True))
-        self._record_moe()
-
     def _num_prompt_tokens(self, plan: StepPlan) -> int:
         """Tokens of the plan that are prompt positions (prefill; recomputation after preemption included)."""
         total = 0
@@ -263,18 +269,13 @@ class Engine:
             total += max(0, min(ctx + len(tokens), num_prompt) - ctx)
         return total
 
-    def _record_step(self, plan: StepPlan, prompt_tokens: int, generated: int, seconds: float) -> None:
-        self.metrics.step(seconds, plan.num_tokens, prompt_tokens, generated, plan.collect_moe_stats)
-        if plan.collect_moe_stats:
-            self._record_moe()
+    def _record_step(self, plan: StepPlan, result: ForwardResult, prompt_tokens: int, generated: int,
+                     seconds: float) -> None:
+        if not plan.is_empty:
+            self.metrics.step(seconds, plan.num_tokens, prompt_tokens, generated, plan.collect_moe_stats)
+        if result.moe_stats is not None:
+            self.metrics.moe(result.moe_stats)
         self._record_state()
-
-    def _record_moe(self) -> None:
-        snapshot = self.runner.take_moe_stats()
-        if snapshot is not None:
-            config = self.runner.model.config
-            layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-            self.metrics.moe(snapshot.expert_tokens, snapshot.exchanges, layers)
 
     def _record_state(self) -> None:
         if self.metrics is None:

@@ -190,6 +190,7 @@ def load_model(
 
         force = None if fp8_backend == "auto" else fp8_backend
         fp8 = Fp8Weights(select_backend(torch.device(device), force), block)
-    model = DeepseekV3ForCausalLM(config, info, dtype, dispatcher, fp8)
+    with torch.device(device):  # parameters are created where they live: no host copy of the weights
+        model = DeepseekV3ForCausalLM(config, info, dtype, dispatcher, fp8)
     load_weights(model, model_dir, block, progress)
-    return model.to(device).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)

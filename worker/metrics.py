@@ -10,8 +10,9 @@ per-expert counter is up to 23,040 series per group: call it with counts summed 
 (e.g. once a second), not on every step.
 
 ``EngineMetrics`` is what rank 0's Engine feeds: it turns the scheduler's and KV cache manager's
-cumulative counters into counter increments, decides when the group collects MoE stats (time-based,
-every ``moe_interval_s``), and records the group-summed expert load of the MoE layers.
+cumulative counters into counter increments, decides when the group collects its MoE statistics
+(every ``moe_interval_s``, and on an idle step when steps ran since the last collection), and records
+a collected ``MoEStatsSnapshot`` (worker/model/layers/moe_stats.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest
+
+if TYPE_CHECKING:
+    from k2serve.worker.model.layers.moe_stats import MoEStatsSnapshot
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -76,10 +80,11 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("k2serve_worker_expert_load_imbalance_ratio", "gauge", ("group", "layer"),
                "Max over mean of tokens per expert in the last recorded window (1 = balanced)."),
     MetricSpec("k2serve_worker_all_to_all_duration_seconds", "histogram", ("group", "phase"),
-               "Wall time of one MoE all-to-all exchange (phase dispatch or combine).",
+               "Time of one MoE all-to-all exchange (phase dispatch or combine) on rank 0, sampled on the step "
+               "that collects MoE statistics: CUDA events around the collective on GPU, wall time on gloo.",
                ALL_TO_ALL_BUCKETS),
     MetricSpec("k2serve_worker_all_to_all_bytes_total", "counter", ("group", "phase"),
-               "Bytes this rank sent in MoE all-to-all exchanges."),
+               "Bytes the group's ranks sent to other ranks in MoE all-to-all exchanges."),
 )
 
 _KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
@@ -102,6 +107,12 @@ def load_imbalance(tokens_per_expert: list[int]) -> float:
     if not tokens_per_expert or total == 0:
         return 1.0
     return max(tokens_per_expert) * len(tokens_per_expert) / total
+
+
+def _checked_phase(phase: str) -> str:
+    if phase not in ALL_TO_ALL_PHASES:
+        raise ValueError(f"unknown all-to-all phase {phase!r}; expected one of {ALL_TO_ALL_PHASES}")
+    return phase
 
 
 class WorkerMetrics:
@@ -159,9 +170,8 @@ class WorkerMetrics:
 
     # ---- MoE ---------------------------------------------------------------------------------
     def record_expert_load(self, layer: int, tokens_per_expert: Iterable[int]) -> None:
-        """Add per-expert token counts of MoE ``layer`` (list, or a tensor with ``tolist``)."""
-        counts = [int(c) for c in (tokens_per_expert.tolist() if hasattr(tokens_per_expert, "tolist")
-                                   else tokens_per_expert)]
+        """Add per-expert token counts of MoE ``layer``."""
+        counts = [int(c) for c in tokens_per_expert]
         if any(c < 0 for c in counts):
             raise ValueError(f"negative token count for layer {layer}: {counts}")
         children = self._experts(layer, len(counts))
@@ -180,14 +190,15 @@ class WorkerMetrics:
             self._expert_children[layer] = children
         return children
 
-    def all_to_all(self, phase: str, seconds: float, num_bytes: int) -> None:
-        """One all-to-all exchange (``phase`` dispatch or combine): wall time and bytes sent."""
-        if phase not in ALL_TO_ALL_PHASES:
-            raise ValueError(f"unknown all-to-all phase {phase!r}; expected one of {ALL_TO_ALL_PHASES}")
+    def all_to_all_duration(self, phase: str, seconds: float) -> None:
+        """The time of one all-to-all exchange (``phase`` dispatch or combine)."""
         self._m["k2serve_worker_all_to_all_duration_seconds"].labels(
-            group=self.group, phase=phase).observe(seconds)
+            group=self.group, phase=_checked_phase(phase)).observe(seconds)
+
+    def all_to_all_bytes(self, phase: str, num_bytes: int) -> None:
+        """Bytes sent to other ranks in ``phase`` exchanges."""
         self._m["k2serve_worker_all_to_all_bytes_total"].labels(
-            group=self.group, phase=phase).inc(num_bytes)
+            group=self.group, phase=_checked_phase(phase)).inc(num_bytes)
 
     # ---- exposition ------------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
@@ -212,8 +223,8 @@ class EngineMetrics:
     """Rank 0's engine-side recorder over a WorkerMetrics.
 
     ``step`` records one executed step; ``state`` sets the gauges and adds what the cumulative counters
-    gained since the last call; ``wants_moe_stats`` says whether this step should collect the group's
-    MoE stats (the first step, then every ``moe_interval_s``); ``moe`` records a collected snapshot.
+    gained since the last call; ``moe_stats_due`` says whether this step should collect the group's
+    MoE statistics, ``collecting`` that it does, and ``moe`` records what it collected.
     """
 
     def __init__(self, metrics: WorkerMetrics, moe_interval_s: float = 1.0,
@@ -225,28 +236,28 @@ class EngineMetrics:
         self._clock = clock
         self._last_moe = -math.inf
         self._steps_since_moe = 0  # steps whose MoE stats are still on the ranks
+        self._after_idle = False  # the last collection was an idle one: the next working step collects
         self._seen = EngineState(0, 0, 0.0, 0.0, 0, 0, 0)
 
-    def wants_moe_stats(self) -> bool:
-        """True when it is time for the next step to collect the group's MoE stats."""
-        return self._clock() - self._last_moe >= self.moe_interval_s
+    def moe_stats_due(self, idle: bool) -> bool:
+        """Whether the coming step collects the group's MoE statistics: a working step once
+        ``moe_interval_s`` passed since the last collection (the first step at once) or when it is the
+        first after an idle collection (so every burst has a timed step, however short); an ``idle`` one
+        (nothing scheduled) when steps ran since the last collection."""
+        if idle:
+            return self._steps_since_moe > 0
+        return self._after_idle or self._clock() - self._last_moe >= self.moe_interval_s
 
-    @property
-    def has_pending_moe_stats(self) -> bool:
-        """Whether steps ran since the last collection (their MoE stats are not recorded yet)."""
-        return self._steps_since_moe > 0
+    def collecting(self, idle: bool) -> None:
+        """The coming step (``idle``: with nothing scheduled) collects: the steps so far are accounted for."""
+        self._steps_since_moe, self._last_moe, self._after_idle = 0, self._clock(), idle
 
     def step(self, seconds: float, num_tokens: int, prompt_tokens: int, generated_tokens: int,
              collected_moe: bool) -> None:
-        """One executed step; ``collected_moe`` if its plan collected the MoE stats."""
+        """One executed step; ``collected_moe`` if it collected the MoE statistics (its own included)."""
         self.metrics.step(seconds, num_tokens, prompt_tokens, generated_tokens)
-        self._steps_since_moe = 0 if collected_moe else self._steps_since_moe + 1
-        if collected_moe:
-            self._last_moe = self._clock()
-
-    def collected(self) -> None:
-        """The MoE stats were collected outside a step (an idle flush)."""
-        self._steps_since_moe, self._last_moe = 0, self._clock()
+        if not collected_moe:
+            self._steps_since_moe += 1
 
     def state(self, now: EngineState) -> None:
         """Set the queue and cache gauges; add the growth of the cumulative counters."""
@@ -262,10 +273,13 @@ class EngineMetrics:
             m.preempted(now.num_preemptions - seen.num_preemptions)
         self._seen = now
 
-    def moe(self, expert_tokens, exchanges: Iterable[tuple[str, float, int]], moe_layers: Iterable[int]) -> None:
-        """Record a collected snapshot: ``expert_tokens`` [num_layers, n_routed_experts] (group sums;
-        only ``moe_layers`` rows are recorded) and this rank's (phase, seconds, bytes) exchanges."""
-        for layer in moe_layers:
-            self.metrics.record_expert_load(layer, expert_tokens[layer])
-        for phase, seconds, num_bytes in exchanges:
-            self.metrics.all_to_all(phase, seconds, num_bytes)
+    def moe(self, snapshot: MoEStatsSnapshot) -> None:
+        """Record collected MoE statistics: group-summed tokens per expert of each MoE layer and bytes
+        per phase, and the exchange times of rank 0's timed step."""
+        for layer, counts in snapshot.expert_tokens.items():
+            self.metrics.record_expert_load(layer, counts)
+        for phase, num_bytes in snapshot.bytes_sent.items():
+            if num_bytes:
+                self.metrics.all_to_all_bytes(phase, num_bytes)
+        for phase, seconds in snapshot.durations:
+            self.metrics.all_to_all_duration(phase, seconds)

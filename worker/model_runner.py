@@ -1,7 +1,8 @@
 """ModelRunner: turns a StepPlan into one forward pass over the paged latent cache (runs on every rank).
 
-StepPlan (plain lists) -> ForwardBatch (tensors + AttentionMetadata) -> logits of the sequences that
-sample this step (the last token of a completed prefill chunk, or a decode).
+StepPlan (plain lists) -> ForwardBatch (tensors + AttentionMetadata) -> ForwardResult: the logits of
+the sequences that sample this step (the last token of a completed prefill chunk, or a decode) and,
+when the plan asks, the group's MoE statistics.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from k2serve.worker.config import EngineConfig
 from k2serve.worker.model.attention_metadata import AttentionMetadata
-from k2serve.worker.model.layers.moe_stats import MoEStatsSnapshot
-from k2serve.worker.parallel import ParallelInfo, all_reduce
+from k2serve.worker.model.deepseek_v3 import allocate_kv_caches
+from k2serve.worker.model.layers.moe_stats import MoEStatsCollector, MoEStatsSnapshot
+from k2serve.worker.parallel import ParallelInfo
 from k2serve.worker.scheduler import StepPlan
 
 
@@ -27,17 +29,17 @@ class ForwardBatch:
     sample_rows: torch.Tensor  # [N] int64: rows of the hidden states whose logits are needed
 
 
+@dataclass
+class ForwardResult:
+    """What one plan produced on this rank."""
+
+    logits: torch.Tensor | None  # [N, vocab] float32 of the sampling sequences; None when none samples
+    moe_stats: MoEStatsSnapshot | None = None  # the group's MoE statistics, when the plan collected them
+
+
 def kv_cache_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes over all layers: layers * block_size * (kv_lora_rank + qk_rope_head_dim)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * block_size * config.kv_cache_dim * elem
-
-
-def num_kv_blocks(engine: EngineConfig, model_config, dtype: torch.dtype) -> int:
-    """Blocks of latent cache per rank: the configured number, else what kv_cache_memory_bytes holds."""
-    if engine.num_kv_blocks:
-        return engine.num_kv_blocks
-    return max(1, engine.kv_cache_memory_bytes // kv_cache_block_bytes(model_config, engine.block_size, dtype))
+    return config.num_hidden_layers * block_size * config.kv_cache_dim * dtype.itemsize
 
 
 def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> ForwardBatch:
@@ -59,64 +61,50 @@ def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> F
 
 
 class ModelRunner:
-    """Owns the model and its KV caches; `execute(plan)` is the same call on every rank.
+    """Owns the model, its KV caches and the collection of its MoE statistics; `execute(plan)` is the
+    same call on every rank of the group described by `info`.
 
-    When a plan has `collect_moe_stats`, every rank drains its model's MoE stats after the forward and
-    the expert token counts are summed over the group; `take_moe_stats()` hands the result to rank 0's
-    engine. Token-shard padding rows (T not divisible by the world size) are routed too, so group
-    counts may include up to world_size - 1 padding tokens per MoE layer per step.
+    A plan with `collect_moe_stats` times its MoE exchanges and, after the forward, drains every MoE
+    layer's statistics and sums them over the group (an all-reduce every rank joins, so an empty plan
+    can collect too).
     """
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", kv_caches: list[torch.Tensor] | None = None):
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
+                 device: str = "cpu", kv_caches: list[torch.Tensor] | None = None, info: ParallelInfo = ParallelInfo()):
         self.model = model
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.block_size, self.dtype = block_size, dtype
         self.device = torch.device(device)
-        self.kv_caches = kv_caches if kv_caches is not None else self._allocate(num_blocks, block_size, dtype)
-        self._moe_snapshot: MoEStatsSnapshot | None = None
+        self.moe_stats = MoEStatsCollector(model, info)
+        self.kv_caches: list[torch.Tensor] = []
+        if kv_caches is None:
+            self.allocate_kv_cache(num_blocks)
+        else:
+            self.kv_caches, self.num_blocks = kv_caches, num_blocks
 
-    def _allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        from k2serve.worker.model.deepseek_v3 import allocate_kv_caches
-
-        caches = allocate_kv_caches(self.model.config, num_blocks, block_size, dtype)
-        return [c.to(self.device) for c in caches]
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """(Re)allocate the latent cache with `num_blocks` blocks per layer (the old one is freed first)."""
+        self.kv_caches = []
+        self.kv_caches = allocate_kv_caches(self.model.config, num_blocks, self.block_size, self.dtype, self.device)
+        self.num_blocks = num_blocks
 
     @property
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run the plan's tokens through the model; [N, vocab] float32 logits of sampling rows (or None).
-
-        An empty plan runs no forward (it may still collect MoE stats).
-        """
+    def execute(self, plan: StepPlan) -> ForwardResult:
+        """Run the plan's tokens through the model (an empty plan runs no forward but may collect)."""
         if plan.block_size != self.block_size:
             raise ValueError(f"plan block_size {plan.block_size} != cache block_size {self.block_size}")
-        logits = None if plan.is_empty else self._forward(plan)
         if plan.collect_moe_stats:
-            self._moe_snapshot = self._collect_moe_stats()
-        return logits
+            self.moe_stats.time_next_step()
+        logits = None if plan.is_empty else self._forward(plan)
+        stats = self.moe_stats.collect(self.device) if plan.collect_moe_stats else None
+        return ForwardResult(logits, stats)
 
     def heartbeat(self) -> None:
         """A no-op step that proves every rank can still step; one process has no peers to wait for
         (rank 0 of a group overrides it: worker/plan_channel.py)."""
-
-    def take_moe_stats(self) -> MoEStatsSnapshot | None:
-        """The group-summed MoE stats of the last collecting plan (once), or None."""
-        snapshot, self._moe_snapshot = self._moe_snapshot, None
-        return snapshot
-
-    def _collect_moe_stats(self) -> MoEStatsSnapshot | None:
-        """Drain this rank's MoE stats and sum the expert token counts over the group (a collective)."""
-        stats = getattr(self.model, "moe_stats", None)
-        if stats is None:
-            return None
-        snapshot = stats.drain()
-        counts = snapshot.expert_tokens.to(self.device)  # [num_layers, n_routed_experts] int64
-        all_reduce(counts, getattr(self.model, "info", ParallelInfo()))
-        snapshot.expert_tokens = counts.cpu()
-        return snapshot
 
     def _forward(self, plan: StepPlan) -> torch.Tensor | None:
         batch = build_forward_batch(plan, self.device)

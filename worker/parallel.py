@@ -61,6 +61,15 @@ def all_reduce(x: torch.Tensor, info: ParallelInfo) -> torch.Tensor:
     return x
 
 
+def min_over_group(value: int, info: ParallelInfo) -> int:
+    """The smallest of every rank's `value` (over the gloo control group, so on any backend)."""
+    if info.is_single:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device="cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=info.control_group)
+    return int(t.item())
+
+
 def padded_token_count(num_tokens: int, info: ParallelInfo) -> int:
     """Tokens padded up to a multiple of world_size so they split evenly into shards."""
     return -(-num_tokens // info.world_size) * info.world_size

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from k2serve.worker.model_runner import ModelRunner
+from k2serve.worker.model_runner import ForwardResult, ModelRunner
 from k2serve.worker.parallel import ParallelInfo, all_reduce
 from k2serve.worker.scheduler import StepPlan
 
@@ -50,7 +50,7 @@ class PlanChannel:
 
 
 class BroadcastingRunner(ModelRunner):
-    """Rank 0's ModelRunner: each plan goes to every rank, then runs here; logits come back here.
+    """Rank 0's ModelRunner: each plan goes to every rank, then runs here; its result comes back here.
 
     Built like a ModelRunner, with the group's PlanChannel first.
     """
@@ -59,7 +59,7 @@ class BroadcastingRunner(ModelRunner):
         super().__init__(*args, **kwargs)
         self.channel = channel
 
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+    def execute(self, plan: StepPlan) -> ForwardResult:
         self.channel.send(plan)
         return super().execute(plan)
 

@@ -1,7 +1,8 @@
 """RankWorker: one rank of a worker group, independent of how it was started (Ray or a test).
 
 Every rank joins the group's torch.distributed world, loads only its shard of the model (its heads,
-its vocab slice, its experts) and allocates the same number of latent-cache blocks. Rank 0's runner is
+its vocab slice, its experts) and sizes its latent cache (worker/kv_sizing.py: a profiled step on CUDA),
+all ranks agreeing on the smallest block count; a rank runs on its group's device. Rank 0's runner is
 a BroadcastingRunner, so each step's plan reaches the others by one broadcast; rank 0 builds the Engine
 over it, and the other ranks run `follow()` until rank 0 shuts them down.
 """
@@ -12,12 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from k2serve.worker.config import EngineConfig
+from k2serve.worker.device import activation_dtype, fp8_backend, memory_probe
 from k2serve.worker.distributed import destroy_distributed, init_distributed
+from k2serve.worker.kv_sizing import MemoryProbe, num_kv_blocks
 from k2serve.worker.loader import load_model
-from k2serve.worker.model_runner import ModelRunner, num_kv_blocks
+from k2serve.worker.model_runner import ModelRunner
 from k2serve.worker.parallel import ParallelInfo
 from k2serve.worker.plan_channel import BroadcastingRunner, PlanChannel, follow
 
@@ -44,9 +45,13 @@ class RankSpec:
 
 
 class RankWorker:
-    def __init__(self, spec: RankSpec):
+    """Runs `spec.engine` on the group's device; `probe` replaces that device's memory probe (tests)."""
+
+    def __init__(self, spec: RankSpec, probe: MemoryProbe | None = None):
         self.spec = spec
+        self.engine = spec.engine.model_copy(update={"device": spec.device})
         self.info = ParallelInfo(spec.rank, spec.world_size)
+        self.probe = probe or memory_probe(self.engine)
         self.runner: ModelRunner | None = None
 
     def join(self, master_addr: str, master_port: int) -> None:
@@ -56,16 +61,17 @@ class RankWorker:
         )
 
     def load(self) -> int:
-        """Load this rank's shard; returns the number of parameter elements it holds."""
-        dtype = getattr(torch, self.spec.engine.dtype)
-        device = self.spec.device
-        # Chosen once, by device: FP8 matrices + Triton kernels on GPU, dense weights on CPU.
-        fp8_backend = "auto" if device.startswith("cuda") else None
+        """Load this rank's shard and size its cache (every rank at once: the sizing runs collectives);
+        returns the number of parameter elements it holds."""
+        engine, dtype = self.engine, activation_dtype(self.engine)
         model = load_model(self.spec.model_dir, dtype, self.info, self.spec.dispatcher,
-                           progress=self.info.is_driver, fp8_backend=fp8_backend, device=device)
-        blocks = num_kv_blocks(self.spec.engine, model.config, dtype)
-        args = (model, blocks, self.spec.engine.block_size, dtype, device)
-        self.runner = BroadcastingRunner(PlanChannel(self.info), *args) if self.info.is_driver else ModelRunner(*args)
+                           progress=self.info.is_driver, fp8_backend=fp8_backend(engine), device=engine.device)
+        blocks = num_kv_blocks(model, engine, self.info, dtype, self.probe)
+        args = (model, blocks, engine.block_size, dtype, engine.device)
+        if self.info.is_driver:
+            self.runner = BroadcastingRunner(PlanChannel(self.info), *args, info=self.info)
+        else:
+            self.runner = ModelRunner(*args, info=self.info)
         return self.num_parameters()
 
     def num_parameters(self) -> int:
@@ -82,7 +88,7 @@ class RankWorker:
         if not self.info.is_driver:
             raise RuntimeError(f"only rank 0 runs the engine, this is rank {self.info.rank}")
         vocab = Vocab.from_model_dir(Path(self.spec.model_dir), self.runner.model.config.vocab_size)
-        return Engine(self.spec.engine, self.runner, vocab)
+        return Engine(self.engine, self.runner, vocab)
 
     def follow(self) -> int:
         """Ranks > 0: execute rank 0's plans until it stops the group."""

@@ -27,8 +27,9 @@ class StepPlan:
     block_tables: list[list[int]] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)  # whether the sequence samples a token this step
     block_size: int = 16
-    # Every rank drains its MoE routing/all-to-all stats after this step and sums the expert token
-    # counts over the group (rank 0 sets it about once a second when it records metrics).
+    # Every rank times this step's MoE exchanges, then collects its MoE statistics and sums them over the
+    # group (rank 0 sets it about once a second when it records metrics, and on an otherwise empty plan
+    # when earlier steps' statistics are still uncollected).
     collect_moe_stats: bool = False
 
     @property

@@ -19,7 +19,6 @@ from k2serve.worker.model.layers.embedding import ParallelLMHead, VocabParallelE
 from k2serve.worker.model.layers.linear import Fp8Weights
 from k2serve.worker.model.layers.mlp import ParallelMLP
 from k2serve.worker.model.layers.moe import MoE
-from k2serve.worker.model.layers.moe_stats import MoEStats
 from k2serve.worker.model.layers.norm import RMSNorm
 from k2serve.worker.model.layers.rotary import RotaryEmbedding
 from k2serve.worker.parallel import ParallelInfo, all_gather_tokens, shard_valid_rows, token_shard
@@ -28,7 +27,7 @@ from k2serve.worker.parallel import ParallelInfo, all_gather_tokens, shard_valid
 class DecoderLayer(nn.Module):
     def __init__(
         self, config: ModelConfig, layer_idx: int, info: ParallelInfo, dtype: torch.dtype, dispatcher: str,
-        stats: MoEStats | None, fp8: Fp8Weights | None,
+        fp8: Fp8Weights | None,
     ):
         super().__init__()
         self.info = info
@@ -38,7 +37,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLAttention(config, info, dtype, reduce, fp8)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         if self.is_moe:
-            self.mlp = MoE(config, info, dtype, dispatcher, layer_idx, stats, fp8)
+            self.mlp = MoE(config, info, dtype, dispatcher, layer_idx, fp8)
         else:
             self.mlp = ParallelMLP(config.hidden_size, config.intermediate_size, info, dtype, fp8)
 
@@ -54,11 +53,11 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str, stats, fp8):
+    def __init__(self, config: ModelConfig, info: ParallelInfo, dtype: torch.dtype, dispatcher: str, fp8):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, info, dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, info, dtype, dispatcher, stats, fp8) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, info, dtype, dispatcher, fp8) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(config)
@@ -73,7 +72,6 @@ class DeepseekV3Model(nn.Module):
 class DeepseekV3ForCausalLM(nn.Module):
     """`forward` returns final hidden states [T, H]; `compute_logits` turns chosen rows into logits.
 
-    `moe_stats` accumulates this rank's routing and all-to-all traffic for metrics (drain it).
     `fp8` (chosen once, by device): keep the checkpoint's block-FP8 matrices and multiply them with that
     backend (Triton on GPU); None holds every matrix dense in `dtype` (CPU).
     """
@@ -84,8 +82,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     ):
         super().__init__()
         self.config, self.info, self.dtype = config, info, dtype
-        self.moe_stats = MoEStats(config.num_hidden_layers, config.n_routed_experts)
-        self.model = DeepseekV3Model(config, info, dtype, dispatcher, self.moe_stats, fp8)
+        self.model = DeepseekV3Model(config, info, dtype, dispatcher, fp8)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, info, dtype)
 
     def forward(self, input_ids, positions, attn: AttentionMetadata, kv_caches: list[torch.Tensor]) -> torch.Tensor:
@@ -98,6 +95,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
 
-def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype=torch.float32) -> list[torch.Tensor]:
-    """One [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] latent cache per layer."""
-    return [torch.zeros(num_blocks, block_size, config.kv_cache_dim, dtype=dtype) for _ in range(config.num_hidden_layers)]
+def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype=torch.float32,
+                       device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """One [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] latent cache per layer, on `device`."""
+    return [torch.zeros(num_blocks, block_size, config.kv_cache_dim, dtype=dtype, device=device)
+            for _ in range(config.num_hidden_layers)]

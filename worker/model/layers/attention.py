@@ -89,13 +89,13 @@ class MLAttention(nn.Module):
         q = torch.cat([q_nope[start:end], q_pe[start:end]], dim=-1).transpose(0, 1)  # [nh, L, 192]
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.n_local_heads, -1)], dim=-1).transpose(0, 1)
         scores = torch.matmul(q, k.transpose(1, 2)).float() * self.softmax_scale  # [nh, L, S]
-        scores = scores + causal_mask(end - start, ctx.shape[0], attn.context_lens[i])
+        scores = scores + causal_mask(end - start, ctx.shape[0], attn.context_lens[i], scores.device)
         probs = scores.softmax(dim=-1).to(v.dtype)
         out[start:end] = torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1)  # [L, nh, 128]
 
     def decode_absorbed(self, q_nope, q_pe, attn: AttentionMetadata, cache, seqs: list[int], out) -> None:
         """One query token per sequence, all at once, attending over the latent cache."""
-        rows = torch.tensor([attn.query_start_loc[i] for i in seqs], dtype=torch.long)
+        rows = torch.tensor([attn.query_start_loc[i] for i in seqs], dtype=torch.long, device=q_nope.device)
         lens = [attn.seq_len(i) for i in seqs]
         ctx, valid = gather_padded(cache, attn, seqs, lens)  # [B, S, 576], [B, S]
         ctx = ctx.to(q_nope.dtype)
@@ -110,11 +110,11 @@ class MLAttention(nn.Module):
         out[rows] = torch.einsum("bhc,hdc->bhd", o_latent, w_uv)  # [B, nh, 128]
 
 
-def causal_mask(num_queries: int, num_keys: int, context_len: int) -> torch.Tensor:
+def causal_mask(num_queries: int, num_keys: int, context_len: int, device: torch.device) -> torch.Tensor:
     """[L, S] additive mask: query j (absolute position context_len + j) sees keys 0..context_len + j."""
-    q_pos = torch.arange(num_queries)[:, None] + context_len
-    k_pos = torch.arange(num_keys)[None, :]
-    return torch.zeros(num_queries, num_keys).masked_fill(k_pos > q_pos, float("-inf"))
+    q_pos = torch.arange(num_queries, device=device)[:, None] + context_len
+    k_pos = torch.arange(num_keys, device=device)[None, :]
+    return torch.zeros(num_queries, num_keys, device=device).masked_fill(k_pos > q_pos, float("-inf"))
 
 
 def gather_padded(cache: torch.Tensor, attn: AttentionMetadata, seqs: list[int], lens: list[int]):

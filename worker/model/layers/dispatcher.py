@@ -3,50 +3,43 @@
 `Dispatcher.forward(x, topk_ids, topk_weights, experts)` takes this rank's tokens ([n, H] with their
 routing) and returns their routed-expert output ([n, H]). Registered implementations:
   local      world size 1: every expert is here.
-  all_to_all exchange per-destination counts, all_to_all_single the copies to their experts'
+  all_to_all exchange the per-expert copy counts, all_to_all_single the copies to their experts'
              owners, run local experts, all_to_all_single the results back, weight and sum.
-  all_gather baseline: all-gather every rank's tokens, run local experts on the copies routed
-             here, reduce-scatter the weighted sums back to the token shards.
+  all_gather baseline: all-gather every rank's tokens, run local experts on all of them (copies routed
+             elsewhere are skipped), reduce-scatter the weighted sums back to the token shards.
+
+Host synchronisation: all_to_all reads the exchanged counts back once per layer (the split sizes the
+collectives need, which also give the experts their per-expert counts); the others read nothing back
+(dense CPU experts count their copies themselves, once).
 """
 
 from __future__ import annotations
 
-import time
+import math
 
 import torch
 import torch.distributed as dist
 
-from k2serve.worker.model.layers.experts import LocalExperts
-from k2serve.worker.model.layers.moe_stats import MoEStats
+from k2serve.worker.model.layers.experts import LocalExperts, weighted_sum
+from k2serve.worker.model.layers.moe_stats import MoELayerStats, expert_histogram
 from k2serve.worker.parallel import ParallelInfo
 
 
 class Dispatcher:
     name = "base"
 
-    def __init__(self, info: ParallelInfo, stats: MoEStats | None = None):
+    def __init__(self, info: ParallelInfo, stats: MoELayerStats):
         self.info, self.stats = info, stats
 
     def forward(self, x, topk_ids, topk_weights, experts: LocalExperts) -> torch.Tensor:
         raise NotImplementedError
 
 
-def weighted_sum(outputs: torch.Tensor, token_of_copy: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum each token's expert outputs [N, H] weighted by [N] into [n, H] (in float32, then cast)."""
-    y = torch.zeros(n, outputs.shape[1], dtype=torch.float32)
-    y.index_add_(0, token_of_copy, outputs.float() * weights[:, None])
-    return y.to(outputs.dtype)
-
-
 class LocalDispatcher(Dispatcher):
     name = "local"
 
     def forward(self, x, topk_ids, topk_weights, experts: LocalExperts) -> torch.Tensor:
-        n, k = topk_ids.shape
-        token_of_copy = torch.arange(n).repeat_interleave(k)
-        flat_ids = topk_ids.reshape(-1)
-        outputs = experts(x[token_of_copy], flat_ids - experts.first_expert)
-        return weighted_sum(outputs, token_of_copy, topk_weights.reshape(-1), n)
+        return experts(x, topk_ids, topk_weights)
 
 
 class AllToAllDispatcher(Dispatcher):
@@ -54,49 +47,44 @@ class AllToAllDispatcher(Dispatcher):
 
     def forward(self, x, topk_ids, topk_weights, experts: LocalExperts) -> torch.Tensor:
         n, k = topk_ids.shape
-        flat_ids = topk_ids.reshape(-1)
-        order = torch.argsort(flat_ids // experts.n_local_experts, stable=True)  # copies grouped by owner
-        token_of_copy = torch.arange(n).repeat_interleave(k)[order]
-        send_ids = flat_ids[order]
-        send_counts = torch.bincount(send_ids // experts.n_local_experts, minlength=self.info.world_size)
-        recv_counts = torch.empty_like(send_counts)
+        n_local, world = experts.n_local_experts, self.info.world_size
+        flat_ids = topk_ids.reshape(-1)  # [n * k]
+        order = torch.argsort(flat_ids, stable=True)  # copies grouped by expert, hence by owner
+        send_counts = expert_histogram(flat_ids, n_local * world)  # [E] copies per expert
+        recv_counts = torch.empty_like(send_counts)  # [W * n_local]: per source rank, per local expert
         dist.all_to_all_single(recv_counts, send_counts, group=self.info.group)
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-        start = time.perf_counter()
-        recv_ids = self.exchange(send_ids, recv_splits, send_splits)
-        recv_x = self.exchange(x[token_of_copy], recv_splits, send_splits)  # [N_recv, H]
-        self.record("dispatch", start, send_splits, x)
-        outputs = experts(recv_x, recv_ids - experts.first_expert)
-        start = time.perf_counter()
-        back = self.exchange(outputs, send_splits, recv_splits)  # [n * k, H] in `order`
-        self.record("combine", start, recv_splits, outputs)
-        return weighted_sum(back, token_of_copy, topk_weights.reshape(-1)[order], n)
+        counts = torch.cat([send_counts, recv_counts]).tolist()  # the layer's one host synchronisation
+        send_splits = [sum(counts[r * n_local:(r + 1) * n_local]) for r in range(world)]
+        received = [counts[n_local * world + r * n_local:][:n_local] for r in range(world)]  # [W][n_local]
+        recv_splits = [sum(row) for row in received]
+        recv_x = self.exchange("dispatch", x[order // k], recv_splits, send_splits)  # [N_recv, H]
+        # Copies arrive per source, each source's sorted by expert: their experts follow from the counts.
+        local_ids = torch.arange(n_local, device=x.device).repeat(world)  # [W * n_local]
+        recv_ids = torch.repeat_interleave(local_ids, recv_counts, output_size=recv_x.shape[0])
+        ones = torch.ones(recv_x.shape[0], 1, dtype=torch.float32, device=x.device)
+        per_expert = [sum(col) for col in zip(*received)]
+        outputs = experts(recv_x, (recv_ids + experts.first_expert)[:, None], ones, per_expert)
+        back = self.exchange("combine", outputs, send_splits, recv_splits)  # [n * k, H] in `order`
+        return weighted_sum(back, order // k, topk_weights.reshape(-1)[order], n)
 
-    def exchange(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    def exchange(self, phase: str, t: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        """all_to_all_single of rows; records the bytes sent to other ranks (and the time, when timed)."""
         out = t.new_empty((sum(out_splits),) + tuple(t.shape[1:]))
+        started = self.stats.start_timer()
         dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=self.info.group)
+        stopped = self.stats.stop_timer(started)
+        remote = sum(in_splits) - in_splits[self.info.rank]
+        self.stats.record_exchange(phase, remote * math.prod(t.shape[1:]) * t.element_size(), started, stopped)
         return out
-
-    def record(self, phase: str, start: float, splits: list[int], rows: torch.Tensor) -> None:
-        """Time and bytes this rank sent to other ranks (rows to itself stay local)."""
-        if self.stats is not None:
-            remote = sum(splits) - splits[self.info.rank]
-            self.stats.record_exchange(phase, time.perf_counter() - start, remote * rows.shape[1] * rows.element_size())
 
 
 class AllGatherDispatcher(Dispatcher):
     name = "all_gather"
 
     def forward(self, x, topk_ids, topk_weights, experts: LocalExperts) -> torch.Tensor:
-        w = self.info.world_size
         all_x, all_ids, all_w = (self.gather(t) for t in (x, topk_ids, topk_weights))  # [W * n, ...]
-        n_all, k = all_ids.shape
-        flat = all_ids.reshape(-1)
-        mine = (flat >= experts.first_expert) & (flat < experts.first_expert + experts.n_local_experts)
-        token_of_copy = torch.arange(n_all).repeat_interleave(k)[mine]
-        outputs = experts(all_x[token_of_copy], flat[mine] - experts.first_expert)
-        partial = weighted_sum(outputs, token_of_copy, all_w.reshape(-1)[mine], n_all).contiguous()
-        out = partial.new_empty(n_all // w, partial.shape[1])
+        partial = experts(all_x, all_ids, all_w).contiguous()  # [W * n, H]: the copies routed here
+        out = partial.new_empty(partial.shape[0] // self.info.world_size, partial.shape[1])
         dist.reduce_scatter_tensor(out, partial, group=self.info.group)
         return out
 
@@ -109,7 +97,7 @@ class AllGatherDispatcher(Dispatcher):
 DISPATCHERS = {cls.name: cls for cls in (LocalDispatcher, AllToAllDispatcher, AllGatherDispatcher)}
 
 
-def make_dispatcher(name: str, info: ParallelInfo, stats: MoEStats | None = None) -> Dispatcher:
+def make_dispatcher(name: str, info: ParallelInfo, stats: MoELayerStats) -> Dispatcher:
     """The dispatcher registered as `name`; a single rank always dispatches locally."""
     if name not in DISPATCHERS:
         raise ValueError(f"unknown MoE dispatcher {name!r}; choose one of {sorted(DISPATCHERS)}")

@@ -1,7 +1,8 @@
 """The routed experts a rank owns (expert parallel: rank r owns experts [r*E/W, (r+1)*E/W)).
 
 Dense weights run expert by expert (CPU). Block-FP8 weights are stacked after loading into the fused
-layout of kernels.moe_weights and run by the backend's fused MoE kernel in one call.
+layout of kernels.moe_weights and run by the backend's fused MoE kernel in one call, which reads
+nothing back to the host.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import nn
 from k2serve.worker.model.config import ModelConfig
 from k2serve.worker.model.layers.linear import Fp8Weights
 from k2serve.worker.model.layers.mlp import MLP
+from k2serve.worker.model.layers.moe_stats import expert_histogram
 from k2serve.worker.parallel import ParallelInfo
 
 
@@ -46,21 +48,35 @@ class LocalExperts(nn.Module):
             self.register_buffer(name, t, persistent=False)  # buffers follow .to(device)
         self.is_fused = True
 
-    def forward(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-        """x [N, H] token copies, local_ids [N] in [0, n_local) -> each copy through its expert [N, H]."""
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                counts: list[int] | None = None) -> torch.Tensor:
+        """x [N, H], topk_ids [N, k] global expert ids, topk_weights [N, k] float32 -> [N, H] in x's dtype:
+        each row's weighted sum over its experts that live on this rank (the others are skipped).
+
+        `counts`: pairs per local expert, when the caller already has them on the host (dense experts
+        need them; without them they read them back once)."""
         if self.is_fused:
-            ones = torch.ones(local_ids.shape[0], 1, dtype=torch.float32, device=x.device)
-            return self.fp8.backend.moe_experts(x, local_ids[:, None], ones, self.w13_fp8, self.w13_scale,
-                                                self.w2_fp8, self.w2_scale, self.fp8.block)
-        out = torch.zeros_like(x)
-        if x.shape[0] == 0:
-            return out
-        order = torch.argsort(local_ids, stable=True)
-        counts = torch.bincount(local_ids, minlength=self.n_local_experts).tolist()
+            return self.fp8.backend.moe_experts(x, topk_ids, topk_weights, self.w13_fp8, self.w13_scale,
+                                                self.w2_fp8, self.w2_scale, self.fp8.block, self.first_expert)
+        n, k = topk_ids.shape
+        local = topk_ids.reshape(-1) - self.first_expert  # [N * k]
+        key = torch.where((local >= 0) & (local < self.n_local_experts), local, self.n_local_experts)
+        order = torch.argsort(key, stable=True)  # pairs grouped by local expert, other ranks' last
+        if counts is None:
+            counts = expert_histogram(key, self.n_local_experts + 1)[:-1].tolist()
+        outputs = x.new_zeros(n * k, x.shape[1])  # [N * k, H]; pairs of other ranks' experts stay 0
         start = 0
-        for j, n in enumerate(counts):
-            if n:
-                rows = order[start : start + n]
-                out[rows] = getattr(self, self.expert_name(j))(x[rows])
-            start += n
-        return out
+        for j, count in enumerate(counts):
+            if count:
+                pairs = order[start:start + count]
+                outputs[pairs] = getattr(self, self.expert_name(j))(x[pairs // k])
+            start += count
+        token_of_pair = torch.arange(n * k, device=x.device) // k
+        return weighted_sum(outputs, token_of_pair, topk_weights.reshape(-1), n)
+
+
+def weighted_sum(outputs: torch.Tensor, token_of_copy: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum each token's expert outputs [N, H] weighted by [N] into [n, H] (in float32, then cast)."""
+    y = torch.zeros(n, outputs.shape[1], dtype=torch.float32, device=outputs.device)
+    y.index_add_(0, token_of_copy, outputs.float() * weights[:, None])
+    return y.to(outputs.dtype)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from k2serve.kernels.attention_backend import MLABackend
+from k2serve.kernels.backend import select_attention_backend
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.model.attention_metadata import AttentionMetadata
 from k2serve.worker.model.layers.moe_stats import MoEStatsSnapshot
@@ -40,8 +42,10 @@ def num_kv_blocks(engine: EngineConfig, model_config, dtype: torch.dtype) -> int
     return max(1, engine.kv_cache_memory_bytes // kv_cache_block_bytes(model_config, engine.block_size, dtype))
 
 
-def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> ForwardBatch:
-    """Flatten the plan's sequences into one batch (positions continue from each cached context)."""
+def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu",
+                        attention: MLABackend | None = None) -> ForwardBatch:
+    """Flatten the plan's sequences into one batch (positions continue from each cached context); the
+    metadata prepares `attention` (default: the backend for `device`) for the step."""
     bs = plan.block_size
     ids, positions, slots, starts, rows = [], [], [], [0], []
     for tokens, ctx, table, sample in zip(plan.token_ids, plan.context_lens, plan.block_tables, plan.sample):
@@ -54,7 +58,7 @@ def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> F
         if sample:
             rows.append(starts[-1] - 1)
     long = dict(dtype=torch.long, device=device)
-    attn = AttentionMetadata(torch.tensor(slots, **long), starts, plan.context_lens, plan.block_tables, bs)
+    attn = AttentionMetadata(torch.tensor(slots, **long), starts, plan.context_lens, plan.block_tables, bs, attention)
     return ForwardBatch(torch.tensor(ids, **long), torch.tensor(positions, **long), attn, torch.tensor(rows, **long))
 
 
@@ -72,6 +76,7 @@ class ModelRunner:
         self.model = model
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
+        self.attention = select_attention_backend(self.device)  # chosen once, by device
         self.kv_caches = kv_caches if kv_caches is not None else self._allocate(num_blocks, block_size, dtype)
         self._moe_snapshot: MoEStatsSnapshot | None = None
 
@@ -119,7 +124,7 @@ class ModelRunner:
         return snapshot
 
     def _forward(self, plan: StepPlan) -> torch.Tensor | None:
-        batch = build_forward_batch(plan, self.device)
+        batch = build_forward_batch(plan, self.device, self.attention)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # [T, hidden]
         if batch.sample_rows.numel() == 0:
             return None

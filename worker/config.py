@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+# The names kernels.latent_cache maps to torch dtypes (this module imports no torch: the scheduler uses it).
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 
 
 class EngineConfig(BaseModel):
@@ -31,3 +36,6 @@ class EngineConfig(BaseModel):
     dtype: str = Field(
         "float32", description="Activation / KV cache dtype name (torch dtype attribute, e.g. bfloat16).")
     device: str = Field("cpu", description="Torch device of the model and cache.")
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(
+        "auto", description="Latent KV cache storage: auto (the activation dtype) or fp8_e4m3 (half the bytes of "
+                            "bf16; per-tensor scale 1.0, values clamped to +-448).")

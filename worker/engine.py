@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from k2serve.kernels.latent_cache import kv_cache_dtype
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.kv_cache import KVCacheManager
 from k2serve.worker.metrics import EngineMetrics, EngineState, WorkerMetrics
@@ -92,8 +93,10 @@ class Engine:
         from k2serve.worker.loader import load_model
 
         dtype = getattr(torch, config.dtype)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
         model = load_model(model_dir, dtype=dtype, progress=False).to(config.device)
-        runner = ModelRunner(model, num_kv_blocks(config, model.config, dtype), config.block_size, dtype, config.device)
+        runner = ModelRunner(model, num_kv_blocks(config, model.config, kv_dtype), config.block_size, kv_dtype,
+                             config.device)
         return cls(config, runner, Vocab.from_model_dir(model_dir, model.config.vocab_size))
 
     # ---- requests ----

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from k2serve.kernels.latent_cache import kv_cache_dtype
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.distributed import destroy_distributed, init_distributed
 from k2serve.worker.loader import load_model
@@ -63,8 +64,9 @@ class RankWorker:
         fp8_backend = "auto" if device.startswith("cuda") else None
         model = load_model(self.spec.model_dir, dtype, self.info, self.spec.dispatcher,
                            progress=self.info.is_driver, fp8_backend=fp8_backend, device=device)
-        blocks = num_kv_blocks(self.spec.engine, model.config, dtype)
-        args = (model, blocks, self.spec.engine.block_size, dtype, device)
+        kv_dtype = kv_cache_dtype(self.spec.engine.kv_cache_dtype, dtype)
+        blocks = num_kv_blocks(self.spec.engine, model.config, kv_dtype)
+        args = (model, blocks, self.spec.engine.block_size, kv_dtype, device)
         self.runner = BroadcastingRunner(PlanChannel(self.info), *args) if self.info.is_driver else ModelRunner(*args)
         return self.num_parameters()
 

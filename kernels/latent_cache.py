@@ -45,6 +45,16 @@ def dequantize(stored: torch.Tensor, kv_scale: float, dtype: torch.dtype) -> tor
     return (stored.float() * kv_scale).to(dtype) if kv_scale != 1.0 else stored.to(dtype)
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors as bytes: indexing kernels cover uint8 on every device, float8 not everywhere."""
+    return t.view(torch.uint8) if is_fp8(t.dtype) else t
+
+
 def store(cache: torch.Tensor, slot_mapping: torch.Tensor, entries: torch.Tensor, kv_scale: float) -> None:
     """Write entries [T, D] into the flat slots [T] (block_id * block_size + offset) of cache [N, bs, D]."""
-    cache.view(-1, cache.shape[-1])[slot_mapping] = quantize(entries, cache.dtype, kv_scale)
+    _raw(cache).view(-1, cache.shape[-1])[slot_mapping] = _raw(quantize(entries, cache.dtype, kv_scale))
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Whole blocks [n, bs, D] of cache [N, bs, D], in the order of `blocks` [n] (int64), still stored."""
+    return _raw(cache).index_select(0, blocks).view(cache.dtype)

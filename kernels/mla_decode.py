@@ -25,7 +25,7 @@ from k2serve.kernels.triton_cast import cast_for_store, is_interpreter
 Q_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CACHE_DTYPES = (*Q_DTYPES, FP8_KV_DTYPE)
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64
+MAX_SPLITS = 256
 # Heads per program: tl.dot needs 16 rows; K2 has 8 heads per rank under TP8 (masked up to 16).
 BLOCK_H = 16
 GPU_LAUNCH = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
@@ -46,6 +46,20 @@ def _load_kv(ptrs, mask, kv_scale, COMPUTE: tl.constexpr, IS_FP8: tl.constexpr):
 def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
     """Tokens per part: the context split into num_splits parts, rounded up to whole tiles."""
     return tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _attend_tile(q_lat, q_pe, k_lat, k_pe, n_ok, m, l, acc, qk_scale, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one tile of cache entries into the online softmax of BLOCK_H heads: updated (max, sum, output)."""
+    qk = tl.dot(q_lat, tl.trans(k_lat), input_precision=PRECISION)
+    qk += tl.dot(q_pe, tl.trans(k_pe), input_precision=PRECISION)  # [BLOCK_H, BLOCK_N]
+    qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))  # log2 domain
+    m_new = tl.maximum(m, tl.max(qk, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE), k_lat, input_precision=PRECISION)  # [BLOCK_H, BLOCK_DL]
+    return m_new, l, acc
 
 
 @triton.jit
@@ -87,15 +101,7 @@ def _mla_decode_split_kernel(
                              COMPUTE, IS_FP8)  # [BLOCK_N, BLOCK_DL]: keys and values
             k_pe = _load_kv(row[:, None] + LATENT_DIM + offs_dr[None, :], n_ok[:, None] & dr_ok[None, :], kv_scale,
                             COMPUTE, IS_FP8)  # [BLOCK_N, BLOCK_DR]
-            qk = tl.dot(q_lat, tl.trans(k_lat), input_precision=PRECISION)
-            qk += tl.dot(q_pe, tl.trans(k_pe), input_precision=PRECISION)  # [BLOCK_H, BLOCK_N]
-            qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))  # log2 domain
-            m_new = tl.maximum(m, tl.max(qk, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE), k_lat, input_precision=PRECISION)
-            m = m_new
+            m, l, acc = _attend_tile(q_lat, q_pe, k_lat, k_pe, n_ok, m, l, acc, qk_scale, COMPUTE, PRECISION)
         o_ptrs = o_part_ptr + b * stride_ob + offs_h[:, None] * stride_oh + split * stride_os + offs_dl[None, :]
         tl.store(o_ptrs, acc / l[:, None], mask=h_ok[:, None] & dl_ok[None, :])
         tl.store(lse_part_ptr + b * stride_lb + offs_h * stride_lh + split, m + tl.log2(l), mask=h_ok)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from k2serve.kernels.latent_cache import dequantize
+from k2serve.kernels.latent_cache import dequantize, gather_blocks
 
 MAX_SPLIT_TOKENS = 1024
 # A work item costs about as much as this many padded tokens (the merge and per-item bookkeeping).
@@ -73,7 +73,7 @@ def mla_decode_torch(q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Te
     q = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, D]
     if not plan.is_one_part_each:
         q = q.index_select(0, plan.item_seq)  # [W, H, D]
-    kv = cache.index_select(0, plan.item_blocks.flatten())  # [W * P / bs, bs, D]
+    kv = gather_blocks(cache, plan.item_blocks.flatten())  # [W * P / bs, bs, D]
     kv = dequantize(kv, kv_scale, dtype).view(plan.item_blocks.shape[0], plan.split_tokens, -1)  # [W, P, D]
     scores = torch.bmm(q, kv.transpose(1, 2)).float().mul_(sm_scale)  # [W, H, P]
     scores.masked_fill_(plan.item_padding[:, None, :], float("-inf"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from k2serve.kernels.latent_cache import dequantize
+from k2serve.kernels.latent_cache import dequantize, gather_blocks
 
 KEY_CHUNK_TOKENS = 2048
 SCORE_BYTES = 64 << 20
@@ -63,7 +63,7 @@ def _expand_keys(cache, block_table, k0: int, n: int, w_kv, nope_dim: int, kv_sc
     """Keys [H, n, Dn + Dr] and values [H, n, Dv] of context tokens k0 .. k0 + n - 1."""
     block_size, latent_dim = cache.shape[1], w_kv.shape[-1]
     blocks = block_table[k0 // block_size: -(-(k0 + n) // block_size)]
-    ctx = dequantize(cache.index_select(0, blocks), kv_scale, dtype).view(-1, cache.shape[-1])[:n]  # [n, D]
+    ctx = dequantize(gather_blocks(cache, blocks), kv_scale, dtype).view(-1, cache.shape[-1])[:n]  # [n, D]
     heads = w_kv.shape[0]
     kv = (ctx[:, :latent_dim] @ w_kv.reshape(-1, latent_dim).T).view(n, heads, -1)  # [n, H, Dn + Dv]
     k_pe = ctx[:, None, latent_dim:].expand(n, heads, -1)  # [n, H, Dr]

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from k2serve.kernels.latent_cache import dequantize
+from k2serve.kernels.latent_cache import dequantize, gather_blocks
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, kv_scale: float = 1.0) -> torch.Tensor:
     """A sequence's first `seq_len` cache entries in order, float32: [seq_len, latent_dim + rope_dim]."""
     block_size = cache.shape[1]
     blocks = block_table[: -(-seq_len // block_size)].long()
-    entries = cache[blocks].reshape(-1, cache.shape[-1])[:seq_len]  # [S, D]
+    entries = gather_blocks(cache, blocks).reshape(-1, cache.shape[-1])[:seq_len]  # [S, D]
     return dequantize(entries, kv_scale, torch.float32)
 
 

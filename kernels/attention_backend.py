@@ -3,10 +3,10 @@ per device, once, and the model's attention layers call it without branching on 
 
 Per step the model runner asks the backend to plan the step's decodes (`plan_decode`, on the host, from
 the plan's plain lists: no device synchronisation); every layer then runs `decode` on that plan and
-`prefill` on the step's prefill chunks. `TorchMLABackend` (CPU) uses batched torch ops
-(`kernels.mla_decode_torch`); `TritonMLABackend` (CUDA) runs the split-KV Triton kernel
-(`kernels.mla_decode`). Both prefill with the memory-bounded chunked torch implementation
-(`kernels.mla_prefill`), whose matmuls run on the tensors' device.
+`prefill` on the step's prefill chunks (planned by `kernels.mla_prefill_batch.plan_prefill`).
+`TorchMLABackend` (CPU) uses batched torch ops (`kernels.mla_decode_torch`); `TritonMLABackend` (CUDA)
+runs the split-KV Triton kernel (`kernels.mla_decode`). Both prefill in torch (`kernels.mla_prefill_batch`:
+short chunks in padded groups, long ones memory-bounded), whose matmuls run on the tensors' device.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from k2serve.kernels.mla_decode_torch import TorchDecodePlan, mla_decode_torch, plan_torch_decode
-from k2serve.kernels.mla_prefill import PrefillSeq, mla_prefill
+from k2serve.kernels.mla_prefill_batch import PrefillPlan, prefill
 
 
 class MLABackend(ABC):
@@ -36,13 +36,11 @@ class MLABackend(ABC):
                sm_scale: float, kv_scale: float) -> torch.Tensor:
         """q_latent [B, H, Dl] (q_nope @ W_UK), q_pe [B, H, Dr] -> softmax-weighted latents [B, H, Dl]."""
 
-    def prefill(self, q: torch.Tensor, cache: torch.Tensor, seqs: list[PrefillSeq], w_kv: torch.Tensor,
+    def prefill(self, q: torch.Tensor, cache: torch.Tensor, plan: PrefillPlan, w_kv: torch.Tensor,
                 sm_scale: float, kv_scale: float, out: torch.Tensor) -> None:
-        """Rows of `seqs` in q [T, H, Dn + Dr] attend causally over their contexts; results go to the same
-        rows of out [T, H, Dv]. w_kv [H, Dn + Dv, Dl] is kv_b_proj per head (dense)."""
-        for s in seqs:
-            out[s.start: s.end] = mla_prefill(q[s.start: s.end], cache, s.block_table, s.context_len, w_kv,
-                                              sm_scale, kv_scale)
+        """The plan's prefill chunks (rows of q [T, H, Dn + Dr]) attend causally over their contexts; results
+        go to the same rows of out [T, H, Dv]. w_kv [H, Dn + Dv, Dl] is kv_b_proj per head (dense)."""
+        prefill(q, cache, plan, w_kv, sm_scale, kv_scale, out)
 
 
 class TorchMLABackend(MLABackend):

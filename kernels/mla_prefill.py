@@ -59,16 +59,21 @@ class _OnlineSoftmax:
         return self.out / self.row_sum[..., None]  # [H, l, Dv]
 
 
+def expand_latents(ctx: torch.Tensor, w_kv: torch.Tensor, nope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache entries [..., n, Dl + Dr] -> keys [..., H, n, Dn + Dr] and values [..., H, n, Dv] per head."""
+    heads, latent_dim = w_kv.shape[0], w_kv.shape[-1]
+    kv = (ctx[..., :latent_dim] @ w_kv.reshape(-1, latent_dim).T).unflatten(-1, (heads, -1))  # [..., n, H, Dn + Dv]
+    k_pe = ctx[..., None, latent_dim:].expand(*kv.shape[:-1], -1)  # [..., n, H, Dr]
+    k = torch.cat([kv[..., :nope_dim], k_pe], dim=-1).transpose(-3, -2)  # [..., H, n, Dn + Dr]
+    return k, kv[..., nope_dim:].transpose(-3, -2)
+
+
 def _expand_keys(cache, block_table, k0: int, n: int, w_kv, nope_dim: int, kv_scale: float, dtype):
     """Keys [H, n, Dn + Dr] and values [H, n, Dv] of context tokens k0 .. k0 + n - 1."""
-    block_size, latent_dim = cache.shape[1], w_kv.shape[-1]
+    block_size = cache.shape[1]
     blocks = block_table[k0 // block_size: -(-(k0 + n) // block_size)]
     ctx = dequantize(gather_blocks(cache, blocks), kv_scale, dtype).view(-1, cache.shape[-1])[:n]  # [n, D]
-    heads = w_kv.shape[0]
-    kv = (ctx[:, :latent_dim] @ w_kv.reshape(-1, latent_dim).T).view(n, heads, -1)  # [n, H, Dn + Dv]
-    k_pe = ctx[:, None, latent_dim:].expand(n, heads, -1)  # [n, H, Dr]
-    k = torch.cat([kv[..., :nope_dim], k_pe], dim=-1).transpose(0, 1)  # [H, n, Dn + Dr]
-    return k, kv[..., nope_dim:].transpose(0, 1)
+    return expand_latents(ctx, w_kv, nope_dim)
 
 
 def _tile_scores(q_tile, k, sm_scale: float, q_pos0: int, k0: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""Memory-bounded MLA prefill vs the whole-context torch reference: key chunks, query tiles, causal edges."""
+"""MLA prefill vs the whole-context torch reference: the memory-bounded chunked path (key chunks, query
+tiles, causal edges) and a step's short chunks attended together in padded groups."""
 
 import pytest
 import torch
 
 from k2serve.kernels.latent_cache import FP8_KV_DTYPE
 from k2serve.kernels.mla_prefill import mla_prefill
+from k2serve.kernels.mla_prefill_batch import GROUP_PAIRS, plan_prefill, prefill
 from k2serve.kernels.mla_reference import mla_prefill_ref
 from k2serve.kernels.testing import random_paged_cache
 
@@ -61,3 +63,53 @@ def test_prefill_scores_stay_within_budget(monkeypatch):
     out = mla_prefill(q, cache, table, 300, w_kv, 0.2, key_chunk=64, score_bytes=budget)
     assert max(sizes) <= budget and len(sizes) > 50
     assert (out - mla_prefill_ref(q, cache, table, 300, w_kv, 0.2)).abs().max() <= 1e-5
+
+
+def _step(chunks, block_size=16, cache_dtype=torch.float32, kv_scale=1.0, seed=6):
+    """One step's prefill chunks (context_len, new tokens) laid out one after another in q [T, H, Dqk]."""
+    cache, tables = random_paged_cache([c + n for c, n in chunks], block_size, LATENT + ROPE, seed, cache_dtype,
+                                       kv_scale=kv_scale)
+    gen = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(sum(n for _, n in chunks) + 2, HEADS, NOPE + ROPE, generator=gen)  # 2 rows not prefilled
+    w_kv = torch.randn(HEADS, NOPE + V, LATENT, generator=gen) * LATENT**-0.5
+    seqs, start = [], 1
+    for (ctx, n), table in zip(chunks, tables):
+        seqs.append((start, start + n, ctx, table))
+        start += n
+    return q, cache, seqs, w_kv
+
+
+@pytest.mark.parametrize("pairs", [GROUP_PAIRS, 2000])
+def test_step_prefill_matches_reference_chunk_by_chunk(pairs):
+    # Ragged chunks, with and without context, partial blocks; with the small pair budget the groups split
+    # and the long chunk goes through the memory-bounded path.
+    chunks = [(0, 7), (20, 2), (0, 33), (70, 40), (3, 5), (0, 90)]
+    q, cache, seqs, w_kv = _step(chunks)
+    plan = plan_prefill(seqs, 16, "cpu", pairs)
+    assert (len(plan.groups), len(plan.long)) == ((1, 0) if pairs == GROUP_PAIRS else (3, 2))
+    out = torch.full((q.shape[0], HEADS, V), float("nan"))
+    prefill(q, cache, plan, w_kv, 0.2, 1.0, out)
+    assert out[0].isnan().all() and out[-1].isnan().all(), "rows that are not prefilled are left alone"
+    for start, end, ctx, table in seqs:
+        ref = mla_prefill_ref(q[start:end], cache, torch.tensor(table), ctx, w_kv, 0.2)
+        assert (out[start:end] - ref).abs().max() <= 1e-5
+
+
+def test_groups_stay_within_the_pair_budget():
+    chunks = [(0, 7), (20, 2), (0, 33), (70, 40), (3, 5), (0, 90), (500, 3), (0, 64), (0, 64)]
+    _, _, seqs, _ = _step(chunks)
+    for pairs in (1000, 5000, 20000):
+        plan = plan_prefill(seqs, 16, "cpu", pairs)
+        assert all(g.masked.numel() <= pairs for g in plan.groups)
+        grouped = sorted(r for g in plan.groups for r in g.out_rows.tolist())
+        long = sorted(r for s in plan.long for r in range(s.start, s.end))
+        assert sorted(grouped + long) == list(range(1, 1 + sum(n for _, n in chunks)))
+
+
+def test_group_prefill_fp8_cache():
+    q, cache, seqs, w_kv = _step([(0, 9), (17, 4)], cache_dtype=FP8_KV_DTYPE, kv_scale=0.5)
+    out = torch.zeros(q.shape[0], HEADS, V)
+    prefill(q, cache, plan_prefill(seqs, 16, "cpu"), w_kv, 0.2, 0.5, out)
+    for start, end, ctx, table in seqs:
+        ref = mla_prefill_ref(q[start:end], cache, torch.tensor(table), ctx, w_kv, 0.2, 0.5)
+        assert (out[start:end] - ref).abs().max() <= 1e-5

@@ -13,7 +13,7 @@ import torch
 from k2serve.kernels.attention_backend import MLABackend
 from k2serve.kernels.backend import select_attention_backend
 from k2serve.kernels.latent_cache import FP8_KV_SCALE
-from k2serve.kernels.mla_prefill import PrefillSeq
+from k2serve.kernels.mla_prefill_batch import PrefillPlan, plan_prefill
 
 
 @dataclass
@@ -22,7 +22,7 @@ class AttentionMetadata:
 
     A sequence with one new token decodes (absorbed attention over the latent cache); one with more
     prefills a chunk (expanded attention). Both are prepared here once per step, from the plain lists on
-    the host, and shared by all layers: `decode_rows` and the `backend`'s `decode_plan`, and `prefills`.
+    the host, and shared by all layers: `decode_rows` and the `backend`'s `decode_plan`, and `prefill_plan`.
     `backend` is the attention implementation the model runner chose for its device (by default the one
     for slot_mapping's device); `kv_scale` is the per-tensor scale of an FP8 cache.
     """
@@ -36,7 +36,7 @@ class AttentionMetadata:
     kv_scale: float = FP8_KV_SCALE
     decode_rows: torch.Tensor | None = field(init=False, default=None)  # [B_decode] int64 token rows
     decode_plan: object = field(init=False, default=None)
-    prefills: list[PrefillSeq] = field(init=False, default_factory=list)
+    prefill_plan: PrefillPlan | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         device = self.slot_mapping.device
@@ -48,11 +48,10 @@ class AttentionMetadata:
             self.decode_rows = torch.tensor(starts, dtype=torch.long, device=device)
             self.decode_plan = self.backend.plan_decode(
                 [self.seq_len(i) for i in decodes], [self.block_tables[i] for i in decodes], self.block_size, device)
-        self.prefills = [
-            PrefillSeq(self.query_start_loc[i], self.query_start_loc[i + 1], self.context_lens[i],
-                       torch.tensor(self.block_tables[i], dtype=torch.long, device=device))
-            for i in range(self.num_seqs) if self.query_len(i) > 1
-        ]
+        prefills = [(self.query_start_loc[i], self.query_start_loc[i + 1], self.context_lens[i], self.block_tables[i])
+                    for i in range(self.num_seqs) if self.query_len(i) > 1]
+        if prefills:
+            self.prefill_plan = plan_prefill(prefills, self.block_size, device)
 
     @property
     def num_seqs(self) -> int:

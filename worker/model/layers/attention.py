@@ -64,8 +64,8 @@ class MLAttention(nn.Module):
         out = x.new_empty(x.shape[0], self.n_local_heads, self.v_head_dim)  # [T, nh, 128]
         if attn.decode_rows is not None:
             self.decode_absorbed(q_nope, q_pe, attn, kv_cache, out)
-        if attn.prefills:
-            attn.backend.prefill(torch.cat([q_nope, q_pe], dim=-1), kv_cache, attn.prefills, self.kv_b_weight(),
+        if attn.prefill_plan is not None:
+            attn.backend.prefill(torch.cat([q_nope, q_pe], dim=-1), kv_cache, attn.prefill_plan, self.kv_b_weight(),
                                  self.softmax_scale, attn.kv_scale, out)
         return self.o_proj(out.flatten(1))
 

@@ -1,4 +1,5 @@
-"""FP8 kernels on one GPU: measured ceilings, correctness against the torch references, then timings.
+"""FP8 and MLA attention kernels on one GPU: measured ceilings, correctness against the torch references,
+then timings.
 
     python benchmarks/gpu_kernels.py            # on an H200: about 2-3 minutes, appends to RESULTS.md
     python benchmarks/gpu_kernels.py --dry-run  # anywhere: print the plan and exit
@@ -10,6 +11,9 @@ sends it T * 8 / 8 = T token copies, each with one local expert id, as the dispa
 T = 1, 16, 64, 256 (decode) and 4096 (prefill). Baselines are torch bf16 matmuls on weights
 dequantized beforehand. Percentages are of the measured bf16 matmul and copy-bandwidth ceilings
 (FP8 tensor cores peak at twice bf16, so compute-bound FP8 kernels may exceed 100%).
+MLA attention (benchmarks/attention_timing.py): the paged decode kernel at 8 or 64 local heads, cache
+blocks of 64/16, batch 1..256, contexts 1K..128K, bf16 and FP8 caches, against the batched torch decode;
+the chunked prefill of an 8K chunk.
 `--cpu-smoke` runs the same code on tiny shapes under the Triton interpreter (the test suite does).
 """
 
@@ -27,6 +31,16 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+from attention_timing import (
+    K2_ATTENTION,
+    SMOKE_ATTENTION,
+    AttentionShapes,
+    check_mla_decode,
+    check_mla_prefill,
+    plan_attention,
+    time_mla_decode,
+    time_mla_prefill,
+)
 from kernel_timing import (
     Ceilings,
     Row,
@@ -190,14 +204,28 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def plan(shapes: BenchShapes) -> list[str]:
+def plan(shapes: BenchShapes, attention: AttentionShapes) -> list[str]:
     cases = [f"fp8_quant T={t}" for t in shapes.token_counts]
     cases += [f"fp8_gemm+fp8_linear {name} N={n} K={k} T={t}"
               for name, (n, k) in shapes.linear_shapes().items() for t in shapes.token_counts]
-    return cases + [f"fused_moe T={t}" for t in shapes.token_counts]
+    return cases + [f"fused_moe T={t}" for t in shapes.token_counts] + plan_attention(attention)
 
 
-def run(torch, device, shapes: BenchShapes, budget_s: float) -> tuple[Ceilings, list[Check], list[Row], list[str]]:
+def _attention_checks(torch, device, attention: AttentionShapes) -> list[tuple[str, Callable[[], Check]]]:
+    return [(name, lambda name=name, fn=fn: Check(name, *fn(torch, device, attention)))
+            for name, fn in (("mla_decode", check_mla_decode), ("mla_prefill", check_mla_prefill))]
+
+
+def _attention_jobs(torch, device, attention: AttentionShapes, timer) -> list[tuple[str, Callable[[], list[Row]]]]:
+    labels = plan_attention(attention)
+    jobs = [(label, lambda case=case: [time_mla_decode(torch, device, attention, timer, case)])
+            for label, case in zip(labels, attention.decode)]
+    return jobs + [(label, lambda case=case: [time_mla_prefill(torch, device, attention, timer, case)])
+                   for label, case in zip(labels[len(attention.decode):], attention.prefill)]
+
+
+def run(torch, device, shapes: BenchShapes, budget_s: float,
+        attention: AttentionShapes = K2_ATTENTION) -> tuple[Ceilings, list[Check], list[Row], list[str]]:
     """Ceilings, then every correctness check, then the timings."""
     from k2serve.kernels.block_fp8 import dequantize_block_fp8
     from k2serve.kernels.reference import dequantize_w13
@@ -210,6 +238,7 @@ def run(torch, device, shapes: BenchShapes, budget_s: float) -> tuple[Ceilings, 
         ("fp8_quant", lambda: check_quant(torch, device, shapes)),
         ("fp8_gemm", lambda: check_gemm(torch, device, shapes)),
         ("fused_moe", lambda: check_moe(torch, device, shapes, experts)),
+        *_attention_checks(torch, device, attention),
     )]
     # Kernels that failed their check are still timed (a one-shot GPU run should not come back empty)
     # but their rows are marked; the exit status reports the failure.
@@ -226,6 +255,7 @@ def run(torch, device, shapes: BenchShapes, budget_s: float) -> tuple[Ceilings, 
                           for e in range(shapes.n_local_experts)]))
     jobs += [(f"fused_moe T={t}", lambda t=t: [time_moe(torch, device, shapes, timer, t, experts, dense)])
              for t in shapes.token_counts]
+    jobs += _attention_jobs(torch, device, attention, timer)
     rows: list[Row] = []
     for label, job in jobs:
         if time.monotonic() - start > budget_s:
@@ -244,7 +274,7 @@ def run(torch, device, shapes: BenchShapes, budget_s: float) -> tuple[Ceilings, 
 
 # fp8_linear is quantization + GEMM; fused_moe also quantizes.
 DEPENDS_ON = {"fp8_quant": {"fp8_quant"}, "fp8_gemm": {"fp8_gemm"}, "fp8_linear": {"fp8_quant", "fp8_gemm"},
-              "fused_moe": {"fp8_quant", "fused_moe"}}
+              "fused_moe": {"fp8_quant", "fused_moe"}, "mla_decode": {"mla_decode"}, "mla_prefill": {"mla_prefill"}}
 
 
 def _mark_failed(rows: list[Row], checks: list[Check]) -> list[Row]:
@@ -256,8 +286,9 @@ def _mark_failed(rows: list[Row], checks: list[Check]) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     shapes = SMOKE_SHAPES if args.cpu_smoke else K2_SHAPES
+    attention = SMOKE_ATTENTION if args.cpu_smoke else K2_ATTENTION
     if args.dry_run:
-        print("planned cases:\n  " + "\n  ".join(plan(shapes)))
+        print("planned cases:\n  " + "\n  ".join(plan(shapes, attention)))
         return 0
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
@@ -272,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     card = "CPU (Triton interpreter smoke run)" if args.cpu_smoke else torch.cuda.get_device_name(device)
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
-    ceil, checks, rows, notes = run(torch, device, shapes, args.budget_s)
+    ceil, checks, rows, notes = run(torch, device, shapes, args.budget_s, attention)
     report = format_report(card, versions, ceil, checks, rows, notes)
     print(report)
     target = args.results or (DEFAULT_RESULTS if device.type == "cuda" else None)

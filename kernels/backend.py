@@ -1,4 +1,5 @@
-"""The FP8 kernel backend: chosen once per device, handed to model layers at construction.
+"""The kernel backends, chosen once per device: FP8 matrices (`select_backend`) and MLA attention
+(`select_attention_backend`, implementations in `kernels.attention_backend`).
 
 Layers call `backend.linear(...)` and `backend.moe_experts(...)` and never branch on the platform.
 `TorchReferenceBackend` (CPU) dequantizes weights to the activation dtype and multiplies: simple and
@@ -12,6 +13,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from k2serve.kernels.attention_backend import MLABackend, TorchMLABackend, TritonMLABackend
 from k2serve.kernels.block_fp8 import DEFAULT_BLOCK
 from k2serve.kernels.reference import dequant_linear_ref, fused_moe_ref
 
@@ -91,3 +93,16 @@ def select_backend(device: torch.device, force: str | None = None) -> Fp8Backend
     if name == "triton":
         return TritonBackend(device)
     return TorchReferenceBackend()
+
+
+ATTENTION_BACKENDS = {"torch": TorchMLABackend, "triton": TritonMLABackend}
+
+
+def select_attention_backend(device: torch.device, force: str | None = None) -> MLABackend:
+    """MLA attention for `device`: the Triton kernels on CUDA, batched torch elsewhere; `force` names one."""
+    name = force or ("triton" if device.type == "cuda" else "torch")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(ATTENTION_BACKENDS)}")
+    if name == "triton":
+        return TritonMLABackend(device)
+    return TorchMLABackend()

@@ -1,4 +1,4 @@
-"""Compile every FP8 kernel for Hopper (sm_90) ahead of time, without a GPU.
+"""Compile every Triton kernel (FP8 and MLA attention) for Hopper (sm_90) ahead of time, without a GPU.
 
 The interpreter tests check the kernels' math; this checks what only the compiler sees: fp8 `tl.dot`
 lowering, constexpr plumbing, shared-memory fit, and that the K loop is software-pipelined
@@ -17,11 +17,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from k2serve.kernels import fp8_gemm, fp8_quant, fused_moe
+from k2serve.kernels import fp8_gemm, fp8_quant, fused_moe, mla_decode
 from k2serve.kernels.triton_cast import is_interpreter
 
-# Integer arguments that vary per call and so carry no divisibility hint.
-UNHINTED = {"M", "M_BUCKET", "num_pairs"}
+# Integer arguments that vary per call (or need not be multiples of 16) and so carry no divisibility hint.
+UNHINTED = {"M", "M_BUCKET", "num_pairs", "num_heads", "num_splits", "stride_bt", "stride_lb", "stride_lh"}
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,31 @@ def _quant_builds() -> list[KernelBuild]:
                         {"GROUP": 128, "BLOCK_M": 8, "EPS": 1e-10, "FMAX": 448.0, "INTERPRET": False})]
 
 
+def _mla_decode_builds() -> list[KernelBuild]:
+    """K2's widths (512 + 64), block size 64, a bf16 and an FP8 cache; the merge kernel."""
+    dims = {"LATENT_DIM": 512, "BLOCK_DL": 512, "BLOCK_N": mla_decode.GPU_LAUNCH["BLOCK_N"]}
+    launch = {"num_warps": mla_decode.GPU_LAUNCH["num_warps"], "num_stages": mla_decode.GPU_LAUNCH["num_stages"]}
+    builds = []
+    for cache in ("bf16", "fp8e4nv"):
+        sig = {"q_lat_ptr": "*bf16", "q_pe_ptr": "*bf16", "cache_ptr": f"*{cache}", "block_tables_ptr": "*i32",
+               "seq_lens_ptr": "*i32", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "qk_scale": "fp32",
+               "kv_scale": "fp32", **{n: "i32" for n in (
+                   "num_heads", "num_splits", "stride_qlb", "stride_qlh", "stride_qpb", "stride_qph",
+                   "stride_cache_block", "stride_cache_token", "stride_bt", "stride_ob", "stride_oh", "stride_os",
+                   "stride_lb", "stride_lh")}}
+        constexprs = {**dims, "ROPE_DIM": 64, "BLOCK_DR": 64, "PAGE_SIZE": 64, "BLOCK_H": mla_decode.BLOCK_H,
+                      "COMPUTE": triton.language.bfloat16, "IS_FP8": cache == "fp8e4nv", "PRECISION": "tf32"}
+        builds.append(KernelBuild(f"mla_decode split {cache} cache", mla_decode._mla_decode_split_kernel, sig,
+                                  constexprs, **launch))
+    merge_sig = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": "*bf16",
+                 **{n: "i32" for n in ("num_splits", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh",
+                                       "stride_outb", "stride_outh")}}
+    return builds + [KernelBuild("mla_decode merge", mla_decode._mla_decode_merge_kernel, merge_sig,
+                                 {**dims, "INTERPRET": False})]
+
+
 def all_builds(quick: bool = False) -> list[KernelBuild]:
-    return _quant_builds() + _gemm_builds(quick) + _moe_builds(quick)
+    return _quant_builds() + _gemm_builds(quick) + _moe_builds(quick) + _mla_decode_builds()
 
 
 def compile_build(build: KernelBuild, arch: int = 90) -> BuildResult:
@@ -103,7 +126,7 @@ def compile_build(build: KernelBuild, arch: int = 90) -> BuildResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Compile the FP8 Triton kernels for a CUDA arch without a GPU.")
+    p = argparse.ArgumentParser(description="Compile the Triton kernels for a CUDA arch without a GPU.")
     p.add_argument("--quick", action="store_true", help="one decode and one prefill config per kernel")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100/H200")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)

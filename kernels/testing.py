@@ -53,3 +53,21 @@ def random_fp8_experts(num_experts: int, hidden: int, inter: int, device, seed: 
     return stack_experts([weight(inter, hidden, e, 0) for e in range(num_experts)],
                          [weight(inter, hidden, e, 1) for e in range(num_experts)],
                          [weight(hidden, inter, e, 2) for e in range(num_experts)])
+
+
+def random_paged_cache(seq_lens: list[int], block_size: int, width: int, seed: int = 0, dtype=torch.float32,
+                       spare_blocks: int = 3, kv_scale: float = 1.0):
+    """A latent cache [N, block_size, width] in `dtype` (FP8 stores value / kv_scale) with random entries, and
+    block tables (lists) giving each sequence of `seq_lens` tokens its own blocks in shuffled order."""
+    from k2serve.kernels.latent_cache import quantize
+
+    gen = torch.Generator().manual_seed(seed)
+    needed = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(needed) + spare_blocks
+    cache = quantize(torch.randn(num_blocks, block_size, width, generator=gen), dtype, kv_scale)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, used = [], 0
+    for n in needed:
+        tables.append(order[used: used + n])
+        used += n
+    return cache, tables

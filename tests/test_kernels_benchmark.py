@@ -20,6 +20,7 @@ def test_help_and_dry_run(capsys):
     assert gpu_kernels.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "fused_moe T=4096" in out and "fp8_gemm+fp8_linear gate_up N=4096 K=7168 T=1" in out
+    assert "mla_decode H=8 block=64 bf16 B=256 ctx=32768" in out and "mla_prefill H=8 L=8192 ctx=32768" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
@@ -34,9 +35,10 @@ def test_cpu_smoke_run_checks_times_and_appends(tmp_path):
     assert gpu_kernels.main(["--cpu-smoke", "--results", str(results)]) == 0
     text = results.read_text()
     assert text.startswith("# previous runs\n") and "CPU (Triton interpreter smoke run)" in text
-    for name in ("fp8_quant", "fp8_gemm", "fused_moe"):
+    for name in ("fp8_quant", "fp8_gemm", "fused_moe", "mla_decode", "mla_prefill"):
         assert f"correctness {name}: ok" in text
-    for kernel in ("| fp8_quant |", "| fp8_gemm |", "| fp8_linear |", "| fused_moe |"):
+    for kernel in ("| fp8_quant |", "| fp8_gemm |", "| fp8_linear |", "| fused_moe |", "| mla_decode |",
+                   "| mla_prefill |"):
         assert kernel in text
 
 

@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The names kernels.latent_cache maps to torch dtypes (this module imports no torch: the scheduler uses it).
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+
 
 class EngineConfig(BaseModel):
     """Configuration of one worker's Engine; every field has a default and a description."""
@@ -33,9 +36,12 @@ class EngineConfig(BaseModel):
     default_max_tokens: int | None = Field(
         None, description="max_tokens used when a request leaves it unset (None: to context end).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Activation / KV cache dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
-        "bfloat16 or float16.")
+        "auto", description="Activation dtype, and the KV cache's unless kv_cache_dtype is fp8_e4m3: auto "
+        "(bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.")
     device: str = Field("cpu", description="Torch device of the model and cache.")
     weight_format: Literal["auto", "fp8", "dense"] = Field(
         "auto", description="How matrices stored as block-FP8 are held: fp8 (as stored, multiplied by the device's "
         "FP8 kernels), dense (dequantized to dtype at load), auto (fp8 on CUDA, dense on CPU).")
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field(
+        "auto", description="Latent KV cache storage: auto (the activation dtype) or fp8_e4m3 (half the bytes of "
+        "bf16, so twice the tokens in the same memory; per-tensor scale 1.0, values clamped to +-448).")

@@ -25,7 +25,6 @@ from k2serve.worker.kv_cache import KVCacheManager
 from k2serve.worker.metrics import EngineMetrics, EngineState, WorkerMetrics
 from k2serve.worker.kv_sizing import MemoryProbe
 from k2serve.worker.model_runner import ForwardResult, ModelRunner
-from k2serve.worker.parallel import ParallelInfo
 from k2serve.worker.request import Request, RequestOutput, RequestRejected, RequestStatus, SamplingParams, TokenLogprob
 from k2serve.worker.sampler import Sampler
 from k2serve.worker.scheduler import Scheduler, StepPlan
@@ -93,15 +92,10 @@ class Engine:
                        probe: MemoryProbe | None = None) -> "Engine":
         """One process: load the checkpoint onto `config.device`, size the KV cache (worker/kv_sizing.py;
         `probe` replaces the device's memory probe) and build the engine."""
-        from k2serve.worker.device import activation_dtype, fp8_backend, memory_probe
-        from k2serve.worker.kv_sizing import num_kv_blocks
-        from k2serve.worker.loader import load_model
+        from k2serve.worker.runner_loader import load_runner
 
-        dtype = activation_dtype(config)
-        model = load_model(model_dir, dtype, progress=False, fp8_backend=fp8_backend(config), device=config.device)
-        blocks = num_kv_blocks(model, config, ParallelInfo(), dtype, probe or memory_probe(config))
-        runner = ModelRunner(model, blocks, config.block_size, dtype, config.device)
-        return cls(config, runner, Vocab.from_model_dir(model_dir, model.config.vocab_size))
+        runner = load_runner(model_dir, config, probe=probe)
+        return cls(config, runner, Vocab.from_model_dir(model_dir, runner.vocab_size))
 
     # ---- requests ----
 

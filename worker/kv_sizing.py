@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from k2serve.kernels.attention_backend import MLABackend
 from k2serve.worker.config import EngineConfig
 from k2serve.worker.model_runner import ModelRunner, kv_cache_block_bytes
 from k2serve.worker.parallel import ParallelInfo, min_over_group
@@ -154,12 +155,17 @@ def local_blocks(runner: ModelRunner, config: EngineConfig, probe: MemoryProbe |
     return profiled_blocks(runner, config, probe, block_bytes)
 
 
-def num_kv_blocks(model: nn.Module, config: EngineConfig, info: ParallelInfo, dtype: torch.dtype,
-                  probe: MemoryProbe | None) -> int:
+def num_kv_blocks(model: nn.Module, config: EngineConfig, info: ParallelInfo, cache_dtype: torch.dtype,
+                  probe: MemoryProbe | None, attention: MLABackend | None = None) -> int:
     """Latent-cache blocks for this rank, as the module docstring says; the same on every rank of `info`'s
-    group (all of them must call it together: profiling runs the model's collectives, and the ranks agree)."""
-    profiler = ModelRunner(model, 0, config.block_size, dtype, config.device, info=info)  # broadcasts nothing
-    block_bytes = kv_cache_block_bytes(model.config, config.block_size, dtype)
+    group (all of them must call it together: profiling runs the model's collectives, and the ranks agree).
+
+    `cache_dtype` is the cache's storage dtype (an FP8 cache fits twice the blocks of a bf16 one);
+    `attention` the backend the profiled step uses (default: the one for the device).
+    """
+    profiler = ModelRunner(model, 0, config.block_size, cache_dtype, config.device, info=info,
+                           attention=attention)  # broadcasts nothing
+    block_bytes = kv_cache_block_bytes(model.config, config.block_size, cache_dtype)
     blocks, source = local_blocks(profiler, config, probe, block_bytes)
     agreed = min_over_group(blocks, info)  # before any rank gives up, so that none waits for it
     if agreed != blocks:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from k2serve.kernels.attention_backend import MLABackend
+from k2serve.kernels.backend import select_attention_backend
 from k2serve.worker.model.attention_metadata import AttentionMetadata
 from k2serve.worker.model.deepseek_v3 import allocate_kv_caches
 from k2serve.worker.model.layers.moe_stats import MoEStatsCollector, MoEStatsSnapshot
@@ -42,8 +44,10 @@ def kv_cache_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
     return config.num_hidden_layers * block_size * config.kv_cache_dim * dtype.itemsize
 
 
-def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> ForwardBatch:
-    """Flatten the plan's sequences into one batch (positions continue from each cached context)."""
+def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu",
+                        attention: MLABackend | None = None) -> ForwardBatch:
+    """Flatten the plan's sequences into one batch (positions continue from each cached context); the
+    metadata prepares `attention` (default: the backend for `device`) for the step."""
     bs = plan.block_size
     ids, positions, slots, starts, rows = [], [], [], [0], []
     for tokens, ctx, table, sample in zip(plan.token_ids, plan.context_lens, plan.block_tables, plan.sample):
@@ -56,7 +60,7 @@ def build_forward_batch(plan: StepPlan, device: torch.device | str = "cpu") -> F
         if sample:
             rows.append(starts[-1] - 1)
     long = dict(dtype=torch.long, device=device)
-    attn = AttentionMetadata(torch.tensor(slots, **long), starts, plan.context_lens, plan.block_tables, bs)
+    attn = AttentionMetadata(torch.tensor(slots, **long), starts, plan.context_lens, plan.block_tables, bs, attention)
     return ForwardBatch(torch.tensor(ids, **long), torch.tensor(positions, **long), attn, torch.tensor(rows, **long))
 
 
@@ -64,16 +68,22 @@ class ModelRunner:
     """Owns the model, its KV caches and the collection of its MoE statistics; `execute(plan)` is the
     same call on every rank of the group described by `info`.
 
+    `dtype` is the latent cache's storage dtype (the activation dtype, or FP8: kernels/latent_cache.py);
+    `attention` is the MLA backend every step's metadata prepares (default: the one for `device`).
+    worker/runner_loader.py builds production runners with every device-dependent choice made once.
+
     A plan with `collect_moe_stats` times its MoE exchanges and, after the forward, drains every MoE
     layer's statistics and sums them over the group (an all-reduce every rank joins, so an empty plan
     can collect too).
     """
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
-                 device: str = "cpu", kv_caches: list[torch.Tensor] | None = None, info: ParallelInfo = ParallelInfo()):
+                 device: str = "cpu", kv_caches: list[torch.Tensor] | None = None, info: ParallelInfo = ParallelInfo(),
+                 attention: MLABackend | None = None):
         self.model = model
         self.block_size, self.dtype = block_size, dtype
         self.device = torch.device(device)
+        self.attention = attention or select_attention_backend(self.device)
         self.moe_stats = MoEStatsCollector(model, info)
         self.kv_caches: list[torch.Tensor] = []
         if kv_caches is None:
@@ -107,7 +117,7 @@ class ModelRunner:
         (rank 0 of a group overrides it: worker/plan_channel.py)."""
 
     def _forward(self, plan: StepPlan) -> torch.Tensor | None:
-        batch = build_forward_batch(plan, self.device)
+        batch = build_forward_batch(plan, self.device, self.attention)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # [T, hidden]
         if batch.sample_rows.numel() == 0:
             return None

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from k2serve.worker.config import EngineConfig
-from k2serve.worker.device import activation_dtype, fp8_backend, memory_probe
+from k2serve.worker.device import memory_probe
 from k2serve.worker.distributed import destroy_distributed, init_distributed
-from k2serve.worker.kv_sizing import MemoryProbe, num_kv_blocks
-from k2serve.worker.loader import load_model
+from k2serve.worker.kv_sizing import MemoryProbe
 from k2serve.worker.model_runner import ModelRunner
 from k2serve.worker.parallel import ParallelInfo
-from k2serve.worker.plan_channel import BroadcastingRunner, PlanChannel, follow
+from k2serve.worker.plan_channel import PlanChannel, follow
+from k2serve.worker.runner_loader import load_runner
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,9 @@ class RankWorker:
     def load(self) -> int:
         """Load this rank's shard and size its cache (every rank at once: the sizing runs collectives);
         returns the number of parameter elements it holds."""
-        engine, dtype = self.engine, activation_dtype(self.engine)
-        model = load_model(self.spec.model_dir, dtype, self.info, self.spec.dispatcher,
-                           progress=self.info.is_driver, fp8_backend=fp8_backend(engine), device=engine.device)
-        blocks = num_kv_blocks(model, engine, self.info, dtype, self.probe)
-        args = (model, blocks, engine.block_size, dtype, engine.device)
-        if self.info.is_driver:
-            self.runner = BroadcastingRunner(PlanChannel(self.info), *args, info=self.info)
-        else:
-            self.runner = ModelRunner(*args, info=self.info)
+        channel = PlanChannel(self.info) if self.info.is_driver else None
+        self.runner = load_runner(self.spec.model_dir, self.engine, self.info, self.spec.dispatcher, self.probe,
+                                  channel, progress=self.info.is_driver)
         return self.num_parameters()
 
     def num_parameters(self) -> int:

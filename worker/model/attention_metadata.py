@@ -6,17 +6,25 @@ tensor [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] holding `[laten
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from k2serve.kernels.attention_backend import MLABackend
+from k2serve.kernels.backend import select_attention_backend
+from k2serve.kernels.latent_cache import FP8_KV_SCALE
+from k2serve.kernels.mla_prefill_batch import PrefillPlan, plan_prefill
 
 
 @dataclass
 class AttentionMetadata:
-    """Per-step layout of a variable-length batch of B sequences and T new tokens.
+    """Per-step layout of a variable-length batch of B sequences and T new tokens, and how to attend over it.
 
-    `padded_slots` (every sequence's whole-context cache slots, right-padded) is computed once per
-    step, in one vectorized op, and shared by all layers.
+    A sequence with one new token decodes (absorbed attention over the latent cache); one with more
+    prefills a chunk (expanded attention). Both are prepared here once per step, from the plain lists on
+    the host, and shared by all layers: `decode_rows` and the `backend`'s `decode_plan`, and `prefill_plan`.
+    `backend` is the attention implementation the model runner chose for its device (by default the one
+    for slot_mapping's device); `kv_scale` is the per-tensor scale of an FP8 cache.
     """
 
     slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset of each new token
@@ -24,13 +32,26 @@ class AttentionMetadata:
     context_lens: list[int]  # [B]: tokens of each sequence already in the cache before this step
     block_tables: list[list[int]]  # [B][n_blocks]: physical block ids of each sequence, in order
     block_size: int
-    padded_slots: torch.Tensor | None = None  # [B, max seq_len] int64, right-padded with slot 0
+    backend: MLABackend | None = None
+    kv_scale: float = FP8_KV_SCALE
+    decode_rows: torch.Tensor | None = field(init=False, default=None)  # [B_decode] int64 token rows
+    decode_plan: object = field(init=False, default=None)
+    prefill_plan: PrefillPlan | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if self.padded_slots is None:
-            seq_lens = [self.seq_len(i) for i in range(self.num_seqs)]
-            self.padded_slots = padded_cache_slots(self.block_tables, seq_lens, self.block_size,
-                                                   self.slot_mapping.device)
+        device = self.slot_mapping.device
+        if self.backend is None:
+            self.backend = select_attention_backend(device)
+        decodes = [i for i in range(self.num_seqs) if self.query_len(i) == 1]
+        if decodes:
+            starts = [self.query_start_loc[i] for i in decodes]
+            self.decode_rows = torch.tensor(starts, dtype=torch.long, device=device)
+            self.decode_plan = self.backend.plan_decode(
+                [self.seq_len(i) for i in decodes], [self.block_tables[i] for i in decodes], self.block_size, device)
+        prefills = [(self.query_start_loc[i], self.query_start_loc[i + 1], self.context_lens[i], self.block_tables[i])
+                    for i in range(self.num_seqs) if self.query_len(i) > 1]
+        if prefills:
+            self.prefill_plan = plan_prefill(prefills, self.block_size, device)
 
     @property
     def num_seqs(self) -> int:
@@ -45,10 +66,14 @@ class AttentionMetadata:
 
     def cache_slots(self, i: int) -> torch.Tensor:
         """[seq_len(i)] flat cache slots holding sequence i's whole context, new tokens included."""
-        return self.padded_slots[i, : self.seq_len(i)]
+        device = self.slot_mapping.device
+        table = torch.tensor(self.block_tables[i], dtype=torch.long, device=device)
+        pos = torch.arange(self.seq_len(i), device=device)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     @classmethod
-    def contiguous(cls, seq_lens: list[int], context_lens: list[int], block_size: int = 16) -> "AttentionMetadata":
+    def contiguous(cls, seq_lens: list[int], context_lens: list[int], block_size: int = 16,
+                   device: torch.device | str = "cpu") -> "AttentionMetadata":
         """Metadata for sequences laid out in consecutive blocks (offline runs and tests)."""
         block_tables, slots, starts, next_block = [], [], [0], 0
         for n_new, n_ctx in zip(seq_lens, context_lens):
@@ -60,15 +85,5 @@ class AttentionMetadata:
             for pos in range(n_ctx, total):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
             starts.append(starts[-1] + n_new)
-        return cls(torch.tensor(slots, dtype=torch.long), starts, list(context_lens), block_tables, block_size)
-
-
-def padded_cache_slots(block_tables: list[list[int]], seq_lens: list[int], block_size: int,
-                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """[B, max(seq_lens)] flat cache slots of every sequence's context, right-padded with slot 0."""
-    max_len = max(seq_lens, default=0)
-    width = -(-max_len // block_size)
-    tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in block_tables],
-                          dtype=torch.long, device=device).view(len(block_tables), width)  # [B, width]
-    pos = torch.arange(max_len, device=device)  # [S]
-    return tables[:, pos // block_size] * block_size + pos % block_size  # [B, S]
+        return cls(torch.tensor(slots, dtype=torch.long, device=device), starts, list(context_lens), block_tables,
+                   block_size)

@@ -4,12 +4,14 @@ meta tensor and fails (or computes nothing) when it meets a real one, as a CPU t
 
 One process, and a TP = EP = 2 group over gloo (two forked processes, no Ray), both with KV cache sizing
 by a profiled step (an injected memory probe), MoE statistics collected on every step, and greedy tokens
-equal to an ordinary single-process run.
+equal to an ordinary single-process run. The one-process run also goes through the CUDA attention path
+(the Triton backend, under the interpreter) over an FP8 latent cache.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_module
 import traceback
 
@@ -17,17 +19,22 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from k2serve.worker.config import EngineConfig
-from k2serve.worker.distributed import free_port, init_distributed
-from k2serve.worker.engine import Engine
-from k2serve.worker.kv_sizing import num_kv_blocks
-from k2serve.worker.loader import load_model
-from k2serve.worker.metrics import WorkerMetrics
-from k2serve.worker.model_runner import ModelRunner, kv_cache_block_bytes
-from k2serve.worker.parallel import ParallelInfo
-from k2serve.worker.plan_channel import BroadcastingRunner, PlanChannel, follow
-from k2serve.worker.request import SamplingParams
-from k2serve.worker.vocab import Vocab
+# The Triton attention backend runs under the interpreter on CPU; this must precede triton's first import.
+os.environ["TRITON_INTERPRET"] = "1"
+
+from k2serve.kernels.backend import select_attention_backend  # noqa: E402
+from k2serve.kernels.latent_cache import FP8_KV_DTYPE  # noqa: E402
+from k2serve.worker.config import EngineConfig  # noqa: E402
+from k2serve.worker.distributed import free_port, init_distributed  # noqa: E402
+from k2serve.worker.engine import Engine  # noqa: E402
+from k2serve.worker.kv_sizing import num_kv_blocks  # noqa: E402
+from k2serve.worker.loader import load_model  # noqa: E402
+from k2serve.worker.metrics import WorkerMetrics  # noqa: E402
+from k2serve.worker.model_runner import ModelRunner, kv_cache_block_bytes  # noqa: E402
+from k2serve.worker.parallel import ParallelInfo  # noqa: E402
+from k2serve.worker.plan_channel import BroadcastingRunner, PlanChannel, follow  # noqa: E402
+from k2serve.worker.request import SamplingParams  # noqa: E402
+from k2serve.worker.vocab import Vocab  # noqa: E402
 
 MIB = 1 << 20
 # Small steps so that a prompt is chunked; a repeated prompt hits the prefix cache.
@@ -35,6 +42,8 @@ CONFIG = EngineConfig(max_model_len=256, max_num_batched_tokens=32, max_num_seqs
                       kv_cache_fraction=0.5)
 PROMPTS = [list(range(5, 45)), [7, 8, 9], list(range(5, 45)), [300, 2, 1000, 40, 41, 42, 43]]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+# (attention backend, latent cache dtype): the CPU path, and the CUDA one (Triton kernel, FP8 cache).
+VARIANTS = {"torch-float32": ("torch", torch.float32), "triton-fp8": ("triton", FP8_KV_DTYPE)}
 
 
 class FakeProbe:
@@ -59,8 +68,8 @@ class FakeProbe:
         pass
 
 
-def expected_blocks(probe: FakeProbe, model_config) -> int:
-    block = kv_cache_block_bytes(model_config, CONFIG.block_size, torch.float32)
+def expected_blocks(probe: FakeProbe, model_config, cache_dtype: torch.dtype = torch.float32) -> int:
+    block = kv_cache_block_bytes(model_config, CONFIG.block_size, cache_dtype)
     return (int(CONFIG.kv_cache_fraction * probe.total) - probe.used - probe.peak) // block
 
 
@@ -77,28 +86,38 @@ def sample(registry, name: str, **labels) -> float:
     return registry.get_sample_value(name, {"group": "g", **labels}) or 0.0
 
 
+def ordinary_run(model_dir, attention: str = "torch", cache_dtype: torch.dtype = torch.float32):
+    """Greedy tokens of a one-process run with the default device untouched."""
+    model = load_model(model_dir, torch.float32, progress=False)
+    vocab = Vocab.from_model_dir(model_dir, model.config.vocab_size)
+    backend = select_attention_backend(torch.device("cpu"), attention)
+    runner = ModelRunner(model, 64, CONFIG.block_size, cache_dtype, attention=backend)
+    return Engine(CONFIG, runner, vocab).generate(PROMPTS, GREEDY)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    """Greedy tokens of an ordinary one-process run (default device untouched)."""
-    model = load_model(tiny_model_dir, torch.float32, progress=False)
-    vocab = Vocab.from_model_dir(tiny_model_dir, model.config.vocab_size)
-    return Engine(CONFIG, ModelRunner(model, 64, CONFIG.block_size), vocab).generate(PROMPTS, GREEDY)
+    return ordinary_run(tiny_model_dir)
 
 
-def test_one_process_under_meta_default_device(tiny_model_dir, reference):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_process_under_meta_default_device(tiny_model_dir, variant):
+    attention, cache_dtype = VARIANTS[variant]
+    want = ordinary_run(tiny_model_dir, attention, cache_dtype)
     model = load_model(tiny_model_dir, torch.float32, progress=False)
     vocab = Vocab.from_model_dir(tiny_model_dir, model.config.vocab_size)
     probe = FakeProbe(total=64 * MIB, used=16 * MIB, peak=4 * MIB)
     metrics = WorkerMetrics(CollectorRegistry(), "g")
+    backend = select_attention_backend(torch.device("cpu"), attention)
     with torch.device("meta"):
-        blocks = num_kv_blocks(model, CONFIG, ParallelInfo(), torch.float32, probe)  # profiles a step
-        runner = ModelRunner(model, blocks, CONFIG.block_size)
+        blocks = num_kv_blocks(model, CONFIG, ParallelInfo(), cache_dtype, probe, backend)  # profiles a step
+        runner = ModelRunner(model, blocks, CONFIG.block_size, cache_dtype, attention=backend)
         engine = Engine(CONFIG, runner, vocab, metrics, moe_stats_interval_s=0.0)
         got = engine.generate(PROMPTS, GREEDY)
         engine.step()  # idle: nothing left to collect
-    assert got == reference
-    assert runner.num_blocks == expected_blocks(probe, model.config)
-    assert all(c.device.type == "cpu" for c in runner.kv_caches)
+    assert got == want
+    assert runner.num_blocks == expected_blocks(probe, model.config, cache_dtype)
+    assert all(c.device.type == "cpu" and c.dtype == cache_dtype for c in runner.kv_caches)
     computed = sample(metrics.registry, "k2serve_worker_batch_size_tokens_sum")
     assert computed > 0
     for layer in moe_layers(model.config):

@@ -1,5 +1,7 @@
 """KV cache sizing (worker/kv_sizing.py) with an injected memory probe, the device choices
-(worker/device.py), and kv_cache_fraction wired from the cluster config to every rank's engine config."""
+(worker/device.py), the one runner construction path (worker/runner_loader.py) sizing in the cache's dtype
+with the serving attention backend, and kv_cache_fraction wired from the cluster config to every rank's
+engine config."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import torch
 
 from k2serve.cluster.config import ClusterConfig
 from k2serve.cluster.group import WorkerGroup
+from k2serve.kernels.attention_backend import TorchMLABackend, TritonMLABackend
+from k2serve.kernels.latent_cache import FP8_KV_DTYPE
+from k2serve.worker import runner_loader
 from k2serve.worker.config import EngineConfig
-from k2serve.worker.device import activation_dtype, fp8_backend, memory_probe
+from k2serve.worker.device import activation_dtype, attention_backend, cache_dtype, fp8_backend, memory_probe
 from k2serve.worker.kv_sizing import CudaMemoryProbe, num_kv_blocks, profile_plan
 from k2serve.worker.loader import load_model
 from k2serve.worker.model_runner import kv_cache_block_bytes
@@ -113,6 +118,38 @@ def test_device_choices():
     assert fp8_backend(EngineConfig(weight_format="fp8")) == "auto"
     assert fp8_backend(EngineConfig(device="cuda:1", weight_format="dense")) is None
     assert memory_probe(cpu) is None and isinstance(memory_probe(cuda), CudaMemoryProbe)
+    assert cache_dtype(cpu) == torch.float32 and cache_dtype(cuda) == torch.bfloat16
+    assert cache_dtype(EngineConfig(device="cuda", kv_cache_dtype="fp8_e4m3")) == FP8_KV_DTYPE
+    assert isinstance(attention_backend(cpu), TorchMLABackend)
+    assert isinstance(attention_backend(cuda), TritonMLABackend)
+
+
+class RecordingBackend(TorchMLABackend):
+    """The CPU attention backend, counting the steps whose decodes it planned."""
+
+    def __init__(self):
+        self.planned = 0
+
+    def plan_decode(self, *args):
+        self.planned += 1
+        return super().plan_decode(*args)
+
+
+def test_load_runner_sizes_in_the_cache_dtype_with_the_serving_backend(tiny_model_dir, monkeypatch):
+    """An FP8 cache: the profiled budget is divided by FP8 block bytes (4x the float32 blocks), the caches
+    are FP8, and the profiled step ran through the attention backend the runner then serves with."""
+    backend = RecordingBackend()
+    monkeypatch.setattr(runner_loader, "attention_backend", lambda config: backend)
+    config = EngineConfig(max_num_batched_tokens=48, max_num_seqs=4, kv_cache_fraction=0.75,
+                          kv_cache_dtype="fp8_e4m3")
+    probe = RecordingProbe(total=40 * MIB, used=6 * MIB, peak=3 * MIB)
+    runner = runner_loader.load_runner(tiny_model_dir, config, probe=probe)
+    fp8_block = kv_cache_block_bytes(runner.model.config, config.block_size, FP8_KV_DTYPE)
+    assert runner.num_blocks == (30 * MIB - 6 * MIB - 3 * MIB) // fp8_block
+    assert runner.num_blocks >= 4 * ((30 * MIB - 6 * MIB - 3 * MIB) // block_bytes(runner.model, config))
+    assert all(c.dtype == FP8_KV_DTYPE for c in runner.kv_caches)
+    assert runner.attention is backend and backend.planned == 1  # the profiled step's decodes
+    assert probe.events[:2] == ["start_peak", "peak"]  # a profiled step, not kv_cache_memory_bytes
 
 
 @pytest.mark.parametrize("field, value", [("kv_cache_fraction", 0.0), ("kv_cache_fraction", 1.5),

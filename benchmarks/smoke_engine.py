@@ -2,9 +2,15 @@
 at batch 1 / 64 / 256 beside `k2serve plan`'s prediction. Each phase reports through `emit(record)`.
 
 Tolerance of the serving configuration (bfloat16 activations and cache, FP8 weights through the device's
-kernels) against CPU float32 on the tiny model: teacher-forced logits within 4 x 2^-4 relative error in
-norm at every sequence, the bound tests/test_kernels_model_parity.py derives for FP8 activations (each
-quantized matmul adds ~2.5% relative noise; over 3 layers they also flip some expert choices).
+kernels, the device's attention backend: the Triton decode kernel on CUDA) against CPU float32 on the tiny
+model: teacher-forced logits within 4 x 2^-4 relative error in norm at every sequence, through the prefill
+path (every position of one chunk) and through the decode path (one decode per token), the bound
+tests/test_kernels_model_parity.py derives for FP8 activations (each quantized matmul adds ~2.5% relative
+noise; over 3 layers they also flip some expert choices).
+
+Tolerance of the FP8 (e4m3) latent cache against the bf16 cache, both served as above, on teacher-forced
+decodes: mean |logit difference| <= 2^-3 of mean |logit| and the top token agreeing at >= 75% of positions,
+the bound tests/test_kv_cache_fp8.py states (e4m3 rounds each cached value by up to 2^-4).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from k2serve.worker.scheduler import StepPlan
 Emit = Callable[[dict], None]
 GIB = 1 << 30
 LOGITS_REL_TOL = 4 * 2.0**-4
+FP8_CACHE_MEAN_TOL, FP8_CACHE_TOP1 = 2.0**-3, 0.75
 TINY_PROMPTS = [[5, 77, 300, 12, 900, 1000, 4, 8], list(range(100, 140)), [7, 8, 9], list(range(600, 621))]
 
 
@@ -84,6 +91,26 @@ def host_syncs(fn: Callable[[], object]) -> list[str]:
     return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
 
 
+@torch.inference_mode()
+def decode_logits(runner, ids: list[int], num_prompt: int) -> torch.Tensor:
+    """[len(ids) - num_prompt + 1, vocab] float32 logits on CPU: the prompt's prefill, then one decode per
+    following token of `ids` (teacher-forced), through the runner's cache and attention backend."""
+    bs = runner.block_size
+    table = list(range(-(-len(ids) // bs)))
+    plans = [StepPlan(["x"], [ids[:num_prompt]], [0], [table], [True], bs)]
+    plans += [StepPlan(["x"], [[t]], [pos], [table], [True], bs) for pos, t in enumerate(ids) if pos >= num_prompt]
+    return torch.cat([runner.execute(plan).logits.cpu() for plan in plans])
+
+
+def rel_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    return max(float((g - w).norm() / w.norm()) for g, w in zip(got, want))
+
+
+def top1(got: list[torch.Tensor], want: list[torch.Tensor]) -> str:
+    agree = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in zip(got, want))
+    return f"top-1 agreement {agree}/{sum(w.shape[0] for w in want)}"
+
+
 def tiny_phase(emit: Emit, device: str, workdir: Path, smoke: bool) -> None:
     model_dir = make_tiny_model(workdir / "tiny", seed=0)
     greedy = SamplingParams(temperature=0, max_tokens=4 if smoke else 24, ignore_eos=True)
@@ -92,24 +119,49 @@ def tiny_phase(emit: Emit, device: str, workdir: Path, smoke: bool) -> None:
     exact = Engine.from_model_dir(model_dir, EngineConfig(device=device, dtype="float32", weight_format="dense",
                                                           num_kv_blocks=64))
     got = exact.generate(TINY_PROMPTS, greedy)
-    check(emit, f"tiny float32, dense weights, on {device}: greedy tokens equal the CPU float32 run",
-          got == want, first_divergence(got, want))
-    serving = rank_engine(model_dir, EngineConfig(device=device, num_kv_blocks=64,
-                                                  **({"dtype": "bfloat16", "weight_format": "fp8"} if smoke else {})))
-    model = serving.runner.model
-    got = serving.generate(TINY_PROMPTS, greedy)
-    rel, agree, total = 0.0, 0, 0
-    for prompt, tokens in zip(TINY_PROMPTS, want):
-        ref = teacher_logits(reference.runner.model, prompt + tokens, "cpu")
-        out = teacher_logits(model, prompt + tokens, device)
-        rel = max(rel, float((out - ref).norm() / ref.norm()))
-        agree, total = agree + int((out.argmax(-1) == ref.argmax(-1)).sum()), total + ref.shape[0]
-    check(emit, f"tiny served as on GPU ({model.dtype}, FP8 weights via {fp8_name(model)}) within the FP8 "
-          f"tolerance of CPU float32", rel <= LOGITS_REL_TOL,
-          f"teacher-forced logits rel. error {rel:.3f} (bound {LOGITS_REL_TOL}); top-1 agreement {agree}/{total}; "
-          f"greedy: {first_divergence(got, want)}")
+    check(emit, f"tiny float32, dense weights, on {device} ({exact.runner.attention.name} attention): greedy "
+          f"tokens equal the CPU float32 run", got == want, first_divergence(got, want))
+    serving_config = EngineConfig(device=device, num_kv_blocks=64,
+                                  **({"dtype": "bfloat16", "weight_format": "fp8"} if smoke else {}))
+    serving = rank_engine(model_dir, serving_config)
+    served = serving.generate(TINY_PROMPTS, greedy)
+    fp8 = Engine.from_model_dir(model_dir, serving_config.model_copy(update={"kv_cache_dtype": "fp8_e4m3"}))
+    fp8_served = fp8.generate(TINY_PROMPTS, greedy)
+    # the teacher-forced runs below write the runners' caches directly: the engines serve nothing after them
+    sequences = [(prompt + tokens, len(prompt)) for prompt, tokens in zip(TINY_PROMPTS, want)]
+    check_serving(emit, reference.runner, serving.runner, sequences, first_divergence(served, want))
+    check_fp8_cache(emit, serving.runner, fp8.runner, sequences, first_divergence(fp8_served, served))
     if device.startswith("cuda"):
-        count_syncs(emit, model, device)
+        count_syncs(emit, serving.runner)
+
+
+def check_serving(emit: Emit, reference, runner, sequences, greedy: str) -> None:
+    """The served configuration's logits against CPU float32, through prefill and through decode."""
+    model = runner.model
+    ref = [teacher_logits(reference.model, ids, "cpu") for ids, _ in sequences]
+    prefill = [teacher_logits(model, ids, str(runner.device)) for ids, _ in sequences]
+    ref_decode = [decode_logits(reference, ids, n) for ids, n in sequences]
+    decode = [decode_logits(runner, ids, n) for ids, n in sequences]
+    rel_prefill, rel_decode = rel_error(prefill, ref), rel_error(decode, ref_decode)
+    check(emit, f"tiny served as on GPU ({model.dtype}, FP8 weights via {fp8_name(model)}, "
+          f"{runner.attention.name} attention) within the FP8 tolerance of CPU float32",
+          max(rel_prefill, rel_decode) <= LOGITS_REL_TOL,
+          f"teacher-forced logits rel. error: prefill {rel_prefill:.3f}, {top1(prefill, ref)}; decode "
+          f"{rel_decode:.3f}, {top1(decode, ref_decode)} (bound {LOGITS_REL_TOL}); greedy: {greedy}")
+
+
+def check_fp8_cache(emit: Emit, bf16, fp8, sequences, greedy: str) -> None:
+    """The FP8 latent cache against the served cache dtype, on teacher-forced decodes."""
+    want = [decode_logits(bf16, ids, n) for ids, n in sequences]
+    got = [decode_logits(fp8, ids, n) for ids, n in sequences]
+    mean = float(sum((g - w).abs().sum() for g, w in zip(got, want)) / sum(w.abs().sum() for w in want))
+    agree = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in zip(got, want))
+    total = sum(w.shape[0] for w in want)
+    check(emit, f"FP8 (e4m3) latent cache ({fp8.kv_caches[0].dtype}) within its tolerance of the "
+          f"{bf16.kv_caches[0].dtype} cache, {fp8.attention.name} attention",
+          mean <= FP8_CACHE_MEAN_TOL and agree >= FP8_CACHE_TOP1 * total,
+          f"mean |logit diff| / mean |logit| {mean:.3f} (bound {FP8_CACHE_MEAN_TOL}); top-1 agreement "
+          f"{agree}/{total} (bound {FP8_CACHE_TOP1:.0%}); greedy: {greedy}")
 
 
 def fp8_name(model) -> str:
@@ -117,19 +169,20 @@ def fp8_name(model) -> str:
     return linear.fp8.backend.name if linear.fp8 is not None else "none (dense)"
 
 
-def count_syncs(emit: Emit, model, device: str) -> None:
-    """Host synchronisations of one decode forward (4 sequences) of the served model."""
-    plan = StepPlan([f"r{i}" for i in range(4)], [[1]] * 4, [8] * 4, [[i] for i in range(4)], [True] * 4, 16)
-    batch = build_forward_batch(plan, device)
-    caches = allocate_kv_caches(model.config, 4, 16, model.dtype, device)
+def count_syncs(emit: Emit, runner) -> None:
+    """Host synchronisations of one forward of the served model over a mixed step: a 300-token prefill and
+    4 decodes over 8 cached tokens (the step's metadata is built first, as the runner does once per step)."""
+    model, device = runner.model, runner.device
+    plan = StepPlan([f"r{i}" for i in range(5)], [[1]] * 4 + [[2] * 300], [8] * 4 + [0],
+                    [[i] for i in range(4)] + [list(range(4, 4 + 300 // 16 + 1))], [True] * 5, 16)
+    batch = build_forward_batch(plan, device, runner.attention)
+    caches = allocate_kv_caches(model.config, 24, 16, runner.kv_caches[0].dtype, device)
     with torch.inference_mode():
         sites = host_syncs(lambda: model(batch.input_ids, batch.positions, batch.attn, caches))
     moe = sum(model.config.is_moe_layer(i) for i in range(model.config.num_hidden_layers))
-    attention = [s for s in sites if s.startswith("attention.py")]  # its rewrite is under way
-    others = [s for s in sites if s not in attention]
-    check(emit, "host synchronisations in one decode forward outside attention: at most one per MoE layer",
-          len(others) <= moe, f"{len(others)} ({', '.join(sorted(set(others))) or 'none'}); {moe} MoE layers; "
-          f"attention: {len(attention)} ({', '.join(sorted(set(attention))) or 'none'})")
+    check(emit, f"host synchronisations in one forward (prefill + decodes, {runner.attention.name} attention): "
+          f"at most one per MoE layer", len(sites) <= moe,
+          f"{len(sites)} ({', '.join(sorted(set(sites))) or 'none'}); {moe} MoE layers")
 
 
 # ---------------------------------------------------------------- the K2-width slice

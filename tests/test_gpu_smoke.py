@@ -42,6 +42,8 @@ def test_cpu_smoke_runs_every_phase_and_appends(tmp_path):
     assert "check ok: kernels match their torch references" in text and "| fused_moe |" in text
     assert "greedy tokens equal the CPU float32 run (identical)" in text
     assert "within the FP8 tolerance of CPU float32" in text
+    assert "check ok: FP8 (e4m3) latent cache (torch.float8_e4m3fn) within its tolerance" in text
+    assert "correctness mla_decode: ok" in text and "| mla_decode |" in text
     assert "KV cache 58,240 tokens" in text  # 64 MiB / (2 layers x 64 tokens x (128 + 16) x 4 bytes) = 910 blocks
     rows = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 4 |", "| 8 |"))]
     assert len(rows) == 3

@@ -2,6 +2,7 @@
 real tiny K2 checkpoint (batch invariance, prefix caching, preemption), then the AsyncEngine."""
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass
 
@@ -241,6 +242,31 @@ def test_async_engine_streams_concurrent_requests_and_rejects_early():
         assert aengine.get_load().num_running == 0
     finally:
         aengine.shutdown()
+
+
+def test_async_engine_load_already_counts_the_requests_whose_outputs_a_consumer_has():
+    """A consumer that has a request's first output reads a load that counts it, however long the engine
+    thread takes after handing the outputs over (here it stalls in its next call)."""
+    engine = make_fake_engine()
+    aengine = AsyncEngine(engine)
+    plain, stalled = engine.has_unfinished, threading.Event()
+
+    def slow_has_unfinished():
+        if stalled.is_set():
+            time.sleep(0.3)  # the engine thread, just after a step's outputs went to the consumers
+        return plain()
+    engine.has_unfinished = slow_has_unfinished
+
+    async def main():
+        stream = aengine.generate("seen", [1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+        stalled.set()
+        await stream.__anext__()
+        assert aengine.get_load().num_running == 1
+        stalled.clear()
+        await stream.aclose()
+        await _until_idle(engine)
+
+    _run_then_idle(aengine, engine, main)
 
 
 def test_async_engine_wakes_the_loop_once_per_step_not_once_per_output():

@@ -195,6 +195,7 @@ def test_router_and_worker_metrics_move_under_load(serve, tiny_model_dir):
     from k2serve.worker.metrics import METRICS as WORKER_METRICS
 
     worker_url = worker_metrics_url(serve)
+    chat_load(serve, 1)  # the system prompt's blocks are cached before the load (8 in one step would all miss)
     before = scrape(worker_url)
     replies = chat_load(serve, 8)
     generated = sum(r.usage.completion_tokens for r in replies)

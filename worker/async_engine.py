@@ -275,7 +275,9 @@ class AsyncEngine:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up per event loop for the whole step (waking a
-        loop is a syscall, and each consumer would otherwise run in a pass of its own)."""
+        loop is a syscall, and each consumer would otherwise run in a pass of its own). The load snapshot is
+        taken first, so a consumer that has seen these outputs never reads an older load."""
+        self._load = self.engine.get_load()
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
             for out in outputs:
